@@ -1,0 +1,208 @@
+"""Convert the Kaggle TIFFs in input/train and input/test to NumPy arrays in input/ (run once).
+
+    python data.py                 # input/train, input/test -> input/*.npy
+    python data.py --synthetic     # first write a synthetic dataset there (no Kaggle data needed)
+    python data.py --check         # report every problem in the input folders, write nothing
+
+Arrays are kept at full resolution (420x580 uint8) so that train.py can pick any input size:
+train_images, train_masks (0/1), train_ids ("subject_n"), train_subjects, test_images, test_ids.
+"""
+import argparse
+import contextlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+import synthetic
+from utils import ARRAYS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_DIR, UserError, atomic_path, read_json, run_cli, write_json
+
+TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")
+TEST_NAME = re.compile(r"(\d+)\.tif")
+MANIFEST = "arrays.json"  # what the arrays were built from, to tell when they are current
+MAX_LISTED = 20           # problems listed in one error message
+
+
+def _listing(problems):
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+def _tif_files(folder):
+    if not folder.is_dir():
+        raise UserError(f"{folder}/ does not exist: put the Kaggle data there, or run `python data.py --synthetic`")
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+
+
+def scan_train(folder):
+    """Sorted [(subject, n)] of the image/mask pairs in folder, and a list of problems."""
+    images, masks, problems = set(), set(), []
+    for name in _tif_files(folder):
+        m = TRAIN_NAME.fullmatch(name)
+        if not m:
+            problems.append(f"{folder / name}: name is not {{subject}}_{{n}}.tif or {{subject}}_{{n}}_mask.tif")
+            continue
+        (masks if m[3] else images).add((int(m[1]), int(m[2])))
+    problems += [f"{folder}/{s}_{n}.tif has no mask {s}_{n}_mask.tif" for s, n in sorted(images - masks)]
+    problems += [f"{folder}/{s}_{n}_mask.tif has no image {s}_{n}.tif" for s, n in sorted(masks - images)]
+    return sorted(images & masks), problems
+
+
+def scan_test(folder):
+    """Sorted test ids in folder, and a list of problems."""
+    ids, problems = [], []
+    for name in _tif_files(folder):
+        m = TEST_NAME.fullmatch(name)
+        if m:
+            ids.append(int(m[1]))
+        else:
+            problems.append(f"{folder / name}: name is not {{id}}.tif")
+    return sorted(ids), problems
+
+
+def read_image(path):
+    """A 420x580 uint8 grayscale image; ValueError says what is wrong with the file."""
+    try:
+        image = tifffile.imread(path)
+    except Exception as e:  # tifffile and its codecs raise many types for damaged files
+        raise ValueError(f"unreadable TIFF ({type(e).__name__}: {e})") from None
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        if np.any(image[..., 1:3] != image[..., :1]):
+            raise ValueError(f"has {image.shape[-1]} different colour channels; expected grayscale")
+        image = image[..., 0]  # grayscale stored as identical RGB channels
+    if image.dtype != np.uint8:
+        raise ValueError(f"is {image.dtype}; expected 8-bit grayscale")
+    if image.shape != (IMAGE_HEIGHT, IMAGE_WIDTH):
+        size = "x".join(map(str, image.shape[1::-1])) if image.ndim >= 2 else str(image.shape)
+        raise ValueError(f"is {size} pixels; expected {IMAGE_WIDTH}x{IMAGE_HEIGHT}")
+    return image
+
+
+def read_mask(path):
+    """A 0/1 mask read from a 0/255 TIFF."""
+    mask = read_image(path)
+    if np.any((mask != 0) & (mask != 255)):
+        raise ValueError("is not a 0/255 mask")
+    return (mask == 255).view(np.uint8)
+
+
+def decode_all(paths, reader, out, workers, desc):
+    """Decode paths[i] into out[i] (or only check when out is None); return the problems found."""
+    def one(i):
+        try:
+            image = reader(paths[i])
+        except ValueError as e:
+            return f"{paths[i]} {e}"
+        if out is not None:
+            out[i] = image
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:  # the LZW codec releases the GIL
+        results = list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                            leave=False, mininterval=0.5))
+    return [r for r in results if r]
+
+
+def _newest_mtime(folders):
+    return max((e.stat().st_mtime for f in folders for e in os.scandir(f)), default=0.0)
+
+
+def _is_current(input_dir, n_train, n_test):
+    manifest = input_dir / MANIFEST
+    if not manifest.exists() or not all((input_dir / f"{a}.npy").exists() for a in ARRAYS):
+        return False
+    built = read_json(manifest)
+    newest = _newest_mtime([input_dir / "train", input_dir / "test"])
+    return built == {"train": n_train, "test": n_test, "newest_input_mtime": newest}
+
+
+def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
+    """Validate input_dir/train and input_dir/test and write the arrays; return a one-line summary."""
+    input_dir = Path(input_dir)
+    workers = workers or min(8, os.cpu_count() or 1)
+    train_ids, train_problems = scan_train(input_dir / "train")
+    test_ids, test_problems = scan_test(input_dir / "test")
+    problems = train_problems + test_problems
+    if not train_ids and not train_problems:
+        problems.append(f"{input_dir}/train/ has no {{subject}}_{{n}}.tif images")
+    if not test_ids and not test_problems:
+        problems.append(f"{input_dir}/test/ has no {{id}}.tif images")
+    if problems and not check_only:
+        raise UserError(f"fix these input files (nothing was written):{_listing(problems)}")
+    if not check_only and not force and _is_current(input_dir, len(train_ids), len(test_ids)):
+        return f"arrays in {input_dir}/ are up to date ({len(train_ids)} train, {len(test_ids)} test); use --force to rebuild"
+
+    train_dir, test_dir = input_dir / "train", input_dir / "test"
+    jobs = [
+        ("train_images", [train_dir / f"{s}_{n}.tif" for s, n in train_ids], read_image),
+        ("train_masks", [train_dir / f"{s}_{n}_mask.tif" for s, n in train_ids], read_mask),
+        ("test_images", [test_dir / f"{i}.tif" for i in test_ids], read_image),
+    ]
+    if check_only:
+        for name, paths, reader in jobs:
+            problems += decode_all(paths, reader, None, workers, f"checking {name}")
+        if problems:
+            raise UserError(f"{len(problems)} problem(s) in {input_dir}/:{_listing(problems)}")
+        return f"{input_dir}/ is fine: {len(train_ids)} train pairs, {len(test_ids)} test images"
+
+    small = {
+        "train_ids": np.array([f"{s}_{n}" for s, n in train_ids]),
+        "train_subjects": np.array([s for s, _ in train_ids], np.int32),
+        "test_ids": np.array(test_ids, np.int32),
+    }
+    with contextlib.ExitStack() as stack:
+        tmp = {a: stack.enter_context(atomic_path(input_dir / f"{a}.npy")) for a in ARRAYS}
+        for name, paths, reader in jobs:
+            # decode straight into the memory-mapped output: no list-then-stack copy in memory
+            out = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=np.uint8,
+                                            shape=(len(paths), IMAGE_HEIGHT, IMAGE_WIDTH))
+            problems += decode_all(paths, reader, out, workers, name)
+            out.flush()
+            del out
+        if problems:
+            raise UserError(f"fix these input files (nothing was written):{_listing(problems)}")
+        for name, array in small.items():
+            np.save(tmp[name], array)
+    write_json(input_dir / MANIFEST, {"train": len(train_ids), "test": len(test_ids),
+                                      "newest_input_mtime": _newest_mtime([train_dir, test_dir])})
+    return f"wrote {len(train_ids)} train pairs and {len(test_ids)} test images to {input_dir}/*.npy"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="folder with train/ and test/ (default: input)")
+    ap.add_argument("--force", action="store_true", help="rebuild the arrays even if they are up to date")
+    ap.add_argument("--check", action="store_true", help="report every problem in the input folders; write nothing")
+    ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
+    syn = ap.add_argument_group("synthetic data")
+    syn.add_argument("--synthetic", action="store_true", help="first write a synthetic Kaggle-layout dataset")
+    syn.add_argument("--subjects", type=int, default=6, help="synthetic train subjects (default: 6)")
+    syn.add_argument("--frames", type=int, default=120, help="frames per synthetic subject (default: 120)")
+    syn.add_argument("--test-subjects", type=int, default=1, help="synthetic subjects for test (default: 1)")
+    syn.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default: 0)")
+    args = ap.parse_args()
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+
+    if args.synthetic:
+        if min(args.subjects, args.frames, args.test_subjects) < 1:
+            raise UserError("--subjects, --frames and --test-subjects must be at least 1")
+        existing = [d for d in (args.input / "train", args.input / "test") if d.is_dir() and any(d.iterdir())]
+        if existing:
+            raise UserError(f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
+                            "(use --input DIR for another folder)")
+        total = (args.subjects + args.test_subjects) * args.frames
+        with tqdm(total=total, desc="synthetic", unit="img", leave=False) as bar:
+            n_train, n_test = synthetic.write_dataset(args.input, args.subjects, args.frames,
+                                                      args.test_subjects, args.seed, progress=bar.update)
+        print(f"wrote a synthetic dataset to {args.input}/: {n_train} train pairs, {n_test} test images")
+    print(convert(args.input, force=args.force, check_only=args.check, workers=args.workers))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,202 @@
+"""Shared constants, run-length encoding, the leaderboard metric and the REPL helpers.
+
+    >>> import utils
+    >>> utils.inspect_set("val")        # predictions on the validation set, as a window or a PNG
+    >>> utils.examine_generator()       # augmented training samples with their mask contours
+"""
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_HEIGHT, IMAGE_WIDTH = 420, 580
+INPUT_DIR, RESULTS_DIR, LOGS_DIR = Path("input"), Path("results"), Path("logs")
+
+# The arrays data.py writes into the input folder, by name.
+ARRAYS = ("train_images", "train_masks", "train_ids", "train_subjects", "test_images", "test_ids")
+SETTINGS_FILE = "settings.json"   # in results/: everything submission.py needs besides the weights
+MODEL_FILE = "net.keras"          # the full-fidelity model; net.hdf5 beside it for legacy users
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one message, without a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(), turning UserError and Ctrl-C into a one-line message."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savers pick formats by it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: run `python train.py` first")
+    return json.loads(path.read_text())
+
+
+def parse_size(text):
+    """'96x128' -> (96, 128); both sides must be positive."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"size {text!r} is not HxW, e.g. 96x128") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"size {text!r} must be positive")
+    return h, w
+
+
+def load_arrays(input_dir, names):
+    """Load the named arrays data.py wrote, with a clear message when they are missing."""
+    input_dir = Path(input_dir)
+    missing = [n for n in names if not (input_dir / f"{n}.npy").exists()]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found in {input_dir}/: run `python data.py` first")
+    return {n: np.load(input_dir / f"{n}.npy", mmap_mode="r") for n in names}
+
+
+def rle_encode(mask):
+    """Kaggle run-length string of a 2-D mask: 1-based starts, column-major, '' when empty."""
+    flat = np.asarray(mask).T.ravel() != 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flat, [False])).view(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    runs = np.empty(2 * len(starts), np.int64)
+    runs[0::2], runs[1::2] = starts + 1, ends - starts
+    return " ".join(map(str, runs))
+
+
+def rle_decode(pixels, shape=(IMAGE_HEIGHT, IMAGE_WIDTH)):
+    """Inverse of rle_encode: a uint8 0/1 mask of `shape` (height, width)."""
+    h, w = shape
+    flat = np.zeros(h * w + 1, np.int8)
+    runs = np.array(str(pixels).split(), dtype=np.int64)
+    if runs.size % 2 or (runs.size and (runs[0::2].min() < 1 or runs[1::2].min() < 1)):
+        raise ValueError(f"not a run-length string: {str(pixels)[:40]!r}")
+    starts, lengths = runs[0::2] - 1, runs[1::2]
+    if runs.size and (starts + lengths).max() > h * w:
+        raise ValueError(f"run-length string runs past {h}x{w} pixels")
+    np.add.at(flat, starts, 1)
+    np.add.at(flat, starts + lengths, -1)
+    return (np.cumsum(flat[:-1]) > 0).astype(np.uint8).reshape(w, h).T
+
+
+def dice_per_image(y_true, y_pred):
+    """Per-image Dice of binary masks shaped (n, ...): 1 where both masks are empty."""
+    t = np.asarray(y_true).reshape(len(y_true), -1) != 0
+    p = np.asarray(y_pred).reshape(len(y_pred), -1) != 0
+    inter = np.count_nonzero(t & p, axis=1)
+    total = np.count_nonzero(t, axis=1) + np.count_nonzero(p, axis=1)
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def mean_dice(y_true, y_pred):
+    """The leaderboard score: mean per-image Dice over a set of masks."""
+    return float(dice_per_image(y_true, y_pred).mean())
+
+
+def _show_or_save(fig, path):
+    """Open a window when the backend can, otherwise write `path` and return it."""
+    import matplotlib.pyplot as plt
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
+        plt.show()
+        return None
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def _contour_grid(images, masks_a, masks_b, titles, cols):
+    """A matplotlib figure: each image with contours of masks_a (green) and masks_b (red)."""
+    import matplotlib
+
+    if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(images) // cols))
+    h, w = images.shape[1:3]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 * h / w + 0.3), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, a, b, title in zip(axes.ravel(), images, masks_a, masks_b, titles):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        for m, colour in ((a, "lime"), (b, "red")):
+            if m is not None and np.any(m):
+                ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, seed=0, cols=4):
+    """Show n images of the train or val set with truth (green) and predicted (red) contours.
+
+    Titles give the image id, the presence probability and the per-image Dice. Returns the PNG
+    path when no display is available, otherwise None after showing a window.
+    """
+    import predict
+
+    if subset not in ("train", "val"):
+        raise UserError(f"subset must be 'train' or 'val', not {subset!r}")
+    settings = read_json(Path(results) / SETTINGS_FILE)
+    arrays = load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
+    is_val = np.isin(arrays["train_ids"], settings["val_ids"])
+    pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
+    pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
+    images, truth = arrays["train_images"][pick], arrays["train_masks"][pick]
+    probs, present = predict.predict_full_size(predict.load_model(results), settings, images)
+    masks = predict.binarize(probs, present, settings["postprocess"])
+    dice = dice_per_image(truth, masks)
+    titles = [f"{i}  p={p:.2f}  dice={d:.2f}" for i, p, d in zip(arrays["train_ids"][pick], present, dice)]
+    fig = _contour_grid(images, truth, masks, titles, cols)
+    return _show_or_save(fig, Path(results) / f"inspect_{subset}.png")
+
+
+def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4, results=RESULTS_DIR, **augment):
+    """Show n augmented training samples at `size` with their mask contours (green).
+
+    Extra keyword arguments go to augment.AugmentedBatches (e.g. flips=("horizontal", "vertical")).
+    Returns the PNG path when no display is available.
+    """
+    import augment as aug
+    import train
+
+    arrays = load_arrays(input_dir, ("train_images", "train_masks"))
+    idx = np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False)
+    images = train.resize_images(arrays["train_images"][np.sort(idx)], size)
+    masks = train.resize_masks(arrays["train_masks"][np.sort(idx)], size)
+    batches = aug.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **augment)
+    x, y = batches[0]
+    titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]
+    fig = _contour_grid(x[..., 0], y["mask"][..., 0], [None] * n, titles, cols)
+    return _show_or_save(fig, Path(results) / "examine_generator.png")
