@@ -120,6 +120,12 @@ def mean_dice(y_true, y_pred):
     return float(dice_per_image(y_true, y_pred).mean())
 
 
+def gate_masks(probs, present, presence_threshold=0.5, pixel_threshold=0.5):
+    """Binary 0/1 masks from pixel probabilities (n, h, w), emptied where presence < threshold."""
+    keep = np.asarray(present).reshape(-1) >= presence_threshold
+    return ((np.asarray(probs) >= pixel_threshold) & keep[:, None, None]).astype(np.uint8)
+
+
 def _show_or_save(fig, path):
     """Open a window when the backend can, otherwise write `path` and return it."""
     import matplotlib.pyplot as plt
@@ -164,7 +170,7 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     Titles give the image id, the presence probability and the per-image Dice. Returns the PNG
     path when no display is available, otherwise None after showing a window.
     """
-    import predict
+    import submission
 
     if subset not in ("train", "val"):
         raise UserError(f"subset must be 'train' or 'val', not {subset!r}")
@@ -174,8 +180,8 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     images, truth = arrays["train_images"][pick], arrays["train_masks"][pick]
-    probs, present = predict.predict_full_size(predict.load_model(results), settings, images)
-    masks = predict.binarize(probs, present, settings["postprocess"])
+    chunks = list(submission.predict_masks(submission.load_model(results), settings, images))
+    masks, present = np.concatenate([m for m, _ in chunks]), np.concatenate([p for _, p in chunks])
     dice = dice_per_image(truth, masks)
     titles = [f"{i}  p={p:.2f}  dice={d:.2f}" for i, p, d in zip(arrays["train_ids"][pick], present, dice)]
     fig = _contour_grid(images, truth, masks, titles, cols)
@@ -189,12 +195,11 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     Returns the PNG path when no display is available.
     """
     import augment as aug
-    import train
 
     arrays = load_arrays(input_dir, ("train_images", "train_masks"))
-    idx = np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False)
-    images = train.resize_images(arrays["train_images"][np.sort(idx)], size)
-    masks = train.resize_masks(arrays["train_masks"][np.sort(idx)], size)
+    idx = np.sort(np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False))
+    images = aug.resize_images(arrays["train_images"][idx], size)
+    masks = aug.resize_masks(arrays["train_masks"][idx], size)
     batches = aug.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **augment)
     x, y = batches[0]
     titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]

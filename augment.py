@@ -1,0 +1,111 @@
+"""Resizing to the network's input size, and augmented training batches made on the CPU while the model trains.
+
+One random affine transform per sample (rotation, translation, flips) is applied with a single
+cv2.warpAffine to the image and, with nearest-neighbour sampling, to its mask, so the two stay
+aligned and the mask stays binary. Optional elastic deformation shares one displacement field the
+same way. Every batch is a function of (seed, epoch, batch index) alone, so results do not depend
+on which worker made it.
+"""
+import cv2
+import keras
+import numpy as np
+
+from utils import IMAGE_WIDTH
+
+ROTATION_DEG = 10.0
+SHIFT_PX = 20.0  # at the original 580-pixel width; scaled to the training size
+FLIPS = ("horizontal",)  # left/right necks mirror each other; a vertical flip would put skin at the bottom
+
+
+def resize_images(images, size):
+    """(n, H, W) uint8 images -> (n, h, w) uint8 at size (h, w), area-averaged."""
+    h, w = size
+    return np.stack([cv2.resize(np.asarray(im), (w, h), interpolation=cv2.INTER_AREA) for im in images]) \
+        if len(images) else np.zeros((0, h, w), np.uint8)
+
+
+def resize_masks(masks, size):
+    """(n, H, W) 0/1 masks -> (n, h, w) 0/1 masks: a pixel is nerve if most of its area is."""
+    return (resize_images(np.asarray(masks, np.uint8) * 255, size) >= 128).astype(np.uint8)
+
+
+def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX):
+    """A 2x3 matrix: flip(s), rotation about the centre and translation, drawn from rng."""
+    h, w = size
+    angle = rng.uniform(-rotation, rotation)
+    m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0), [0, 0, 1]])
+    flip = np.eye(3)
+    if "horizontal" in flips and rng.random() < 0.5:
+        flip = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]]) @ flip
+    if "vertical" in flips and rng.random() < 0.5:
+        flip = np.array([[1, 0, 0], [0, -1, h - 1], [0, 0, 1]]) @ flip
+    m = m @ flip
+    m[:2, 2] += rng.uniform(-shift, shift, size=2) * w / IMAGE_WIDTH
+    return m[:2]
+
+
+def elastic_maps(rng, size, alpha, sigma):
+    """Sampling maps (map_x, map_y) for cv2.remap: a smooth random displacement of up to ~alpha px."""
+    h, w = size
+    dx, dy = (cv2.GaussianBlur(rng.uniform(-1, 1, size).astype(np.float32), (0, 0), sigma) for _ in range(2))
+    scale = alpha / max(float(np.abs(dx).max()), float(np.abs(dy).max()), 1e-6)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return x + dx * scale, y + dy * scale
+
+
+def augment_pair(image, mask, rng, flips=FLIPS, elastic=0.0, elastic_sigma=8.0):
+    """One image and its mask under the same random transform."""
+    size = image.shape
+    m = random_affine(rng, size, flips)
+    image = cv2.warpAffine(image, m, size[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    mask = cv2.warpAffine(mask, m, size[::-1], flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    if elastic > 0:
+        mx, my = elastic_maps(rng, size, elastic, elastic_sigma)
+        image = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        mask = cv2.remap(mask, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return image, mask
+
+
+def as_batch(images, masks):
+    """Model inputs and targets from uint8 arrays: (n, h, w, 1) float32 and {mask, present}."""
+    x = images[..., None].astype(np.float32)
+    y = masks[..., None].astype(np.float32)
+    return x, {"mask": y, "present": y.reshape(len(y), -1).max(axis=1, keepdims=True)}
+
+
+class AugmentedBatches(keras.utils.PyDataset):
+    """Shuffled, augmented batches of (image, {mask, present}) at the arrays' size.
+
+    Workers are threads: cv2 releases the GIL, so threads make batches in parallel with the
+    training step without copying the arrays into other processes, and a batch costs well under
+    1% of a training step at these sizes (bench/throughput.py measures the overlap).
+    """
+
+    def __init__(self, images, masks, batch_size=32, seed=0, augment=True, shuffle=True,
+                 flips=FLIPS, elastic=0.0, workers=2):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
+        self.images, self.masks = images, masks
+        self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
+        self.flips, self.elastic = tuple(flips), elastic
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self):
+        n = len(self.images)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
+
+    def __getitem__(self, index):
+        idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        images, masks = self.images[idx], self.masks[idx]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            pairs = [augment_pair(im, m, rng, self.flips, self.elastic) for im, m in zip(images, masks)]
+            images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        return as_batch(images, masks)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()

@@ -1,0 +1,83 @@
+"""The two-headed U-Net, its losses and metrics, written with keras.ops for any Keras backend.
+
+Outputs: `mask` (sigmoid, HxWx1), the nerve's pixels; `present` (sigmoid, one per image), whether
+the image shows a nerve at all, read from the bottleneck through global pooling so that any input
+size divisible by 2**depth works.
+"""
+import keras
+from keras import layers, ops
+
+SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
+BN_MOMENTUM = 0.9  # Keras' 0.99 leaves inference statistics stale for the first few hundred steps
+
+
+def conv_bn_elu(x, filters, kernel_size, strides, name):
+    """Convolution, batch norm, ELU: the unit every layer of the network is made of."""
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    return layers.Activation("elu", name=f"{name}_elu")(x)
+
+
+def double_conv(x, filters, name):
+    x = conv_bn_elu(x, filters, 3, 1, f"{name}a")
+    return conv_bn_elu(x, filters, 3, 1, f"{name}b")
+
+
+def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0):
+    """A U-Net with a mask head and a presence head; inputs are raw 0-255 pixel values.
+
+    `mean` and `std` (of the training pixels) are folded into the first layer, so the saved
+    model carries its own input normalisation.
+    """
+    h, w = input_shape[:2]
+    if h % 2**depth or w % 2**depth:
+        raise ValueError(f"input size {h}x{w} must be divisible by 2**depth = {2**depth}")
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.Rescaling(1.0 / std, offset=-mean / std, name="normalise")(inputs)
+
+    skips = []
+    for level in range(depth):
+        filters = base_filters * 2**level
+        x = double_conv(x, filters, f"down{level}")
+        skips.append(x)
+        x = conv_bn_elu(x, filters, 2, 2, f"pool{level}")  # strided 2x2 instead of max pooling
+    x = double_conv(x, base_filters * 2**depth, "bottom")
+    bottleneck = layers.Dropout(dropout, name="bottom_dropout")(x)
+
+    x = bottleneck
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level}_tconv")(x)
+        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = double_conv(x, filters, f"up{level}")
+    mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+
+    # presence: 1x1 convolutions in place of dense layers, then pooled to one value per image
+    p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence")
+    p = layers.Dropout(dropout, name="presence_dropout")(p)
+    p = layers.Conv2D(1, 1, kernel_initializer="he_normal", name="presence_logit")(p)
+    p = layers.GlobalAveragePooling2D(name="presence_pool")(p)
+    present = layers.Activation("sigmoid", dtype="float32", name="present")(p)
+    return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
+
+
+def dice_per_image(y_true, y_pred):
+    """Smoothed soft Dice of each image in a batch."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    axes = tuple(range(1, len(y_pred.shape)))
+    inter = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return (2.0 * inter + SMOOTH) / (total + SMOOTH)
+
+
+@keras.saving.register_keras_serializable(package="nerve")
+def dice_loss(y_true, y_pred):
+    """1 - per-image Dice: each image counts equally, whatever the nerve's size."""
+    return 1.0 - dice_per_image(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="nerve")
+def dice_coef(y_true, y_pred):
+    """Mean per-image soft Dice, as a training metric."""
+    return dice_per_image(y_true, y_pred)

@@ -1,0 +1,137 @@
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+import data
+import utils
+from conftest import ROOT, run_script
+
+
+def test_original_kaggle_tiffs_convert_exactly(shared_nerve, tmp_path):
+    for part in ("train", "test"):
+        shutil.copytree(shared_nerve / "tiff" / part, tmp_path / part)
+    data.convert(tmp_path, workers=2)
+    a = utils.load_arrays(tmp_path, utils.ARRAYS)
+    assert a["train_images"].shape == a["train_masks"].shape == (77, 420, 580)
+    assert a["train_images"].dtype == a["train_masks"].dtype == np.uint8
+    assert set(np.unique(a["train_masks"])) == {0, 1}
+    assert np.count_nonzero(a["train_masks"].any(axis=(1, 2))) == 34
+    assert a["test_images"].shape == (50, 420, 580) and a["test_ids"].tolist() == list(range(1, 51))
+    assert sorted(set(a["train_subjects"].tolist())) == [1, 2, 5, 7, 8, 9, 10, 11, 13]
+    # ids, subjects and pixels line up with the files they came from
+    k = 10
+    s, n = a["train_ids"][k].split("_")
+    assert int(s) == a["train_subjects"][k]
+    np.testing.assert_array_equal(a["train_images"][k], tifffile.imread(tmp_path / "train" / f"{s}_{n}.tif"))
+    mask = tifffile.imread(tmp_path / "train" / f"{s}_{n}_mask.tif")
+    np.testing.assert_array_equal(a["train_masks"][k], mask // 255)
+    np.testing.assert_array_equal(a["test_images"][4], tifffile.imread(tmp_path / "test" / "5.tif"))
+
+
+def test_synthetic_tree_converts(tiny_input):
+    a = utils.load_arrays(tiny_input, utils.ARRAYS)
+    assert a["train_images"].shape == (48, 420, 580) and a["test_images"].shape == (16, 420, 580)
+    assert sorted(set(a["train_subjects"].tolist())) == [1, 2, 3]
+    assert a["train_ids"][0] == "1_1" and sorted(a["test_ids"].tolist()) == list(range(1, 17))
+    assert set(np.unique(a["train_masks"])) == {0, 1}
+
+
+def test_rerun_is_a_no_op_until_forced(tiny_input):
+    assert "up to date" in data.convert(tiny_input)
+    before = (tiny_input / "train_images.npy").stat().st_mtime_ns
+    assert "wrote" in data.convert(tiny_input, force=True)
+    assert (tiny_input / "train_images.npy").stat().st_mtime_ns > before
+
+
+def _tree(tmp_path, train=((1, 1),), test=(1,)):
+    """A valid little tree: blank images, one-pixel masks."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    mask = np.zeros((420, 580), np.uint8)
+    mask[10, 10] = 255
+    for s, n in train:
+        tifffile.imwrite(tmp_path / "train" / f"{s}_{n}.tif", np.zeros((420, 580), np.uint8), compression="lzw")
+        tifffile.imwrite(tmp_path / "train" / f"{s}_{n}_mask.tif", mask, compression="lzw")
+    for i in test:
+        tifffile.imwrite(tmp_path / "test" / f"{i}.tif", np.zeros((420, 580), np.uint8), compression="lzw")
+    return tmp_path
+
+
+def _error(tmp_path):
+    with pytest.raises(utils.UserError) as e:
+        data.convert(tmp_path, workers=1)
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".tmp*")), "partial output left"
+    return str(e.value)
+
+
+def test_image_without_mask_and_mask_without_image(tmp_path):
+    _tree(tmp_path, train=((1, 1), (1, 2), (2, 1)))
+    (tmp_path / "train" / "1_2_mask.tif").unlink()
+    (tmp_path / "train" / "2_1.tif").unlink()
+    msg = _error(tmp_path)
+    assert "1_2.tif has no mask 1_2_mask.tif" in msg and "2_1_mask.tif has no image 2_1.tif" in msg
+
+
+def test_wrong_size(tmp_path):
+    _tree(tmp_path)
+    tifffile.imwrite(tmp_path / "test" / "1.tif", np.zeros((400, 500), np.uint8))
+    assert "1.tif is 500x400 pixels; expected 580x420" in _error(tmp_path)
+
+
+def test_16_bit_image(tmp_path):
+    _tree(tmp_path)
+    tifffile.imwrite(tmp_path / "train" / "1_1.tif", np.zeros((420, 580), np.uint16))
+    assert "1_1.tif is uint16; expected 8-bit grayscale" in _error(tmp_path)
+
+
+def test_colour_image_is_rejected_but_gray_rgb_is_accepted(tmp_path):
+    _tree(tmp_path)
+    rgb = np.zeros((420, 580, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
+    data.convert(tmp_path, workers=1)   # identical channels: plain grayscale
+    rgb[..., 1] = 7
+    tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
+    assert "has 3 different colour channels" in str(pytest.raises(utils.UserError, data.convert, tmp_path, True).value)
+
+
+def test_corrupt_file(tmp_path):
+    _tree(tmp_path)
+    path = tmp_path / "train" / "1_1.tif"
+    path.write_bytes(path.read_bytes()[:100])
+    assert "1_1.tif unreadable TIFF" in _error(tmp_path)
+
+
+def test_mask_that_is_not_0_255(tmp_path):
+    _tree(tmp_path)
+    tifffile.imwrite(tmp_path / "train" / "1_1_mask.tif", np.full((420, 580), 3, np.uint8))
+    assert "1_1_mask.tif is not a 0/255 mask" in _error(tmp_path)
+
+
+def test_bad_names_and_empty_folders(tmp_path):
+    _tree(tmp_path, train=(), test=())
+    msg = _error(tmp_path)
+    assert "train/ has no {subject}_{n}.tif images" in msg and "test/ has no {id}.tif images" in msg
+    (tmp_path / "test" / "scan-7.tif").write_bytes(b"")
+    assert "scan-7.tif: name is not {id}.tif" in _error(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    assert "train/ does not exist" in _error(tmp_path)
+
+
+def test_cli_reports_problems_in_one_message_without_traceback(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "test" / "1.tif").write_bytes(b"not a tiff")
+    for flags in ((), ("--check",)):
+        result = run_script(ROOT / "data.py", "--input", tmp_path, *flags)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr and "1.tif unreadable TIFF" in result.stderr
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_synthetic_refuses_to_write_over_existing_data(tmp_path):
+    _tree(tmp_path)
+    result = run_script(ROOT / "data.py", "--synthetic", "--input", tmp_path)
+    assert result.returncode == 1 and "not empty" in result.stderr

@@ -1,0 +1,78 @@
+import csv
+
+import numpy as np
+import pytest
+
+import utils
+
+
+def test_rle_reproduces_every_official_mask_string(shared_nerve):
+    with open(shared_nerve / "train_masks.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["pixels"].strip()]
+    assert len(rows) == 1983
+    for row in rows:
+        mask = utils.rle_decode(row["pixels"])
+        assert mask.shape == (420, 580) and mask.dtype == np.uint8
+        assert utils.rle_encode(mask) == row["pixels"].strip(), f"{row['subject']}_{row['img']}"
+
+
+def test_rle_is_column_major_and_one_based():
+    mask = np.zeros((420, 580), np.uint8)
+    mask[0, 0] = mask[1, 0] = 1       # first two pixels of the first column
+    mask[419, 0] = mask[0, 1] = 1      # last of the first column runs into the top of the second
+    mask[5:8, 579] = 1
+    assert utils.rle_encode(mask) == f"1 2 420 2 {579 * 420 + 6} 3"
+    assert utils.rle_encode(np.zeros((420, 580))) == ""
+    np.testing.assert_array_equal(utils.rle_decode(utils.rle_encode(mask)), mask)
+
+
+def test_rle_round_trips_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = (rng.random((420, 580)) < rng.uniform(0, 1)).astype(np.uint8)
+        np.testing.assert_array_equal(utils.rle_decode(utils.rle_encode(mask)), mask)
+
+
+@pytest.mark.parametrize("bad", ["1", "0 5", "3 -1", f"{420 * 580} 2"])
+def test_rle_decode_rejects_malformed_strings(bad):
+    with pytest.raises(ValueError):
+        utils.rle_decode(bad)
+
+
+def test_mean_dice_on_hand_computed_cases():
+    empty = np.zeros((1, 4, 4), np.uint8)
+    a = np.zeros((1, 4, 4), np.uint8)
+    a[0, :2, :2] = 1                          # 4 pixels
+    b = np.zeros((1, 4, 4), np.uint8)
+    b[0, :2, :1] = 1                          # 2 pixels, both inside a
+    assert utils.mean_dice(empty, empty) == 1.0
+    assert utils.mean_dice(empty, a) == 0.0
+    assert utils.mean_dice(a, empty) == 0.0
+    assert utils.mean_dice(a, a) == 1.0
+    assert utils.mean_dice(a, b) == pytest.approx(2 * 2 / (4 + 2))
+    # the mean is per image, not over pooled pixels
+    assert utils.mean_dice(np.concatenate([a, empty]), np.concatenate([b, a])) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_gate_masks_empties_images_below_the_presence_threshold():
+    probs = np.full((2, 3, 3), 0.9)
+    masks = utils.gate_masks(probs, [0.2, 0.8], presence_threshold=0.5, pixel_threshold=0.5)
+    assert masks[0].sum() == 0 and masks[1].sum() == 9
+
+
+def test_parse_size():
+    assert utils.parse_size("96x128") == (96, 128)
+    for bad in ("96", "ax5", "0x16"):
+        with pytest.raises(utils.UserError):
+            utils.parse_size(bad)
+
+
+def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,192 @@
+"""Train the two-headed U-Net on the arrays data.py wrote.
+
+    python train.py                          # defaults below; best model in results/, logs in logs/
+    python train.py --epochs 5 --size 64x80  # a quicker run
+
+The best epoch is chosen on the validation leaderboard score (mean per-image Dice with the presence
+gate, 1 when truth and prediction are both empty), not on the loss. Validation holds out whole
+subjects, stratified by nerve presence: frames of one subject are near-duplicates.
+"""
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import augment
+import model as unet
+from utils import (INPUT_DIR, LOGS_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
+                   dice_per_image, gate_masks, load_arrays, parse_size, run_cli, write_json)
+
+SPLIT_TRIALS = 500  # random subject subsets tried when picking a validation set of the right size
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: 96x128)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--split", choices=("subject", "image"), default="subject",
+                    help="validation split: whole subjects (default) or plain stratified by image")
+    ap.add_argument("--base-filters", type=int, default=32, help="filters at the top level (default: 32, ~8M parameters)")
+    ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: 4)")
+    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask`")
+    ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the BCE loss on `present`")
+    ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
+    ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
+    ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
+    ap.add_argument("--input", type=Path, default=INPUT_DIR)
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--logs", type=Path, default=LOGS_DIR)
+    ap.add_argument("--run", default=None, help="TensorBoard run name (default: date and time)")
+    args = ap.parse_args(argv)
+    args.size = parse_size(args.size)
+    args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
+    checks = [
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.lr > 0, "--lr must be positive"),
+        (0 < args.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (args.base_filters >= 1 and args.depth >= 1, "--base-filters and --depth must be at least 1"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.dice_weight >= 0 and args.presence_weight >= 0, "loss weights must not be negative"),
+        (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
+        (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
+        (all(s % 2**args.depth == 0 for s in args.size),
+         f"--size {args.size[0]}x{args.size[1]}: both sides must be divisible by 2**depth = {2**args.depth}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
+
+
+def split_by_subject(subjects, present, val_fraction, seed):
+    """Boolean validation mask holding out whole subjects, about val_fraction of the images,
+    with a nerve rate close to the whole set's."""
+    ids = np.unique(subjects)
+    if len(ids) < 2:
+        raise UserError("only one subject: a subject-grouped split is impossible; use --split image")
+    target, rate = val_fraction * len(subjects), present.mean()
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    for _ in range(SPLIT_TRIALS):
+        order = rng.permutation(ids)
+        counts = np.cumsum([np.count_nonzero(subjects == s) for s in order])
+        k = min(int(np.argmin(np.abs(counts - target))) + 1, len(ids) - 1)
+        val = np.isin(subjects, order[:k])
+        cost = abs(val.sum() - target) / target + abs(present[val].mean() - rate)
+        if cost < best_cost:
+            best, best_cost = val, cost
+    return best
+
+
+def split_by_image(present, val_fraction, seed):
+    """Boolean validation mask: val_fraction of the images with a nerve and of those without."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(present), bool)
+    for cls in (False, True):
+        idx = rng.permutation(np.flatnonzero(present == cls))
+        val[idx[:int(round(val_fraction * len(idx)))]] = True
+    return val
+
+
+class LeaderboardCheckpoint(keras.callbacks.Callback):
+    """Adds val_leaderboard to the logs each epoch and saves the model whenever it improves."""
+
+    def __init__(self, val_images, val_masks, results, settings, batch_size):
+        super().__init__()
+        self.x, self.masks = val_images[..., None].astype(np.float32), val_masks
+        self.results, self.settings, self.batch_size = Path(results), settings, batch_size
+        self.best = -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        out = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        score = float(dice_per_image(self.masks, gate_masks(out["mask"][..., 0], out["present"])).mean())
+        logs["val_leaderboard"] = score
+        if score > self.best:
+            self.best = score
+            self._save(epoch + 1, score)
+            print(f"\nepoch {epoch + 1}: val_leaderboard {score:.4f}, best so far: saved to {self.results}/")
+
+    def _save(self, epoch, score):
+        logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
+        for name in (MODEL_FILE, "net.hdf5"):
+            with atomic_path(self.results / name) as tmp:
+                self.model.save(tmp)
+        write_json(self.results / SETTINGS_FILE, {**self.settings, "best_epoch": epoch, "val_leaderboard": score})
+
+
+def tensorboard_callback(log_dir):
+    """Keras' TensorBoard callback writes through TensorFlow; other backends may lack it."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        print("tensorflow is not installed: no TensorBoard logs this run (the CSV log is still written)")
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+
+    arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
+    present = arrays["train_masks"].reshape(len(arrays["train_masks"]), -1).max(axis=1) > 0
+    if args.split == "subject":
+        val = split_by_subject(arrays["train_subjects"], present, args.val_fraction, args.seed)
+    else:
+        val = split_by_image(present, args.val_fraction, args.seed)
+    if val.all() or not val.any():
+        raise UserError("the validation split is empty or takes everything: change --val-fraction")
+    print(f"train: {np.count_nonzero(~val)} images, val: {np.count_nonzero(val)} images "
+          f"(subjects {sorted(set(arrays['train_subjects'][val].tolist()))}), "
+          f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}")
+
+    images = augment.resize_images(arrays["train_images"], args.size)
+    masks = augment.resize_masks(arrays["train_masks"], args.size)
+    mean, std = float(images[~val].mean()), float(images[~val].std())
+
+    net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std)
+    net.compile(
+        optimizer=keras.optimizers.Adam(args.lr),
+        loss={"mask": unet.dice_loss, "present": "binary_crossentropy"},
+        loss_weights={"mask": args.dice_weight, "present": args.presence_weight},
+        metrics={"mask": [unet.dice_coef], "present": [keras.metrics.BinaryAccuracy(name="accuracy")]},
+    )
+    print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, backend {keras.backend.backend()}")
+
+    run = args.run or time.strftime("%Y%m%d-%H%M%S")
+    settings = {
+        "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
+        "mean": mean, "std": std, "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dice_weight": args.dice_weight,
+        "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
+        "backend": keras.backend.backend(), "run": run,
+        "val_ids": arrays["train_ids"][val].tolist(),
+    }
+    train_batches = augment.AugmentedBatches(images[~val], masks[~val], args.batch_size, args.seed,
+                                             flips=args.flips, elastic=args.elastic, workers=args.workers)
+    val_batches = augment.AugmentedBatches(images[val], masks[val], args.batch_size, augment=False,
+                                           shuffle=False, workers=0)
+    args.results.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        LeaderboardCheckpoint(images[val], masks[val], args.results, settings, args.batch_size),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.25, patience=4, verbose=1),
+        keras.callbacks.CSVLogger(str(args.results / "training_log.csv")),
+        *tensorboard_callback(args.logs / run),
+    ]
+    net.fit(train_batches, validation_data=val_batches, epochs=args.epochs, callbacks=callbacks, verbose=2)
+    best = callbacks[0].best
+    print(f"best val_leaderboard {best:.4f}; model in {args.results / MODEL_FILE}, "
+          f"TensorBoard: tensorboard --logdir {args.logs}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
