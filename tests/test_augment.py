@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+import augment
+
+
+def _pair(h=96, w=128):
+    """An asymmetric image whose mask marks exactly its bright pixels."""
+    image = np.zeros((h, w), np.uint8)
+    image[20:50, 30:45] = 200
+    image[60:70, 90:120] = 200
+    return image, (image > 0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("flips", [(), ("horizontal",), ("vertical",), ("horizontal", "vertical")])
+@pytest.mark.parametrize("elastic", [0.0, 6.0])
+def test_image_and_mask_stay_aligned_and_binary(flips, elastic):
+    image, mask = _pair()
+    for seed in range(10):
+        out_image, out_mask = augment.augment_pair(image, mask, np.random.default_rng(seed), flips, elastic)
+        assert set(np.unique(out_mask)) <= {0, 1}
+        # away from the reflected border, interior pixels of the mask are bright in the image and
+        # pixels far from it are dark
+        body = np.zeros(mask.shape, bool)
+        body[2:-2, 2:-2] = True
+        inner = body & (augment.cv2.erode(out_mask, np.ones((5, 5))) > 0)
+        outer = body & (augment.cv2.dilate(out_mask, np.ones((5, 5))) == 0)
+        assert inner.any() and (out_image[inner] > 150).all()
+        assert (out_image[outer] < 50).all()
+
+
+def test_transforms_really_move_the_image():
+    image, mask = _pair()
+    moved = [augment.augment_pair(image, mask, np.random.default_rng(s))[1] for s in range(5)]
+    assert all(not np.array_equal(m, mask) for m in moved)
+    assert len({m.tobytes() for m in moved}) == 5
+
+
+def test_horizontal_flip_only_when_asked():
+    image, mask = _pair()
+    rng = np.random.default_rng(0)
+    no_flip = [augment.random_affine(rng, (96, 128), flips=(), rotation=0, shift=0) for _ in range(20)]
+    assert all(np.allclose(m, [[1, 0, 0], [0, 1, 0]]) for m in no_flip)
+    flips = [augment.random_affine(rng, (96, 128), flips=("horizontal",), rotation=0, shift=0)[0, 0] for _ in range(20)]
+    assert set(np.round(flips)) == {-1.0, 1.0}
+
+
+def test_same_seed_same_batches_and_epochs_differ():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (20, 32, 48), np.uint8)
+    masks = (images > 128).astype(np.uint8)
+    a = augment.AugmentedBatches(images, masks, batch_size=8, seed=3)
+    b = augment.AugmentedBatches(images, masks, batch_size=8, seed=3)
+    assert len(a) == 3 and len(a[2][0]) == 4
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i][0], b[i][0])
+        np.testing.assert_array_equal(a[i][1]["mask"], b[i][1]["mask"])
+    first = a[0][0]
+    a.on_epoch_end()
+    assert not np.array_equal(a[0][0], first)
+
+
+def test_batches_have_model_shapes_and_presence_targets():
+    images = np.zeros((4, 32, 48), np.uint8)
+    masks = np.zeros((4, 32, 48), np.uint8)
+    masks[1, 10:20, 10:20] = 1
+    x, y = augment.AugmentedBatches(images, masks, batch_size=4, augment=False, shuffle=False)[0]
+    assert x.shape == (4, 32, 48, 1) and x.dtype == np.float32
+    assert y["mask"].shape == (4, 32, 48, 1)
+    assert y["present"].ravel().tolist() == [0, 1, 0, 0]
+
+
+def test_resize_keeps_masks_binary():
+    image, mask = _pair(420, 580)
+    small = augment.resize_masks(mask[None], (96, 128))
+    assert small.shape == (1, 96, 128) and set(np.unique(small)) == {0, 1}
+    assert augment.resize_images(image[None], (96, 128)).dtype == np.uint8

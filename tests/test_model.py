@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+import model
+from conftest import ROOT, run_script
+
+
+@pytest.mark.parametrize("size", [(64, 80), (96, 128)])
+def test_outputs_at_two_input_sizes(size):
+    net = model.build_model((*size, 1), base_filters=8)
+    out = net.predict(np.zeros((2, *size, 1), np.float32), verbose=0)
+    assert set(out) == {"mask", "present"}
+    assert out["mask"].shape == (2, *size, 1) and out["present"].shape == (2, 1)
+    for v in out.values():
+        assert v.dtype == np.float32 and np.all((v >= 0) & (v <= 1))
+
+
+def test_default_parameter_count_is_about_8m():
+    net = model.build_model()
+    assert net.count_params() == 8_184_610
+    assert not any(layer.__class__.__name__ in ("MaxPooling2D", "Dense") for layer in net.layers)
+
+
+def test_size_not_divisible_by_2_to_the_depth_is_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        model.build_model((95, 128, 1))
+
+
+def test_normalisation_is_part_of_the_model():
+    net = model.build_model((32, 32, 1), base_filters=4, mean=100.0, std=50.0)
+    rescale = net.get_layer("normalise")
+    np.testing.assert_allclose(np.asarray(rescale(np.array([[150.0]]))), [[1.0]], rtol=1e-6)
+
+
+def test_dice_loss_per_image_with_smoothing():
+    y = np.zeros((2, 4, 4, 1), np.float32)
+    y[1, :2, :2] = 1
+    p = np.zeros_like(y)
+    loss = np.asarray(model.dice_loss(y, p))
+    assert loss[0] == pytest.approx(0.0)            # empty prediction on an empty mask: perfect
+    assert loss[1] == pytest.approx(1 - 1 / 5)       # smoothed: (0 + 1) / (4 + 0 + 1)
+    assert np.asarray(model.dice_loss(y, y))[1] == pytest.approx(0.0)
+
+
+JAX_TRAIN = """
+import numpy as np, keras, model
+assert keras.backend.backend() == "jax"
+net = model.build_model((32, 48, 1), base_filters=4, mean=100, std=50)
+net.compile("adam", loss={"mask": model.dice_loss, "present": "binary_crossentropy"})
+x = np.random.default_rng(0).uniform(0, 255, (8, 32, 48, 1)).astype("float32")
+y = {"mask": (x > 200).astype("float32"), "present": np.ones((8, 1), "float32")}
+h = net.fit(x, y, batch_size=4, epochs=2, verbose=0)
+assert all(np.isfinite(h.history["loss"])), h.history
+print("ok", net.count_params())
+"""
+
+
+def test_builds_and_trains_under_jax():
+    pytest.importorskip("jax")
+    result = run_script("-c", JAX_TRAIN, env={"KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")

@@ -1,0 +1,74 @@
+"""End to end, as a user runs it: data.py -> train.py -> submission.py on a tiny synthetic set."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import utils
+from conftest import ROOT, run_script
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_input, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    logs = tmp_path_factory.mktemp("logs")
+    result = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", logs,
+                        "--epochs", 2, "--size", "32x48", "--base-filters", 4, "--batch-size", 8,
+                        "--val-fraction", 0.3, "--run", "e2e")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return results, logs, result.stdout
+
+
+def test_training_writes_model_settings_and_logs(trained):
+    results, logs, stdout = trained
+    assert (results / "net.keras").stat().st_size > 0 and (results / "net.hdf5").stat().st_size > 0
+    settings = json.loads((results / "settings.json").read_text())
+    assert settings["size"] == [32, 48] and 0 < settings["std"] and 0 <= settings["val_leaderboard"] <= 1
+    val_subjects = {i.split("_")[0] for i in settings["val_ids"]}
+    assert len(val_subjects) == 1, "validation holds out whole subjects"
+    rows = list(csv.DictReader(open(results / "training_log.csv")))
+    assert len(rows) == 2 and {"val_leaderboard", "present_accuracy", "val_present_accuracy"} <= set(rows[0])
+    assert any((logs / "e2e").rglob("*tfevents*"))
+    assert "val: " in stdout and "best val_leaderboard" in stdout
+
+
+def test_submission_lists_every_test_id_and_decodes(trained, tiny_input):
+    results, _, _ = trained
+    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results,
+                        "--presence-threshold", 0.0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(results / "submission.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["img", "pixels"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 17))
+    for _, pixels in rows[1:]:
+        mask = utils.rle_decode(pixels)
+        assert utils.rle_encode(mask) == pixels
+    # a second run keeps the first instead of overwriting it
+    again = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    assert again.returncode == 0 and "kept the earlier submission" in again.stdout
+    assert len(list(results.glob("submission*.csv"))) == 2
+
+
+def test_submission_without_a_model_is_one_clear_error(tiny_input, tmp_path):
+    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "run `python train.py` first" in result.stderr
+
+
+def test_train_without_arrays_is_one_clear_error(tmp_path):
+    result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "run `python data.py` first" in result.stderr
+
+
+def test_inspect_set_and_examine_generator_write_pngs(trained, tiny_input):
+    import matplotlib.image
+
+    results, _, _ = trained
+    for path in (utils.inspect_set("val", n=4, results=results, input_dir=tiny_input),
+                 utils.examine_generator(n=4, input_dir=tiny_input, size=(32, 48), results=results)):
+        picture = matplotlib.image.imread(path)
+        assert picture.shape[0] > 100 and picture.shape[1] > 100
+        assert picture[..., :3].std() > 0.05, f"{path} is blank"
