@@ -181,9 +181,9 @@ def main():
     ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
     syn = ap.add_argument_group("synthetic data")
     syn.add_argument("--synthetic", action="store_true", help="first write a synthetic Kaggle-layout dataset")
-    syn.add_argument("--subjects", type=int, default=6, help="synthetic train subjects (default: 6)")
+    syn.add_argument("--subjects", type=int, default=8, help="synthetic train subjects (default: 8)")
     syn.add_argument("--frames", type=int, default=120, help="frames per synthetic subject (default: 120)")
-    syn.add_argument("--test-subjects", type=int, default=1, help="synthetic subjects for test (default: 1)")
+    syn.add_argument("--test-subjects", type=int, default=2, help="synthetic subjects for test (default: 2)")
     syn.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default: 0)")
     args = ap.parse_args()
     if args.workers is not None and args.workers < 1:

@@ -9,13 +9,16 @@ Probabilities are resized back to 580x420 before thresholding; a mask is emptied
 import argparse
 import csv
 import hashlib
+import os
 import time
 from pathlib import Path
 
 import cv2
-import keras
 import numpy as np
 from tqdm import tqdm
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; before keras loads it
+import keras  # noqa: E402
 
 import augment
 import model  # noqa: F401  registers the custom loss and metric for loading

@@ -9,11 +9,14 @@ subjects, stratified by nerve presence: frames of one subject are near-duplicate
 """
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; before keras loads it
+import keras  # noqa: E402
 
 import augment
 import model as unet
