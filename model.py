@@ -57,7 +57,7 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
     p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence")
     p = layers.Dropout(dropout, name="presence_dropout")(p)
     p = layers.Conv2D(1, 1, kernel_initializer="he_normal", name="presence_logit")(p)
-    p = layers.GlobalAveragePooling2D(name="presence_pool")(p)
+    p = layers.GlobalMaxPooling2D(name="presence_pool")(p)
     present = layers.Activation("sigmoid", dtype="float32", name="present")(p)
     return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
 
@@ -75,6 +75,14 @@ def dice_per_image(y_true, y_pred):
 def dice_loss(y_true, y_pred):
     """1 - per-image Dice: each image counts equally, whatever the nerve's size."""
     return 1.0 - dice_per_image(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="nerve")
+def batch_dice_loss(y_true, y_pred):
+    """1 - Dice over the whole batch's pixels, as the original Kaggle tutorials trained (--baseline)."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    inter = ops.sum(y_true * y_pred)
+    return 1.0 - (2.0 * inter + SMOOTH) / (ops.sum(y_true) + ops.sum(y_pred) + SMOOTH)
 
 
 @keras.saving.register_keras_serializable(package="nerve")

@@ -3,8 +3,10 @@
     python submission.py                          # presence threshold 0.5
     python submission.py --presence-threshold 0.7
 
-Probabilities are resized back to 580x420 before thresholding; a mask is emptied when the model's
-`present` output is under the presence threshold. The CSV is checked by decoding it back.
+Averages every fold model train.py left in results/ and, by default, each image with its mirror image.
+Probabilities are resized back to 580x420 before thresholding; post-processing (presence threshold,
+pixel threshold, minimum area, largest component) comes from results/postprocess.json, which train.py
+tuned on out-of-fold predictions. The CSV is checked by decoding it back.
 """
 import argparse
 import csv
@@ -13,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -22,45 +23,74 @@ import keras  # noqa: E402
 
 import augment
 import model  # noqa: F401  registers the custom loss and metric for loading
-from utils import (IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError,
-                   atomic_path, gate_masks, load_arrays, read_json, rle_decode, rle_encode, run_cli)
+from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
+                   full_size, load_arrays, postprocess, read_json, rle_decode, rle_encode, run_cli)
 
-PRESENCE_THRESHOLD = 0.5
-PIXEL_THRESHOLD = 0.5
 CHUNK = 256  # images resized, predicted and encoded together: bounds memory at full size
+ENSEMBLE_FILE = "ensemble.json"  # in results/: the model folders to average (train.py --folds writes one per fold)
+POSTPROCESS_FILE = "postprocess.json"  # in results/: thresholds chosen on out-of-fold predictions
 
 
-def load_model(results=RESULTS_DIR):
-    """The best model train.py saved, checked against its settings."""
-    path = Path(results) / MODEL_FILE
+def model_dirs(results=RESULTS_DIR):
+    """The folders whose models are averaged: every fold after `train.py --folds K`, else results/ itself."""
+    results = Path(results)
+    ensemble = results / ENSEMBLE_FILE
+    return [results / d for d in read_json(ensemble)["models"]] if ensemble.exists() else [results]
+
+
+def load_model(folder):
+    """The best model train.py saved in folder."""
+    path = Path(folder) / MODEL_FILE
     if not path.exists():
         raise UserError(f"{path} not found: run `python train.py` first")
     try:
-        net = keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False)
     except Exception as e:  # a truncated or foreign file fails in many ways inside the loader
         raise UserError(f"cannot load {path} ({type(e).__name__}: {e}); retrain with `python train.py`") from None
-    return net
 
 
-def check_model_size(net, settings):
-    size = tuple(settings["size"])
-    if tuple(net.input_shape[1:3]) != size:
-        raise UserError(f"the model takes {net.input_shape[1]}x{net.input_shape[2]} images but "
-                        f"{SETTINGS_FILE} says {size[0]}x{size[1]}: results/ mixes two runs; retrain")
-    return size
+def load_models(results=RESULTS_DIR):
+    """(models, input size) of every model to average, checked against their settings."""
+    nets, sizes = [], set()
+    for folder in model_dirs(results):
+        settings, net = read_json(folder / SETTINGS_FILE), load_model(folder)
+        if tuple(net.input_shape[1:3]) != tuple(settings["size"]):
+            raise UserError(f"{folder / MODEL_FILE} takes {net.input_shape[1]}x{net.input_shape[2]} images but its "
+                            f"{SETTINGS_FILE} says {settings['size'][0]}x{settings['size'][1]}: retrain")
+        nets.append(net)
+        sizes.add(tuple(settings["size"]))
+    if len(sizes) > 1:
+        raise UserError(f"the models in {results}/ were trained at different sizes {sorted(sizes)}: retrain")
+    return nets, sizes.pop()
 
 
-def predict_masks(net, settings, images, presence_threshold=PRESENCE_THRESHOLD,
-                  pixel_threshold=PIXEL_THRESHOLD, batch_size=32):
-    """Yield (full-size 0/1 masks, presence probabilities) for uint8 images (n, 420, 580), chunk by chunk."""
-    size = check_model_size(net, settings)
+def load_postprocess(results=RESULTS_DIR, **overrides):
+    """The tuned post-processing from results/, defaults where absent, with explicit overrides on top."""
+    path = Path(results) / POSTPROCESS_FILE
+    spec = {**DEFAULT_POSTPROCESS, **(read_json(path) if path.exists() else {})}
+    return {**spec, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def predict_small(nets, images, batch_size=32, tta=True):
+    """Mean (mask probabilities (n, h, w), presence (n,)) over the models and, with tta, the mirror image."""
+    x = np.asarray(images)[..., None].astype(np.float32)
+    probs, present, views = 0.0, 0.0, 0
+    for net in nets:
+        for flip in (False, True) if tta else (False,):
+            out = net.predict(x[:, :, ::-1] if flip else x, batch_size=batch_size, verbose=0)
+            m = out["mask"][..., 0]
+            probs = probs + (m[:, :, ::-1] if flip else m)
+            present = present + out["present"].reshape(-1)
+            views += 1
+    return probs / views, present / views
+
+
+def predict_masks(nets, size, images, spec, batch_size=32, tta=True):
+    """Yield (full-size 0/1 masks, presence) for uint8 images (n, 420, 580), chunk by chunk."""
     for start in range(0, len(images), CHUNK):
         small = augment.resize_images(images[start:start + CHUNK], size)
-        out = net.predict(small[..., None].astype(np.float32), batch_size=batch_size, verbose=0)
-        probs = np.stack([cv2.resize(p, (IMAGE_WIDTH, IMAGE_HEIGHT), interpolation=cv2.INTER_LINEAR)
-                          for p in out["mask"][..., 0]])
-        present = out["present"].reshape(-1)
-        yield gate_masks(probs, present, presence_threshold, pixel_threshold), present
+        probs, present = predict_small(nets, small, batch_size, tta)
+        yield postprocess(np.stack([full_size(p) for p in probs]), present, spec), present
 
 
 def mask_digest(mask):
@@ -99,29 +129,34 @@ def keep_previous(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presence-threshold", type=float, default=PRESENCE_THRESHOLD,
-                    help=f"empty a mask when `present` is below this (default: {PRESENCE_THRESHOLD})")
-    ap.add_argument("--pixel-threshold", type=float, default=PIXEL_THRESHOLD,
-                    help=f"pixel probability threshold at full size (default: {PIXEL_THRESHOLD})")
+    ap.add_argument("--presence-threshold", type=float, default=None,
+                    help="empty a mask when `present` is below this (default: results/postprocess.json, else 0.5)")
+    ap.add_argument("--pixel-threshold", type=float, default=None,
+                    help="pixel probability threshold at full size (default: results/postprocess.json, else 0.5)")
+    ap.add_argument("--tta", choices=("hflip", "none"), default="hflip",
+                    help="test-time augmentation: average with the mirrored image (default: hflip)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--input", type=Path, default=INPUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--output", type=Path, default=None, help="CSV path (default: results/submission.csv)")
     args = ap.parse_args(argv)
-    if not (0 <= args.presence_threshold <= 1 and 0 < args.pixel_threshold < 1):
-        raise UserError("--presence-threshold must be in [0, 1] and --pixel-threshold in (0, 1)")
+    if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
+        raise UserError("--presence-threshold must be in [0, 1]")
+    if args.pixel_threshold is not None and not 0 < args.pixel_threshold < 1:
+        raise UserError("--pixel-threshold must be in (0, 1)")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     output = args.output or args.results / "submission.csv"
 
-    settings = read_json(args.results / SETTINGS_FILE)
-    net = load_model(args.results)
+    nets, size = load_models(args.results)
+    spec = load_postprocess(args.results, presence_threshold=args.presence_threshold,
+                            pixel_threshold=args.pixel_threshold)
     arrays = load_arrays(args.input, ("test_images", "test_ids"))
     images, ids = arrays["test_images"], arrays["test_ids"].tolist()
+    print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {args.tta}, post-processing {spec}")
     pixels, digests, n_nerve = [], [], 0
     with tqdm(total=len(ids), desc="predicting", unit="img", leave=False) as bar:
-        for masks, _ in predict_masks(net, settings, images, args.presence_threshold, args.pixel_threshold,
-                                      args.batch_size):
+        for masks, _ in predict_masks(nets, size, images, spec, args.batch_size, args.tta == "hflip"):
             for mask in masks:
                 pixels.append(rle_encode(mask))
                 digests.append(mask_digest(mask))

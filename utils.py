@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 420, 580
@@ -120,13 +121,41 @@ def mean_dice(y_true, y_pred):
     return float(dice_per_image(y_true, y_pred).mean())
 
 
-def gate_masks(probs, present, presence_threshold=0.5, pixel_threshold=0.5):
-    """Binary 0/1 masks from pixel probabilities (n, h, w), emptied where presence < threshold."""
-    keep = np.asarray(present).reshape(-1) >= presence_threshold
-    return ((np.asarray(probs) >= pixel_threshold) & keep[:, None, None]).astype(np.uint8)
+# How probabilities become masks; train.py tunes these on out-of-fold predictions (results/postprocess.json).
+DEFAULT_POSTPROCESS = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
 
 
-def _show_or_save(fig, path):
+def largest_component(mask):
+    """The largest 8-connected component of a 0/1 mask."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 2:
+        return mask
+    return (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
+
+
+def binary_mask(prob, pixel_threshold, keep_largest):
+    """One probability map -> 0/1 mask, optionally only its largest component."""
+    mask = (prob >= pixel_threshold).astype(np.uint8)
+    return largest_component(mask) if keep_largest else mask
+
+
+def full_size(prob):
+    """A probability map resized back to 420x580 (before thresholding, so edges stay smooth)."""
+    return cv2.resize(np.asarray(prob, np.float32), (IMAGE_WIDTH, IMAGE_HEIGHT), interpolation=cv2.INTER_LINEAR)
+
+
+def postprocess(probs, present, spec=None):
+    """0/1 masks (n, h, w) from probabilities and presence: thresholded, optionally reduced to the
+    largest component, and emptied when presence or predicted area is under the spec's gate."""
+    spec = {**DEFAULT_POSTPROCESS, **(spec or {})}
+    masks = np.stack([binary_mask(p, spec["pixel_threshold"], spec["keep_largest"]) for p in probs]) \
+        if len(probs) else np.zeros(np.shape(probs), np.uint8)
+    areas = masks.reshape(len(masks), -1).sum(axis=1)
+    keep = (np.asarray(present).reshape(-1) >= spec["presence_threshold"]) & (areas >= spec["min_area"])
+    return masks * keep[:, None, None].astype(np.uint8)
+
+
+def show_or_save(fig, path):
     """Open a window when the backend can, otherwise write `path` and return it."""
     import matplotlib.pyplot as plt
     import matplotlib
@@ -141,7 +170,7 @@ def _show_or_save(fig, path):
     return str(path)
 
 
-def _contour_grid(images, masks_a, masks_b, titles, cols):
+def contour_grid(images, masks_a, masks_b, titles, cols):
     """A matplotlib figure: each image with contours of masks_a (green) and masks_b (red)."""
     import matplotlib
 
@@ -167,25 +196,28 @@ def _contour_grid(images, masks_a, masks_b, titles, cols):
 def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, seed=0, cols=4):
     """Show n images of the train or val set with truth (green) and predicted (red) contours.
 
-    Titles give the image id, the presence probability and the per-image Dice. Returns the PNG
-    path when no display is available, otherwise None after showing a window.
+    Titles give the image id, the presence probability and the per-image Dice. After
+    `train.py --folds K` this is the first fold's model on its own validation subjects. Returns the
+    PNG path when no display is available, otherwise None after showing a window.
     """
     import submission
 
     if subset not in ("train", "val"):
         raise UserError(f"subset must be 'train' or 'val', not {subset!r}")
-    settings = read_json(Path(results) / SETTINGS_FILE)
+    folder = submission.model_dirs(results)[0]
+    settings = read_json(folder / SETTINGS_FILE)
     arrays = load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
     is_val = np.isin(arrays["train_ids"], settings["val_ids"])
     pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     images, truth = arrays["train_images"][pick], arrays["train_masks"][pick]
-    chunks = list(submission.predict_masks(submission.load_model(results), settings, images))
+    chunks = list(submission.predict_masks([submission.load_model(folder)], tuple(settings["size"]), images,
+                                           submission.load_postprocess(results)))
     masks, present = np.concatenate([m for m, _ in chunks]), np.concatenate([p for _, p in chunks])
     dice = dice_per_image(truth, masks)
     titles = [f"{i}  p={p:.2f}  dice={d:.2f}" for i, p, d in zip(arrays["train_ids"][pick], present, dice)]
-    fig = _contour_grid(images, truth, masks, titles, cols)
-    return _show_or_save(fig, Path(results) / f"inspect_{subset}.png")
+    fig = contour_grid(images, truth, masks, titles, cols)
+    return show_or_save(fig, Path(results) / f"inspect_{subset}.png")
 
 
 def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4, results=RESULTS_DIR, **augment):
@@ -203,5 +235,5 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     batches = aug.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **augment)
     x, y = batches[0]
     titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]
-    fig = _contour_grid(x[..., 0], y["mask"][..., 0], [None] * n, titles, cols)
-    return _show_or_save(fig, Path(results) / "examine_generator.png")
+    fig = contour_grid(x[..., 0], y["mask"][..., 0], [None] * n, titles, cols)
+    return show_or_save(fig, Path(results) / "examine_generator.png")

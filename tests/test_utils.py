@@ -54,10 +54,17 @@ def test_mean_dice_on_hand_computed_cases():
     assert utils.mean_dice(np.concatenate([a, empty]), np.concatenate([b, a])) == pytest.approx((2 / 3 + 0) / 2)
 
 
-def test_gate_masks_empties_images_below_the_presence_threshold():
-    probs = np.full((2, 3, 3), 0.9)
-    masks = utils.gate_masks(probs, [0.2, 0.8], presence_threshold=0.5, pixel_threshold=0.5)
-    assert masks[0].sum() == 0 and masks[1].sum() == 9
+def test_postprocess_gates_on_presence_and_area_and_keeps_the_largest_component():
+    probs = np.zeros((3, 10, 10), np.float32)
+    probs[:, 0:2, 0:2] = 0.9     # 4 pixels
+    probs[:, 5:9, 5:9] = 0.6     # 16 pixels
+    masks = utils.postprocess(probs, [0.2, 0.8, 0.8])
+    assert masks[0].sum() == 0 and masks[1].sum() == 20
+    assert utils.postprocess(probs, [0.8] * 3, {"pixel_threshold": 0.7}).sum(axis=(1, 2)).tolist() == [4] * 3
+    assert utils.postprocess(probs, [0.8] * 3, {"keep_largest": True})[0, 5:9, 5:9].all()
+    assert utils.postprocess(probs, [0.8] * 3, {"keep_largest": True}).sum() == 48
+    assert utils.postprocess(probs, [0.8] * 3, {"min_area": 21}).sum() == 0
+    assert utils.postprocess(probs, [0.8] * 3, {"min_area": 20}).sum() == 60
 
 
 def test_parse_size():

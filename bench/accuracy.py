@@ -1,0 +1,96 @@
+"""Accuracy benchmark: subject-grouped K-fold cross-validation on the real competition images.
+
+    python bench/accuracy.py --quick            # smoke run: 4 subjects, 1 epoch, tiny model
+    python bench/accuracy.py                     # the default settings, 5 folds over the 39 subjects
+    python bench/accuracy.py --baseline          # also the tutorials' plain batch-Dice U-Net, same protocol
+
+Builds a Kaggle-layout folder from ../shared/data/nerve with ../shared/tools/make_real_input.py, runs
+data.py, train.py --folds K and evaluate.py, and ends with `name: value` lines. That real set is 2% empty
+(Kaggle's is 59%), so cv_leaderboard is dominated by images with a nerve and presence_auc rests on few
+negatives.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def run(*args):
+    """Run one of the project's scripts, streaming its output; stop the benchmark if it fails."""
+    print("$", " ".join(map(str, args)), flush=True)
+    if subprocess.run([sys.executable, *map(str, args)], cwd=ROOT).returncode:
+        sys.exit(f"benchmark stopped: {args[0]} failed")
+
+
+def device():
+    """The accelerator Keras trains on, else the CPU model and core count."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "jax":
+        import jax
+        return f"{jax.devices()[0].device_kind} (jax)"
+    if backend == "tensorflow":
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return f"{tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')} (tensorflow)"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores ({backend})"
+
+
+def cross_validate(work, real, name, folds, train_flags):
+    """Train K folds and evaluate them; return (cross-validated metrics, minutes spent training)."""
+    results = work / name
+    started = time.time()
+    run(ROOT / "train.py", "--input", real, "--results", results, "--logs", work / "logs", "--run", name,
+        "--folds", folds, *train_flags)
+    minutes = (time.time() - started) / 60
+    run(ROOT / "evaluate.py", "--data", real, "--results", results)
+    return json.loads((results / "evaluation.json").read_text())["metrics"], minutes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 subjects x 30 frames, 1 epoch, tiny model")
+    ap.add_argument("--folds", type=int, default=None, help="default 5 (quick: 2)")
+    ap.add_argument("--baseline", action="store_true", help="also run the plain batch-Dice U-Net, same protocol")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder (default: /tmp/nerve-bench)")
+    ap.add_argument("train_flags", nargs=argparse.REMAINDER,
+                    help="further train.py flags after --, e.g. -- --epochs 8 --size 64x80")
+    args = ap.parse_args()
+    if not (SHARED / "tools" / "make_real_input.py").exists():
+        sys.exit(f"the real data tools are not at {SHARED}: this benchmark needs ../shared beside the repository")
+    flags = [f for f in args.train_flags if f != "--"]
+    folds = args.folds or (2 if args.quick else 5)
+    if args.quick:
+        flags = ["--epochs", "1", "--size", "32x48", "--base-filters", "4", *flags]
+    real = args.work / ("real-quick" if args.quick else "real")
+    if not (real / "train_images.npy").exists():
+        subset = ["--subjects", "1,2,3,5", "--limit", "30"] if args.quick else []
+        run(SHARED / "tools" / "make_real_input.py", real, *subset)
+        run(ROOT / "data.py", "--input", real)
+
+    rows, minutes = cross_validate(args.work, real, "default", folds, flags)
+    if args.baseline:
+        baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])
+    print(f"\nsettings: --folds {folds} {' '.join(flags) or '(train.py defaults)'}")
+    print(f"cv_dice_nonempty: {rows['all folds']['dice_nonempty']:.4f}")
+    print(f"cv_leaderboard: {rows['all folds']['leaderboard']:.4f}")
+    print(f"presence_auc: {rows['all folds']['presence_auc']:.4f}")
+    print(f"train_minutes: {minutes:.1f}")
+    if args.baseline:
+        print(f"baseline_cv_dice_nonempty: {baseline['all folds']['dice_nonempty']:.4f}")
+        print(f"baseline_cv_leaderboard: {baseline['all folds']['leaderboard']:.4f}")
+        print(f"baseline_train_minutes: {baseline_minutes:.1f}")
+    print(f"device: {device()}")
+
+
+if __name__ == "__main__":
+    main()
