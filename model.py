@@ -11,6 +11,17 @@ SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
 BN_MOMENTUM = 0.9  # Keras' 0.99 leaves inference statistics stale for the first few hundred steps
 
 
+@keras.saving.register_keras_serializable(package="nerve")
+class PerImageStandardization(layers.Layer):
+    """Each image to zero mean and unit variance: a subject's gain and contrast settings then do not
+    shift the features that batch norm's moving statistics were fitted to."""
+
+    def call(self, x):
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+        return (x - mean) / ops.maximum(std, 1e-3)
+
+
 def conv_bn_elu(x, filters, kernel_size, strides, name):
     """Convolution, batch norm, ELU: the unit every layer of the network is made of."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
@@ -35,6 +46,7 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
         raise ValueError(f"input size {h}x{w} must be divisible by 2**depth = {2**depth}")
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1.0 / std, offset=-mean / std, name="normalise")(inputs)
+    x = PerImageStandardization(name="standardise")(x)
 
     skips = []
     for level in range(depth):
