@@ -14,6 +14,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 from tqdm import tqdm
@@ -67,10 +68,14 @@ def scan_test(folder):
 
 def read_image(path):
     """A 420x580 uint8 grayscale image; ValueError says what is wrong with the file."""
-    try:
-        image = tifffile.imread(path)
-    except Exception as e:  # tifffile and its codecs raise many types for damaged files
-        raise ValueError(f"unreadable TIFF ({type(e).__name__}: {e})") from None
+    # OpenCV decodes with the GIL released, so threads scale (tifffile's LZW path does not); tifffile
+    # reads what OpenCV cannot, and says why a damaged file is unreadable
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        try:
+            image = tifffile.imread(path)
+        except Exception as e:  # tifffile and its codecs raise many types for damaged files
+            raise ValueError(f"unreadable TIFF ({type(e).__name__}: {e})") from None
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         if np.any(image[..., 1:3] != image[..., :1]):
             raise ValueError(f"has {image.shape[-1]} different colour channels; expected grayscale")
@@ -102,7 +107,7 @@ def decode_all(paths, reader, out, workers, desc):
             out[i] = image
         return None
 
-    with ThreadPoolExecutor(workers) as pool:  # the LZW codec releases the GIL
+    with ThreadPoolExecutor(workers) as pool:
         results = list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img",
                             leave=False, mininterval=0.5))
     return [r for r in results if r]

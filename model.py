@@ -9,6 +9,41 @@ from keras import layers, ops
 
 SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
 BN_MOMENTUM = 0.9  # Keras' 0.99 leaves inference statistics stale for the first few hundred steps
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def has_accelerator():
+    """Whether the Keras backend sees a GPU."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+        return torch.cuda.is_available()
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def cpu_has_bf16():
+    """Whether the CPU does bfloat16 arithmetic natively (AVX512_BF16 or AMX); elsewhere it is emulated."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def set_precision(choice="auto"):
+    """Set Keras' global dtype policy for 'fp32', 'bf16', 'fp16' or 'auto'; return the policy name.
+
+    auto: mixed float16 on a GPU, mixed bfloat16 on a CPU with native bf16, float32 otherwise.
+    The output layers always compute in float32.
+    """
+    if choice == "auto":
+        choice = "fp16" if has_accelerator() else "bf16" if cpu_has_bf16() else "fp32"
+    keras.mixed_precision.set_dtype_policy(PRECISIONS[choice])
+    return PRECISIONS[choice]
 
 
 @keras.saving.register_keras_serializable(package="nerve")
@@ -45,8 +80,9 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
     if h % 2**depth or w % 2**depth:
         raise ValueError(f"input size {h}x{w} must be divisible by 2**depth = {2**depth}")
     inputs = keras.Input(input_shape, name="image")
-    x = layers.Rescaling(1.0 / std, offset=-mean / std, name="normalise")(inputs)
-    x = PerImageStandardization(name="standardise")(x)
+    # input statistics in float32 whatever the policy: bf16 would round the pixel values
+    x = layers.Rescaling(1.0 / std, offset=-mean / std, dtype="float32", name="normalise")(inputs)
+    x = PerImageStandardization(dtype="float32", name="standardise")(x)
 
     skips = []
     for level in range(depth):

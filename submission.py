@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 import keras  # noqa: E402
 
 import augment
-import model  # noqa: F401  registers the custom loss and metric for loading
+import model
 from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
                    full_size, load_arrays, postprocess, read_json, rle_decode, rle_encode, run_cli)
 
@@ -49,6 +49,17 @@ def load_model(folder):
         raise UserError(f"cannot load {path} ({type(e).__name__}: {e}); retrain with `python train.py`") from None
 
 
+def in_current_precision(net, settings):
+    """The model itself, or the same weights in a network built under the global dtype policy
+    (a saved model keeps the precision it was trained in)."""
+    if net.dtype_policy.name == keras.mixed_precision.dtype_policy().name:
+        return net
+    rebuilt = model.build_model((*settings["size"], 1), settings["base_filters"], settings["depth"],
+                                settings["dropout"], settings["mean"], settings["std"])
+    rebuilt.set_weights(net.get_weights())
+    return rebuilt
+
+
 def load_models(results=RESULTS_DIR):
     """(models, input size) of every model to average, checked against their settings."""
     nets, sizes = [], set()
@@ -57,7 +68,7 @@ def load_models(results=RESULTS_DIR):
         if tuple(net.input_shape[1:3]) != tuple(settings["size"]):
             raise UserError(f"{folder / MODEL_FILE} takes {net.input_shape[1]}x{net.input_shape[2]} images but its "
                             f"{SETTINGS_FILE} says {settings['size'][0]}x{settings['size'][1]}: retrain")
-        nets.append(net)
+        nets.append(in_current_precision(net, settings))
         sizes.add(tuple(settings["size"]))
     if len(sizes) > 1:
         raise UserError(f"the models in {results}/ were trained at different sizes {sorted(sizes)}: retrain")
@@ -135,6 +146,8 @@ def main(argv=None):
                     help="pixel probability threshold at full size (default: results/postprocess.json, else 0.5)")
     ap.add_argument("--tta", choices=("hflip", "none"), default="hflip",
                     help="test-time augmentation: average with the mirrored image (default: hflip)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="inference precision, as in train.py (default: auto)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--input", type=Path, default=INPUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
@@ -148,6 +161,7 @@ def main(argv=None):
         raise UserError("--batch-size must be at least 1")
     output = args.output or args.results / "submission.csv"
 
+    model.set_precision(args.precision)
     nets, size = load_models(args.results)
     spec = load_postprocess(args.results, presence_threshold=args.presence_threshold,
                             pixel_threshold=args.pixel_threshold)

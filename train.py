@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
     ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--logs", type=Path, default=LOGS_DIR)
@@ -188,7 +190,7 @@ def train_model(args, images, masks, val, out_dir, log_dir, settings):
     mean, std = float(images[~val].mean()), float(images[~val].std())
     net = compile_model(args, mean, std)
     print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, "
-          f"backend {keras.backend.backend()}")
+          f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}")
     train_batches = augment.AugmentedBatches(images[~val], masks[~val], args.batch_size, args.seed,
                                              flips=args.flips, elastic=args.elastic, workers=args.workers)
     val_batches = augment.AugmentedBatches(images[val], masks[val], args.batch_size, augment=False,
@@ -217,6 +219,7 @@ def out_of_fold(out_dir, images):
 def main(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(args.seed)
+    policy = unet.set_precision(args.precision)
     started = time.time()
 
     arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
@@ -242,7 +245,7 @@ def main(argv=None):
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dice_weight": args.dice_weight,
         "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
-        "baseline": args.baseline, "backend": keras.backend.backend(), "run": run,
+        "baseline": args.baseline, "backend": keras.backend.backend(), "precision": policy, "run": run,
     }
     oof = {"index": [], "fold": []}
     for k, (val, name) in enumerate(zip(splits, dirs)):

@@ -60,3 +60,17 @@ def test_builds_and_trains_under_jax():
     result = run_script("-c", JAX_TRAIN, env={"KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok")
+
+
+def test_precision_policies_keep_inputs_and_outputs_in_float32():
+    try:
+        assert model.set_precision("bf16") == "mixed_bfloat16"
+        net = model.build_model((32, 32, 1), base_filters=4)
+        assert net.get_layer("down0a_conv").compute_dtype == "bfloat16"
+        assert net.get_layer("normalise").compute_dtype == net.get_layer("standardise").compute_dtype == "float32"
+        out = net.predict(np.full((1, 32, 32, 1), 100, np.float32), verbose=0)
+        assert all(v.dtype == np.float32 for v in out.values())
+    finally:
+        model.set_precision("fp32")
+    assert model.set_precision("auto") == ("mixed_bfloat16" if model.cpu_has_bf16() else "float32")
+    model.set_precision("fp32")

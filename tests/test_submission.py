@@ -45,8 +45,8 @@ def test_submission_lists_every_test_id_and_decodes(trained, tiny_input):
     for _, pixels in rows[1:]:
         mask = utils.rle_decode(pixels)
         assert utils.rle_encode(mask) == pixels
-    # a second run keeps the first instead of overwriting it
-    again = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    # a second run, in bf16 (the fp32 weights copied into a bf16 network), keeps the first CSV
+    again = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results, "--precision", "bf16")
     assert again.returncode == 0 and "kept the earlier submission" in again.stdout
     assert len(list(results.glob("submission*.csv"))) == 2
 

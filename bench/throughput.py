@@ -1,0 +1,130 @@
+"""Training and inference throughput of the default model, against the machine's matrix-multiply peak.
+
+    python bench/throughput.py --quick     # one size, a few batches
+    python bench/throughput.py             # 64x80, 96x128 and 128x160, fp32 and bf16
+
+For each input size: training images/second without augmentation and with the augmentation workers
+(augment_ratio: with / without, same run), the model's FLOPs per training image counted from its
+convolutions (forward x3 for forward + backward), the GFLOP/s that makes, and inference images/second.
+The dense float32 matrix-multiply GFLOP/s of this machine is measured in the same run;
+train_flops_ratio = achieved / matmul at the default size. Runs under any KERAS_BACKEND.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import augment  # noqa: E402
+import model as unet  # noqa: E402
+from accuracy import device  # noqa: E402
+
+DEFAULT_SIZE = (96, 128)
+
+
+def forward_flops(net):
+    """Multiply-adds x2 of every convolution for one image (batch norm and activations left out: <2%)."""
+    total = 0
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            _, h, w, cin = layer.input.shape
+            total += 2 * h * w * cin * layer.filters * np.prod(layer.kernel_size)
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            total += 2 * h * w * cout * layer.input.shape[-1] * np.prod(layer.kernel_size)
+    return float(total)
+
+
+def matmul_gflops(n=2048, repeats=10):
+    a = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    keras.ops.convert_to_numpy(keras.ops.matmul(a, a))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = keras.ops.matmul(a, a)
+    keras.ops.convert_to_numpy(c)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def compiled_model(size):
+    net = unet.build_model((*size, 1), mean=100.0, std=50.0)
+    net.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss={"mask": unet.dice_loss, "present": "binary_crossentropy"}, loss_weights={"mask": 1.0, "present": 0.5})
+    return net
+
+
+def train_rate(net, images, masks, batch_size, augmented):
+    """Training images/second over one timed epoch after a warm-up epoch."""
+    batches = augment.AugmentedBatches(images, masks, batch_size, augment=augmented, workers=2 if augmented else 0)
+    net.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
+    start = time.perf_counter()
+    net.fit(batches, epochs=1, verbose=0)
+    return len(images) / (time.perf_counter() - start)
+
+
+def inference_rate(net, images, batch_size=64):
+    x = images[..., None].astype(np.float32)
+    net.predict(x[:batch_size], batch_size=batch_size, verbose=0)
+    start = time.perf_counter()
+    net.predict(x, batch_size=batch_size, verbose=0)
+    return len(x) / (time.perf_counter() - start)
+
+
+def fake_data(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, *size), dtype=np.uint8)
+    masks = np.zeros((n, *size), np.uint8)
+    masks[::2, size[0] // 3:size[0] // 2, size[1] // 3:size[1] // 2] = 1
+    return images, masks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="default size only, fewer images")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=None, help="images per timed epoch (default: 192, quick: 64)")
+    args = ap.parse_args()
+    n = args.images or (64 if args.quick else 192)
+    sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
+    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
+
+    peak = matmul_gflops()
+    print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
+    print(f"{'size':>8} {'precision':>9} {'GFLOP/img':>10} {'train img/s':>12} {'+augment':>9} {'GFLOP/s':>8} "
+          f"{'infer img/s':>12}")
+    figures = {}
+    for size in sizes:
+        images, masks = fake_data(n, size)
+        for precision in precisions:
+            unet.set_precision(precision)
+            net = compiled_model(size)
+            flops = 3 * forward_flops(net) / 1e9
+            plain = train_rate(net, images, masks, args.batch_size, augmented=False)
+            augmented = train_rate(net, images, masks, args.batch_size, augmented=True)
+            infer = inference_rate(net, images)
+            print(f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
+                  f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
+            figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
+    unet.set_precision("fp32")
+
+    default = figures[DEFAULT_SIZE, "fp32"]
+    print(f"train_images_per_s: {default['plain']:.2f}")
+    print(f"infer_images_per_s: {default['infer']:.2f}")
+    print(f"train_gflops: {default['plain'] * default['flops']:.1f}")
+    print(f"matmul_gflops: {peak:.1f}")
+    print(f"train_flops_ratio: {default['plain'] * default['flops'] / peak:.2f}")
+    print(f"augment_ratio: {default['augmented'] / default['plain']:.2f}")
+    if (DEFAULT_SIZE, "bf16") in figures:
+        print(f"bf16_speedup: {figures[DEFAULT_SIZE, 'bf16']['plain'] / default['plain']:.2f}")
+    print(f"cpu_native_bf16: {unet.cpu_has_bf16()}")
+    print(f"device: {device()}")
+
+
+if __name__ == "__main__":
+    main()
