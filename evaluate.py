@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, RESULTS_DIR, UserError, binary_mask, contour_grid, dice_per_image,
-                   full_size, load_arrays, postprocess, run_cli, show_or_save, write_json)
+from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, RESULTS_DIR, SETTINGS_FILE, UserError, binary_mask, contour_grid,
+                   dice_per_image, full_size, load_arrays, postprocess, read_json, run_cli, show_or_save, write_json)
 
 OOF_FILE = "oof.npz"  # in results/: out-of-fold predictions at the training size
 PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -114,24 +114,25 @@ def oof_predictions(oof, tta):
     return probs, present
 
 
-def cross_validate(oof, truth, tta=True, tune=True):
+def cross_validate(oof, truth, tta=True, baseline=False):
     """Per-fold and overall metrics of out-of-fold predictions, each fold post-processed with settings
-    tuned on the other folds (defaults with a single fold), and the settings tuned on all of them."""
+    tuned on the other folds (defaults with a single fold), and the settings tuned on all of them.
+    A baseline gets no presence gate and no tuning: a 0.5 pixel threshold only."""
     probs, present = oof_predictions(oof, tta)
     stats = mask_stats(probs, truth, candidates_for(DEFAULT_POSTPROCESS))
     folds = np.unique(oof["fold"])
-    fixed = {**DEFAULT_POSTPROCESS, "presence_threshold": 0.0} if not tune else DEFAULT_POSTPROCESS
+    fixed = {**DEFAULT_POSTPROCESS, "presence_threshold": 0.0} if baseline else DEFAULT_POSTPROCESS
     tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
     rows, specs = {}, {}
     for k in folds:
         idx = np.flatnonzero(oof["fold"] == k)
         others = np.flatnonzero(oof["fold"] != k)
-        specs[int(k)] = tune_postprocess(stats, present, others) if tune and len(others) else fixed
+        specs[int(k)] = tune_postprocess(stats, present, others) if not baseline and len(others) else fixed
         tp[idx], fp[idx], fn[idx] = _spec_outcome(stats, present, specs[int(k)], idx)
         rows[f"fold {k}"] = metrics(tp[idx], fp[idx], fn[idx], present[idx])
     rows["all folds"] = metrics(tp, fp, fn, present)
     everything = np.arange(len(probs))
-    final = tune_postprocess(stats, present, everything) if tune else fixed
+    final = fixed if baseline else tune_postprocess(stats, present, everything)
     return {"rows": rows, "fold_postprocess": specs, "postprocess": final,
             "dice": dice(tp, fp, fn), "present": present, "probs": probs}
 
@@ -155,17 +156,21 @@ def worst_cases_png(images, truth, masks, ids, path):
 
 
 def evaluate_oof(results, input_dir, tta):
-    """Cross-validated report from results/oof.npz: (report, images, truth, masks, ids) for the worst cases."""
+    """Cross-validated report from results/oof.npz: (report, images, truth, masks, ids) for the worst cases.
+    A --baseline run is scored as the tutorials used it: no mirror averaging, no tuned gate."""
+    import submission
+
     path = Path(results) / OOF_FILE
     if not path.exists():
         raise UserError(f"{path} not found: run `python train.py` (with --folds K for K-fold) first")
     oof = dict(np.load(path))
+    baseline = read_json(submission.model_dirs(results)[0] / SETTINGS_FILE).get("baseline", False)
     arrays = load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
     truth = arrays["train_masks"][index]
-    report = cross_validate(oof, truth, tta)
+    report = cross_validate(oof, truth, tta and not baseline, baseline)
     worst = np.argsort(report["dice"], kind="stable")[:WORST]
     masks = {i: postprocess(full_size(report["probs"][i])[None], report["present"][i:i + 1],
                             report["fold_postprocess"][int(oof["fold"][i])])[0] for i in worst}

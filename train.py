@@ -267,7 +267,9 @@ def main(argv=None):
         np.savez(tmp, **oof)
     write_json(args.results / submission.ENSEMBLE_FILE, {"models": dirs})
 
-    report = evaluate.cross_validate(oof, arrays["train_masks"][oof["index"]], tta=True, tune=not args.baseline)
+    # the baseline is scored as the tutorials used it: no mirror averaging, no tuned gate
+    report = evaluate.cross_validate(oof, arrays["train_masks"][oof["index"]], tta=not args.baseline,
+                                     baseline=args.baseline)
     write_json(args.results / submission.POSTPROCESS_FILE, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (tuned on all out-of-fold predictions): {report['postprocess']}")

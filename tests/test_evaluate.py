@@ -88,3 +88,13 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     sub = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert "3 model(s)" in sub.stdout
+
+
+def test_baseline_is_scored_without_gate_or_tuning():
+    probs, truth, present = _stats_case()
+    oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
+           "fold": np.array([0, 1, 0, 1])}
+    report = evaluate.cross_validate(oof, truth, tta=False, baseline=True)
+    plain = {**evaluate.DEFAULT_POSTPROCESS, "presence_threshold": 0.0}
+    assert report["postprocess"] == plain and all(s == plain for s in report["fold_postprocess"].values())
+    assert report["rows"]["all folds"]["false_positive_pixels"] > 0     # the false detections stay
