@@ -22,6 +22,7 @@ PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 MIN_AREAS = (0, 250, 500, 1000, 1500, 2000, 3000, 4000)  # pixels at 580x420; Kaggle nerves average ~7000
 WORST = 8  # cases shown in the worst-cases PNG
+CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel threshold, keep largest)
 
 
 def mask_stats(probs, truth, candidates):
@@ -100,14 +101,6 @@ def _spec_outcome(stats, present, spec, idx):
                    spec["presence_threshold"], spec["min_area"])
 
 
-def candidates_for(spec=None):
-    """Every tuning candidate, plus the given spec's own (threshold, keep_largest)."""
-    cands = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))
-    if spec and (spec["pixel_threshold"], spec["keep_largest"]) not in cands:
-        cands.append((spec["pixel_threshold"], spec["keep_largest"]))
-    return cands
-
-
 def oof_predictions(oof, tta):
     probs = (oof["probs"].astype(np.float32) + oof["probs_flip"]) / 2 if tta else oof["probs"]
     present = (oof["present"] + oof["present_flip"]) / 2 if tta else oof["present"]
@@ -119,7 +112,7 @@ def cross_validate(oof, truth, tta=True, baseline=False):
     tuned on the other folds (defaults with a single fold), and the settings tuned on all of them.
     A baseline gets no presence gate and no tuning: a 0.5 pixel threshold only."""
     probs, present = oof_predictions(oof, tta)
-    stats = mask_stats(probs, truth, candidates_for(DEFAULT_POSTPROCESS))
+    stats = mask_stats(probs, truth, CANDIDATES)
     folds = np.unique(oof["fold"])
     fixed = {**DEFAULT_POSTPROCESS, "presence_threshold": 0.0} if baseline else DEFAULT_POSTPROCESS
     tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
@@ -179,7 +172,6 @@ def evaluate_oof(results, input_dir, tta):
 
 def evaluate_folder(results, folder, tta, batch_size=32):
     """The trained model(s) with their post-processing on a labelled folder (Kaggle layout or arrays)."""
-    import augment
     import data
     import submission
 
@@ -190,14 +182,9 @@ def evaluate_folder(results, folder, tta, batch_size=32):
     nets, size = submission.load_models(results)
     spec = submission.load_postprocess(results)
     images, truth = arrays["train_images"], arrays["train_masks"]
-    probs, present = [], []
-    for start in range(0, len(images), submission.CHUNK):
-        small = augment.resize_images(images[start:start + submission.CHUNK], size)
-        p, q = submission.predict_small(nets, small, batch_size, tta)
-        probs.append(p)
-        present.append(q)
-    probs, present = np.concatenate(probs), np.concatenate(present)
-    stats = mask_stats(probs, truth, candidates_for(spec))
+    chunks = list(submission.predict_chunks(nets, size, images, batch_size, tta))
+    probs, present = np.concatenate([p for p, _ in chunks]), np.concatenate([q for _, q in chunks])
+    stats = mask_stats(probs, truth, [(spec["pixel_threshold"], spec["keep_largest"])])
     tp, fp, fn = _spec_outcome(stats, present, spec, np.arange(len(probs)))
     scores = dice(tp, fp, fn)
     worst = np.argsort(scores, kind="stable")[:WORST]

@@ -26,7 +26,7 @@ import model
 from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
                    full_size, load_arrays, postprocess, read_json, rle_decode, rle_encode, run_cli)
 
-CHUNK = 256  # images resized, predicted and encoded together: bounds memory at full size
+CHUNK = 64  # images resized, predicted and encoded together: bounds memory at full size (~60 MB)
 ENSEMBLE_FILE = "ensemble.json"  # in results/: the model folders to average (train.py --folds writes one per fold)
 POSTPROCESS_FILE = "postprocess.json"  # in results/: thresholds chosen on out-of-fold predictions
 
@@ -96,11 +96,15 @@ def predict_small(nets, images, batch_size=32, tta=True):
     return probs / views, present / views
 
 
+def predict_chunks(nets, size, images, batch_size=32, tta=True):
+    """Yield (probabilities at the models' size, presence) for uint8 images (n, 420, 580), chunk by chunk."""
+    for start in range(0, len(images), CHUNK):
+        yield predict_small(nets, augment.resize_images(images[start:start + CHUNK], size), batch_size, tta)
+
+
 def predict_masks(nets, size, images, spec, batch_size=32, tta=True):
     """Yield (full-size 0/1 masks, presence) for uint8 images (n, 420, 580), chunk by chunk."""
-    for start in range(0, len(images), CHUNK):
-        small = augment.resize_images(images[start:start + CHUNK], size)
-        probs, present = predict_small(nets, small, batch_size, tta)
+    for probs, present in predict_chunks(nets, size, images, batch_size, tta):
         yield postprocess(np.stack([full_size(p) for p in probs]), present, spec), present
 
 

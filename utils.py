@@ -1,4 +1,4 @@
-"""Shared constants, run-length encoding, the leaderboard metric and the REPL helpers.
+"""Shared constants, run-length encoding, the leaderboard metric, post-processing and the REPL helpers.
 
     >>> import utils
     >>> utils.inspect_set("val")        # predictions on the validation set, as a window or a PNG
@@ -157,8 +157,8 @@ def postprocess(probs, present, spec=None):
 
 def show_or_save(fig, path):
     """Open a window when the backend can, otherwise write `path` and return it."""
-    import matplotlib.pyplot as plt
     import matplotlib
+    import matplotlib.pyplot as plt
 
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
         plt.show()

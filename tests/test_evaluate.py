@@ -41,7 +41,7 @@ def _stats_case():
 
 def test_tuning_learns_to_gate_false_detections():
     probs, truth, present = _stats_case()
-    stats = evaluate.mask_stats(probs, truth, evaluate.candidates_for())
+    stats = evaluate.mask_stats(probs, truth, evaluate.CANDIDATES)
     spec = evaluate.tune_postprocess(stats, present, np.arange(4))
     tp, fp, fn = evaluate._spec_outcome(stats, present, spec, np.arange(4))
     assert fp[2:].sum() == 0 and evaluate.dice(tp, fp, fn).mean() > 0.95
@@ -54,7 +54,7 @@ def test_cross_validation_tunes_each_fold_on_the_others_only():
     oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
            "fold": np.array([0, 1, 0, 1])}
     report = evaluate.cross_validate(oof, truth)
-    stats = evaluate.mask_stats(probs, truth, evaluate.candidates_for())
+    stats = evaluate.mask_stats(probs, truth, evaluate.CANDIDATES)
     for k in (0, 1):
         assert report["fold_postprocess"][k] == evaluate.tune_postprocess(stats, present, np.flatnonzero(oof["fold"] != k))
     assert set(report["rows"]) == {"fold 0", "fold 1", "all folds"}
