@@ -31,7 +31,7 @@ PLAIN_LOOP = """
 import sys, numpy as np, tifffile
 from pathlib import Path
 root = Path(sys.argv[1])
-names = sorted(p.name[:-9] for p in (root / "train").glob("*_mask.tif"))
+names = sorted((p.name[:-9] for p in (root / "train").glob("*_mask.tif")), key=lambda n: tuple(map(int, n.split("_"))))
 tests = sorted(int(p.stem) for p in (root / "test").glob("*.tif"))
 images = np.empty((len(names), 420, 580), np.uint8)
 masks = np.empty_like(images)
