@@ -1,7 +1,7 @@
 """Training and inference throughput of the default model, against the machine's matrix-multiply peak.
 
     python bench/throughput.py --quick     # one size, a few batches
-    python bench/throughput.py             # 64x80, 96x128 and 128x160, fp32 and bf16
+    python bench/throughput.py             # 64x80, 96x128 and 128x160 in fp32; bf16 at 64x80
 
 For each input size: training images/second without augmentation and with the augmentation workers
 (augment_ratio: with / without, same run), the model's FLOPs per training image counted from its
@@ -42,14 +42,18 @@ def forward_flops(net):
     return float(total)
 
 
-def matmul_gflops(n=2048, repeats=10):
+def matmul_gflops(n=2048, repeats=10, trials=3):
+    """Best of a few timed runs of float32 matrix products in the Keras backend."""
     a = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     keras.ops.convert_to_numpy(keras.ops.matmul(a, a))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        c = keras.ops.matmul(a, a)
-    keras.ops.convert_to_numpy(c)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = keras.ops.matmul(a, a)
+        keras.ops.convert_to_numpy(c)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def compiled_model(size):
@@ -60,8 +64,9 @@ def compiled_model(size):
 
 
 def train_rate(net, images, masks, batch_size, augmented):
-    """Training images/second over one timed epoch after a warm-up epoch."""
-    batches = augment.AugmentedBatches(images, masks, batch_size, augment=augmented, workers=2 if augmented else 0)
+    """Training images/second over one timed epoch after a warm-up; the same two worker threads either way,
+    so the ratio isolates what augmentation costs."""
+    batches = augment.AugmentedBatches(images, masks, batch_size, augment=augmented, workers=2)
     net.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
     start = time.perf_counter()
     net.fit(batches, epochs=1, verbose=0)
@@ -92,25 +97,25 @@ def main():
     args = ap.parse_args()
     n = args.images or (64 if args.quick else 192)
     sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
-    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
+    # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
+    runs = [(size, "fp32") for size in sizes] + ([] if args.quick else [((64, 80), "bf16")])
 
     peak = matmul_gflops()
     print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
     print(f"{'size':>8} {'precision':>9} {'GFLOP/img':>10} {'train img/s':>12} {'+augment':>9} {'GFLOP/s':>8} "
           f"{'infer img/s':>12}")
     figures = {}
-    for size in sizes:
+    for size, precision in runs:
         images, masks = fake_data(n, size)
-        for precision in precisions:
-            unet.set_precision(precision)
-            net = compiled_model(size)
-            flops = 3 * forward_flops(net) / 1e9
-            plain = train_rate(net, images, masks, args.batch_size, augmented=False)
-            augmented = train_rate(net, images, masks, args.batch_size, augmented=True)
-            infer = inference_rate(net, images)
-            print(f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
-                  f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
-            figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
+        unet.set_precision(precision)
+        net = compiled_model(size)
+        flops = 3 * forward_flops(net) / 1e9
+        plain = train_rate(net, images, masks, args.batch_size, augmented=False)
+        augmented = train_rate(net, images, masks, args.batch_size, augmented=True)
+        infer = inference_rate(net, images)
+        print(f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
+              f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
+        figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
     unet.set_precision("fp32")
 
     default = figures[DEFAULT_SIZE, "fp32"]
@@ -120,8 +125,8 @@ def main():
     print(f"matmul_gflops: {peak:.1f}")
     print(f"train_flops_ratio: {default['plain'] * default['flops'] / peak:.2f}")
     print(f"augment_ratio: {default['augmented'] / default['plain']:.2f}")
-    if (DEFAULT_SIZE, "bf16") in figures:
-        print(f"bf16_speedup: {figures[DEFAULT_SIZE, 'bf16']['plain'] / default['plain']:.2f}")
+    if ((64, 80), "bf16") in figures:
+        print(f"bf16_speedup_64x80: {figures[(64, 80), 'bf16']['plain'] / figures[(64, 80), 'fp32']['plain']:.2f}")
     print(f"cpu_native_bf16: {unet.cpu_has_bf16()}")
     print(f"device: {device()}")
 
