@@ -30,12 +30,13 @@ def mask_stats(probs, truth, candidates):
     at full size: every gate and metric follows from these counts without keeping masks."""
     area = np.zeros((len(candidates), len(probs)))
     inter = np.zeros_like(area)
+    truth_area = np.zeros(len(probs), int)
     for i, prob in enumerate(probs):
         prob, t = full_size(prob), np.asarray(truth[i]) > 0
+        truth_area[i] = np.count_nonzero(t)
         for c, (threshold, keep_largest) in enumerate(candidates):
             m = binary_mask(prob, threshold, keep_largest) > 0
             area[c, i], inter[c, i] = np.count_nonzero(m), np.count_nonzero(m & t)
-    truth_area = np.asarray(truth).reshape(len(truth), -1).astype(bool).sum(axis=1)
     return {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area}
 
 
