@@ -83,12 +83,12 @@ class AugmentedBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, images, masks, batch_size=32, seed=0, augment=True, shuffle=True,
-                 flips=FLIPS, elastic=0.0, workers=2):
+                 flips=FLIPS, elastic=0.0, workers=2, epoch=0):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
         self.flips, self.elastic = tuple(flips), elastic
-        self.epoch = 0
+        self.epoch = epoch  # batches depend on (seed, epoch, index) only: a resumed run sees the same ones
         self.order = self._order()
 
     def _order(self):

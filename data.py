@@ -20,11 +20,11 @@ import tifffile
 from tqdm import tqdm
 
 import synthetic
-from utils import ARRAYS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_DIR, UserError, atomic_path, read_json, run_cli, write_json
+from utils import (ARRAYS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_DIR, MANIFEST, UserError, atomic_path, read_json, run_cli,
+                   write_json)
 
 TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")
 TEST_NAME = re.compile(r"(\d+)\.tif")
-MANIFEST = "arrays.json"  # what the arrays were built from, to tell when they are current
 MAX_LISTED = 20           # problems listed in one error message
 
 

@@ -2,10 +2,14 @@
 
     python train.py                          # defaults below; best model in results/, logs in logs/
     python train.py --epochs 5 --size 64x80  # a quicker run
+    python train.py --resume                 # continue an interrupted run from its last completed epoch
 
 The best epoch is chosen on the validation leaderboard score (mean per-image Dice with the presence
 gate, 1 when truth and prediction are both empty), not on the loss. Validation holds out whole
 subjects, stratified by nerve presence: frames of one subject are near-duplicates.
+
+Every completed epoch is saved for --resume (results/last.keras with the optimizer state, train_state.json),
+so a killed run loses at most the epoch it was in; both go once the whole run is complete.
 """
 import argparse
 import logging
@@ -23,9 +27,13 @@ import evaluate
 import model as unet
 import submission
 from utils import (INPUT_DIR, LOGS_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
-                   dice_per_image, load_arrays, postprocess, parse_size, run_cli, write_json)
+                   dice_per_image, load_arrays, postprocess, parse_size, read_json, run_cli, write_json)
 
 SPLIT_TRIALS = 500  # random subject subsets tried when picking a validation set of the right size
+RUN_FILE = "run.json"            # in results/: the run's flags and whether it finished, for --resume
+LAST_FILE = "last.keras"         # in each model folder: the latest epoch with its optimizer state
+STATE_FILE = "train_state.json"  # beside it: epoch counter, best score, learning-rate schedule state
+MOVABLE_FLAGS = ("input", "logs", "workers")  # may differ from the stored run on --resume
 
 
 def parse_args(argv=None):
@@ -56,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--logs", type=Path, default=LOGS_DIR)
     ap.add_argument("--run", default=None, help="TensorBoard run name (default: date and time)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --results from its last completed epoch, with its settings")
+    ap.add_argument("--force", action="store_true", help="start over although --results holds an unfinished run")
     args = ap.parse_args(argv)
     args.size = parse_size(args.size)
     args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
@@ -135,15 +146,20 @@ def image_folds(present, folds, seed):
     return fold
 
 
+def save_model(net, path):
+    with atomic_path(path) as tmp:
+        net.save(tmp)
+
+
 class LeaderboardCheckpoint(keras.callbacks.Callback):
     """Adds val_leaderboard to the logs each epoch and saves the model whenever it improves."""
 
-    def __init__(self, val_images, val_masks, results, settings, batch_size, gate=True):
+    def __init__(self, val_images, val_masks, results, settings, batch_size, gate=True, best=-np.inf):
         super().__init__()
         self.x, self.masks = val_images[..., None].astype(np.float32), val_masks
         self.results, self.settings, self.batch_size = Path(results), settings, batch_size
         self.spec = None if gate else {"presence_threshold": 0.0}
-        self.best = -np.inf
+        self.best = best
 
     def on_epoch_end(self, epoch, logs=None):
         out = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
@@ -158,9 +174,76 @@ class LeaderboardCheckpoint(keras.callbacks.Callback):
     def _save(self, epoch, score):
         logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
         for name in (MODEL_FILE, "net.hdf5"):
-            with atomic_path(self.results / name) as tmp:
-                self.model.save(tmp)
+            save_model(self.model, self.results / name)
         write_json(self.results / SETTINGS_FILE, {**self.settings, "best_epoch": epoch, "val_leaderboard": score})
+
+
+class Plateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose patience counters can be saved and restored for --resume."""
+
+    COUNTERS = ("wait", "best", "cooldown_counter")
+
+    def __init__(self, counters=None, **kwargs):
+        super().__init__(**kwargs)
+        self.restored = counters or {}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # resets the counters
+        for name, value in self.restored.items():
+            setattr(self, name, value)
+
+    def counters(self):
+        return {name: float(getattr(self, name)) for name in self.COUNTERS}
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss, before any checkpoint can take the bad weights."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not np.isfinite(loss):
+            raise UserError(f"the training loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}: "
+                            "training stopped, the checkpoints of the last good epoch are kept (try a lower --lr)")
+
+
+class ResumePoint(keras.callbacks.Callback):
+    """Saves the latest model with its optimizer state, then train_state.json, after each epoch.
+
+    Listed last, so the state file is written only when everything else for the epoch is on disk."""
+
+    def __init__(self, folder, run, leaderboard, plateau):
+        super().__init__()
+        self.folder, self.run, self.leaderboard, self.plateau = Path(folder), run, leaderboard, plateau
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model(self.model, self.folder / LAST_FILE)
+        write_json(self.folder / STATE_FILE, {
+            "run": self.run, "epoch": epoch + 1, "best": self.leaderboard.best, "plateau": self.plateau.counters(),
+            "random": [keras.ops.convert_to_numpy(v).tolist() for v in random_states(self.model)],
+        })
+
+
+def random_states(net):
+    """Dropout's random-stream counters: not among the weights a checkpoint holds."""
+    return [v for v in net.variables if v.path.endswith("seed_generator_state")]
+
+
+def resume_state(folder, run):
+    """The saved state of `folder` if it belongs to this run, else None (the fold starts afresh)."""
+    path = Path(folder) / STATE_FILE
+    state = read_json(path) if path.exists() else None
+    return state if state and state["run"] == run else None
+
+
+def keep_epochs(log_path, epochs):
+    """Drop rows for epochs >= `epochs` from a CSV training log (an epoch cut short by a kill)."""
+    if log_path.exists():
+        lines = log_path.read_text().splitlines(keepends=True)
+        with atomic_path(log_path) as tmp:
+            tmp.write_text("".join(lines[:1] + [r for r in lines[1:] if int(r.split(",", 1)[0]) < epochs]))
 
 
 def tensorboard_callback(log_dir):
@@ -185,26 +268,43 @@ def compile_model(args, mean, std):
     return net
 
 
-def train_model(args, images, masks, val, out_dir, log_dir, settings):
-    """Train one model on images[~val], choosing its best epoch on images[val]; return the best score."""
+def train_model(args, images, masks, val, out_dir, log_dir, settings, state=None):
+    """Train one model on images[~val], choosing its best epoch on images[val], from scratch or from
+    a saved resume state; return the best score."""
     mean, std = float(images[~val].mean()), float(images[~val].std())
     net = compile_model(args, mean, std)
+    start = state["epoch"] if state else 0
+    if state:
+        net.optimizer.build(net.trainable_variables)  # so that load_weights restores the optimizer state too
+        net.load_weights(out_dir / LAST_FILE)
+        for variable, value in zip(random_states(net), state["random"]):
+            variable.assign(np.array(value, variable.dtype))
+        keep_epochs(out_dir / "training_log.csv", start)
+        print(f"resuming after epoch {start} (best val_leaderboard so far {state['best']:.4f}, "
+              f"learning rate {float(net.optimizer.learning_rate):.3g})")
     print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, "
           f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}")
-    train_batches = augment.AugmentedBatches(images[~val], masks[~val], args.batch_size, args.seed,
+    train_batches = augment.AugmentedBatches(images[~val], masks[~val], args.batch_size, args.seed, epoch=start,
                                              flips=args.flips, elastic=args.elastic, workers=args.workers)
     val_batches = augment.AugmentedBatches(images[val], masks[val], args.batch_size, augment=False,
                                            shuffle=False, workers=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = LeaderboardCheckpoint(images[val], masks[val], out_dir, {**settings, "mean": mean, "std": std},
-                                       args.batch_size, gate=not args.baseline)
+                                       args.batch_size, gate=not args.baseline,
+                                       best=state["best"] if state else -np.inf)
+    plateau = Plateau(state["plateau"] if state else None, monitor="val_loss", factor=0.25, patience=4, verbose=1)
     callbacks = [
         checkpoint,
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.25, patience=4, verbose=1),
-        keras.callbacks.CSVLogger(str(out_dir / "training_log.csv")),
+        plateau,
+        keras.callbacks.CSVLogger(str(out_dir / "training_log.csv"), append=bool(state)),
         *tensorboard_callback(log_dir),
+        StopOnNonFinite(),
+        ResumePoint(out_dir, settings["run"], checkpoint, plateau),
     ]
-    net.fit(train_batches, validation_data=val_batches, epochs=args.epochs, callbacks=callbacks, verbose=2)
+    # shuffle=False: AugmentedBatches already shuffles by (seed, epoch); Keras' own shuffling of the batch
+    # order draws from a global random stream that a resumed run could not replay
+    net.fit(train_batches, validation_data=val_batches, initial_epoch=start, epochs=args.epochs,
+            callbacks=callbacks, verbose=2, shuffle=False)
     return checkpoint.best
 
 
@@ -216,8 +316,45 @@ def out_of_fold(out_dir, images):
     return {"probs": probs, "present": present, "probs_flip": probs_flip[:, :, ::-1], "present_flip": present_flip}
 
 
+def as_json(args):
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def resumed_args(args):
+    """The stored flags of the unfinished run in args.results, with the few that may change taken from args."""
+    path = args.results / RUN_FILE
+    if not path.exists():
+        raise UserError(f"nothing to resume in {args.results}/ (no {RUN_FILE}): start with `python train.py`")
+    run = read_json(path)
+    if run["complete"]:
+        raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
+    stored, given, defaults = run["args"], as_json(args), as_json(parse_args([]))
+    explicit = {k for k, v in given.items() if v != defaults[k]} - {"results", "resume", "force"}
+    changed = [k for k in explicit - set(MOVABLE_FLAGS) if given[k] != stored[k]]
+    if changed:
+        raise UserError(f"--resume continues with the stored settings; drop "
+                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(changed))} (or start over with --force)")
+    merged = {**stored, **{k: given[k] for k in explicit}, "results": str(args.results), "resume": True}
+    merged.update(size=tuple(merged["size"]), flips=tuple(merged["flips"]),
+                  **{k: Path(merged[k]) for k in ("input", "results", "logs")})
+    return argparse.Namespace(**merged)
+
+
+def check_unfinished(args):
+    """Refuse to start over an unfinished run unless asked to: its epochs would be lost."""
+    path = args.results / RUN_FILE
+    if path.exists() and not read_json(path)["complete"] and not args.force:
+        raise UserError(f"{args.results}/ holds an unfinished run: continue it with `python train.py --resume`, "
+                        "or start over with --force")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume:
+        args = resumed_args(args)
+    else:
+        check_unfinished(args)
+        args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
     keras.utils.set_random_seed(args.seed)
     policy = unet.set_precision(args.precision)
     started = time.time()
@@ -239,27 +376,38 @@ def main(argv=None):
 
     images = augment.resize_images(arrays["train_images"], args.size)
     masks = augment.resize_masks(arrays["train_masks"], args.size)
-    run = args.run or time.strftime("%Y%m%d-%H%M%S")
     settings = {
         "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dice_weight": args.dice_weight,
         "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
-        "baseline": args.baseline, "backend": keras.backend.backend(), "precision": policy, "run": run,
+        "baseline": args.baseline, "backend": keras.backend.backend(), "precision": policy, "run": args.run,
     }
+    write_json(args.results / RUN_FILE, {"args": as_json(args), "complete": False})
     oof = {"index": [], "fold": []}
-    for k, (val, name) in enumerate(zip(splits, dirs)):
-        print(f"{'fold ' + str(k) + ': ' if args.folds > 1 else ''}train: {np.count_nonzero(~val)} images, "
-              f"val: {np.count_nonzero(val)} images (subjects {sorted(set(subjects[val].tolist()))}), "
-              f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}")
-        out_dir = args.results / name
-        fold_settings = {**settings, "fold": k, "val_ids": arrays["train_ids"][val].tolist()}
-        best = train_model(args, images, masks, val, out_dir, args.logs / run / name, fold_settings)
-        print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
-        for key, value in out_of_fold(out_dir, images[val]).items():
-            oof.setdefault(key, []).append(value)
-        oof["index"].append(np.flatnonzero(val))
-        oof["fold"].append(np.full(np.count_nonzero(val), k))
+    try:
+        for k, (val, name) in enumerate(zip(splits, dirs)):
+            print(f"{'fold ' + str(k) + ': ' if args.folds > 1 else ''}train: {np.count_nonzero(~val)} images, "
+                  f"val: {np.count_nonzero(val)} images (subjects {sorted(set(subjects[val].tolist()))}), "
+                  f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}")
+            out_dir = args.results / name
+            state = resume_state(out_dir, args.run) if args.resume else None
+            if state and state["epoch"] >= args.epochs:
+                print(f"already trained: best val_leaderboard {state['best']:.4f}")
+            else:
+                fold_settings = {**settings, "fold": k, "val_ids": arrays["train_ids"][val].tolist()}
+                best = train_model(args, images, masks, val, out_dir, args.logs / args.run / name, fold_settings, state)
+                print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
+            for key, value in out_of_fold(out_dir, images[val]).items():
+                oof.setdefault(key, []).append(value)
+            oof["index"].append(np.flatnonzero(val))
+            oof["fold"].append(np.full(np.count_nonzero(val), k))
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted. Completed epochs are saved: continue with "
+                        f"`python train.py --results {args.results} --resume`") from None
+    except UserError as e:
+        raise UserError(f"{e}\nCompleted epochs are saved: continue with "
+                        f"`python train.py --results {args.results} --resume`") from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
     oof["probs"], oof["probs_flip"] = oof["probs"].astype(np.float16), oof["probs_flip"].astype(np.float16)
     oof["ids"] = arrays["train_ids"][oof["index"]]
@@ -273,6 +421,9 @@ def main(argv=None):
     write_json(args.results / submission.POSTPROCESS_FILE, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (tuned on all out-of-fold predictions): {report['postprocess']}")
+    write_json(args.results / RUN_FILE, {"args": as_json(args), "complete": True})
+    for name in dirs:
+        (args.results / name / LAST_FILE).unlink(missing_ok=True)
     print(f"trained in {(time.time() - started) / 60:.1f} min; TensorBoard: tensorboard --logdir {args.logs}")
 
 

@@ -18,6 +18,7 @@ INPUT_DIR, RESULTS_DIR, LOGS_DIR = Path("input"), Path("results"), Path("logs")
 
 # The arrays data.py writes into the input folder, by name.
 ARRAYS = ("train_images", "train_masks", "train_ids", "train_subjects", "test_images", "test_ids")
+MANIFEST = "arrays.json"          # in the input folder: what data.py built the arrays from
 SETTINGS_FILE = "settings.json"   # in results/: everything submission.py needs besides the weights
 MODEL_FILE = "net.keras"          # the full-fidelity model; net.hdf5 beside it for legacy users
 
@@ -38,13 +39,19 @@ def run_cli(main):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    A failed write (a full disk, no permission) becomes a UserError that says the old file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savers pick formats by it
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); "
+                        f"{'the earlier ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}"
+                        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -73,13 +80,44 @@ def parse_size(text):
     return h, w
 
 
+def _array_problem(name, array):
+    """What is wrong with one array data.py wrote, or None."""
+    if name.endswith(("_images", "_masks")):
+        expected = f"(n, {IMAGE_HEIGHT}, {IMAGE_WIDTH}) uint8"
+        if array.dtype != np.uint8 or array.shape[1:] != (IMAGE_HEIGHT, IMAGE_WIDTH):
+            return f"{name}.npy is {array.shape} {array.dtype}, expected {expected}"
+    elif array.ndim != 1:
+        return f"{name}.npy has shape {array.shape}, expected one value per image"
+    return None
+
+
 def load_arrays(input_dir, names):
-    """Load the named arrays data.py wrote, with a clear message when they are missing."""
+    """Load the named arrays data.py wrote, memory-mapped, after checking that they belong together:
+    shapes and dtypes as data.py writes them, one length per set, the counts in its manifest."""
     input_dir = Path(input_dir)
+    rebuild = f"rebuild them with `python data.py --input {input_dir} --force`"
     missing = [n for n in names if not (input_dir / f"{n}.npy").exists()]
     if missing:
         raise UserError(f"{', '.join(missing)} not found in {input_dir}/: run `python data.py` first")
-    return {n: np.load(input_dir / f"{n}.npy", mmap_mode="r") for n in names}
+    arrays, problems = {}, []
+    for name in names:
+        try:
+            arrays[name] = np.load(input_dir / f"{name}.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:  # truncated or not an .npy file at all
+            problems.append(f"{name}.npy cannot be read ({e})")
+            continue
+        problems += filter(None, [_array_problem(name, arrays[name])])
+    manifest = input_dir / MANIFEST
+    counts = json.loads(manifest.read_text()) if manifest.exists() else {}
+    for prefix in ("train", "test"):
+        lengths = {n: len(a) for n, a in arrays.items() if n.startswith(prefix + "_")}
+        expected = counts.get(prefix, next(iter(lengths.values()), None))
+        problems += [f"{n}.npy holds {k} {prefix} images, expected {expected}" for n, k in lengths.items()
+                     if k != expected]
+    if problems:
+        raise UserError(f"the arrays in {input_dir}/ do not match what data.py writes (an older or "
+                        f"interrupted run?); {rebuild}:\n  " + "\n  ".join(problems))
+    return arrays
 
 
 def rle_encode(mask):

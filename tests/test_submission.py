@@ -1,7 +1,9 @@
 """End to end, as a user runs it: data.py -> train.py -> submission.py on a tiny synthetic set."""
 import csv
 import json
+import shutil
 
+import numpy as np
 import pytest
 
 import utils
@@ -56,6 +58,30 @@ def test_submission_without_a_model_is_one_clear_error(tiny_input, tmp_path):
     assert "run `python train.py` first" in result.stderr
 
 
+def test_truncated_or_mismatched_model_is_one_clear_error(trained, tiny_input, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(trained[0], results)
+    settings = json.loads((results / "settings.json").read_text())
+    (results / "settings.json").write_text(json.dumps({**settings, "size": [64, 96]}))
+    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "takes 32x48 images but its settings.json says 64x96" in result.stderr
+    model = (results / "net.keras").read_bytes()
+    (results / "net.keras").write_bytes(model[:len(model) // 2])
+    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot load {results / 'net.keras'}" in result.stderr
+
+
+def test_train_on_arrays_from_another_run_is_one_clear_error(tiny_input, tmp_path):
+    for name in ("train_images", "train_masks", "train_ids", "train_subjects"):
+        shutil.copy(tiny_input / f"{name}.npy", tmp_path)
+    np.save(tmp_path / "train_masks.npy", np.zeros((5, 420, 580), np.uint8))
+    result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "train_masks.npy holds 5 train images, expected 48" in result.stderr and "--force" in result.stderr
+
+
 def test_train_without_arrays_is_one_clear_error(tmp_path):
     result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -71,3 +97,12 @@ def test_inspect_set_and_examine_generator_write_pngs(trained, tiny_input):
         picture = matplotlib.image.imread(path)
         assert picture.shape[0] > 100 and picture.shape[1] > 100
         assert picture[..., :3].std() > 0.05, f"{path} is blank"
+
+
+@pytest.mark.parametrize("flag", [["--presence-threshold", "1.5"], ["--pixel-threshold", "0"],
+                                  ["--batch-size", "0"]])
+def test_submission_flags_out_of_range_are_one_clear_error(flag):
+    import submission
+
+    with pytest.raises(utils.UserError, match=flag[0]):
+        submission.main(flag)

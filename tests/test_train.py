@@ -1,8 +1,19 @@
+import csv
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import train
 import utils
+from conftest import ROOT, run_script
 
 
 @pytest.mark.parametrize("flag", [["--size", "95x130"], ["--epochs", "0"], ["--val-fraction", "1.5"],
@@ -33,3 +44,103 @@ def test_image_split_is_stratified():
     present = np.arange(100) < 40
     val = train.split_by_image(present, 0.1, seed=0)
     assert val.sum() == 10 and present[val].sum() == 4
+
+
+TINY = ["--size", "32x48", "--base-filters", 4, "--batch-size", 8, "--val-fraction", 0.3]
+
+
+def start_training(tiny_input, results, logs, epochs, run):
+    """A training subprocess, returned once its first epoch is saved for --resume."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--input", str(tiny_input), "--results",
+                             str(results), "--logs", str(logs), "--epochs", str(epochs), "--run", run,
+                             *map(str, TINY)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (results / train.STATE_FILE).exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+def training_log(results):
+    rows = list(csv.reader(open(results / "training_log.csv")))
+    return rows[0], np.array(rows[1:], float)
+
+
+def poison(path):
+    """Overwrite a resume checkpoint's first kernel with NaN, as a diverged optimizer step would."""
+    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=0.0, std=1.0)
+    net.optimizer.build(net.trainable_variables)
+    net.load_weights(path)
+    kernel = net.trainable_weights[0]
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    net.save(path)
+
+
+def test_killed_run_resumes_exactly_where_it_stopped(tiny_input, tmp_path):
+    logs = tmp_path / "logs"
+    straight = run_script(ROOT / "train.py", "--input", tiny_input, "--results", tmp_path / "straight", "--logs",
+                          logs, "--epochs", 2, "--run", "straight", *TINY)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = start_training(tiny_input, killed, logs, epochs=2, run="killed")
+    proc.kill()
+    proc.communicate()
+    assert json.loads((killed / train.STATE_FILE).read_text())["epoch"] == 1
+    best_after_one = (killed / "net.keras").read_bytes()
+    shutil.copytree(killed, tmp_path / "diverging")
+
+    fresh = run_script(ROOT / "train.py", "--input", tiny_input, "--results", killed)
+    assert fresh.returncode == 1 and "--resume" in fresh.stderr and "Traceback" not in fresh.stderr
+    changed = run_script(ROOT / "train.py", "--results", killed, "--resume", "--lr", 0.1)
+    assert changed.returncode == 1 and "drop --lr" in changed.stderr
+
+    resumed = run_script(ROOT / "train.py", "--results", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch 1" in resumed.stdout
+    # same seed, same split, same batches, same dropout stream, same optimizer state: the same numbers
+    header, rows = training_log(killed)
+    assert header == training_log(tmp_path / "straight")[0] and rows[:, 0].tolist() == [0, 1]
+    np.testing.assert_allclose(rows, training_log(tmp_path / "straight")[1], rtol=1e-5)
+    assert sorted(p.name for p in logs.iterdir()) == ["killed", "straight"], "the TensorBoard run carries on"
+    assert not (killed / train.LAST_FILE).exists() and json.loads((killed / train.RUN_FILE).read_text())["complete"]
+    again = run_script(ROOT / "train.py", "--results", killed, "--resume")
+    assert again.returncode == 1 and "nothing to resume" in again.stderr
+
+    # a non-finite loss stops at once, names where, and leaves the last good checkpoints alone
+    diverging = tmp_path / "diverging"
+    poison(diverging / train.LAST_FILE)
+    nan = run_script(ROOT / "train.py", "--results", diverging, "--resume")
+    assert nan.returncode == 1 and "Traceback" not in nan.stderr
+    assert "loss became nan at epoch 2, batch 1" in nan.stderr and "--resume" in nan.stderr
+    assert (diverging / "net.keras").read_bytes() == best_after_one
+    assert json.loads((diverging / train.STATE_FILE).read_text())["epoch"] == 1
+
+
+def test_ctrl_c_stops_cleanly_with_the_completed_epochs_saved(tiny_input, tmp_path):
+    results = tmp_path / "results"
+    proc = start_training(tiny_input, results, tmp_path / "logs", epochs=20, run="interrupted")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert "interrupted" in stderr and "--resume" in stderr
+    assert (results / "net.keras").exists() and (results / train.LAST_FILE).exists()
+    assert not list(results.glob(".tmp-*")), "no half-written file is left behind"
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import keras
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / train.LAST_FILE
+    train.save_model(net, path)
+    before = path.read_bytes()
+
+    def fill_the_disk(target, *args, **kwargs):
+        Path(target).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(net, "save", fill_the_disk)
+    with pytest.raises(utils.UserError, match="No space left on device.*earlier last.keras is unchanged"):
+        train.save_model(net, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]

@@ -83,3 +83,46 @@ def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
             raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_turns_a_failed_write_into_one_message(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(utils.UserError, match="could not write .*out.txt .*earlier out.txt is unchanged"):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def write_arrays(folder, n=3, **replace):
+    arrays = {"train_images": np.zeros((n, 420, 580), np.uint8), "train_masks": np.zeros((n, 420, 580), np.uint8),
+              "train_ids": np.array([f"1_{i}" for i in range(n)]), "train_subjects": np.ones(n, np.int32)}
+    for name, array in {**arrays, **replace}.items():
+        np.save(folder / f"{name}.npy", array)
+    return list(arrays)
+
+
+@pytest.mark.parametrize("replace, problem", [
+    ({"train_images": np.zeros((3, 96, 128), np.uint8)}, r"train_images.npy is \(3, 96, 128\) uint8"),
+    ({"train_masks": np.zeros((3, 420, 580), np.float32)}, "train_masks.npy is .* float32"),
+    ({"train_ids": np.array(["1_1", "1_2"])}, "train_ids.npy holds 2 train images, expected 3"),
+    ({"train_subjects": np.ones((3, 2))}, "train_subjects.npy has shape"),
+])
+def test_arrays_from_another_run_are_refused(tmp_path, replace, problem):
+    names = write_arrays(tmp_path, **replace)
+    with pytest.raises(utils.UserError, match=f"(?s)data.py --input {tmp_path} --force.*{problem}"):
+        utils.load_arrays(tmp_path, names)
+
+
+def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
+    names = write_arrays(tmp_path)
+    assert len(utils.load_arrays(tmp_path, names)["train_images"]) == 3
+    (tmp_path / utils.MANIFEST).write_text('{"train": 5, "test": 2}')
+    with pytest.raises(utils.UserError, match="train_images.npy holds 3 train images, expected 5"):
+        utils.load_arrays(tmp_path, names)
+    (tmp_path / utils.MANIFEST).unlink()
+    data = (tmp_path / "train_images.npy").read_bytes()
+    (tmp_path / "train_images.npy").write_bytes(data[:len(data) // 2])
+    with pytest.raises(utils.UserError, match="train_images.npy cannot be read"):
+        utils.load_arrays(tmp_path, names)
