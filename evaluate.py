@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, RESULTS_DIR, SETTINGS_FILE, UserError, binary_mask, contour_grid,
-                   dice_per_image, full_size, load_arrays, postprocess, read_json, run_cli, show_or_save, write_json)
+from utils import (DEFAULT_POSTPROCESS, INPUT_DIR, RESULTS_DIR, SETTINGS_FILE, UserError, binary_mask, overlay_grid,
+                   dice_per_image, full_size, load_arrays, postprocess, read_json, run_cli, save_figure, write_json)
 
 OOF_FILE = "oof.npz"  # in results/: out-of-fold predictions at the training size
 PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -143,10 +143,10 @@ def table(rows):
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
 
 
-def worst_cases_png(images, truth, masks, ids, path):
-    """A PNG of the given cases with their Dice: truth green, prediction red."""
+def cases_png(images, truth, masks, ids, path):
+    """A PNG of the given cases with their Dice, true/false positive and false negative pixels tinted."""
     titles = [f"{i}  dice={d:.2f}" for i, d in zip(ids, dice_per_image(truth, masks))]
-    return show_or_save(contour_grid(np.asarray(images), truth, masks, titles, cols=4), path)
+    return save_figure(overlay_grid(np.asarray(images), truth, masks, titles, cols=4), path)
 
 
 def evaluate_oof(results, input_dir, tta):
@@ -215,7 +215,7 @@ def main(argv=None):
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]
     write_json(args.results / "evaluation.json", out)
-    png = worst_cases_png(images, truth, masks, ids, args.results / "worst_cases.png")
+    png = cases_png(images, truth, masks, ids, args.results / "worst_cases.png")
     print(f"wrote {args.results / 'evaluation.json'} and {png}")
 
 

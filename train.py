@@ -23,16 +23,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 import keras  # noqa: E402
 
 import augment
+import duplicates
 import evaluate
 import model as unet
 import submission
 from utils import (INPUT_DIR, LOGS_DIR, MODEL_FILE, RESULTS_DIR, SETTINGS_FILE, UserError, atomic_path,
-                   dice_per_image, load_arrays, postprocess, parse_size, read_json, run_cli, write_json)
+                   dice_per_image, full_size, load_arrays, overlay, parse_size, postprocess, read_json, run_cli,
+                   training_curves, write_json)
 
 SPLIT_TRIALS = 500  # random subject subsets tried when picking a validation set of the right size
 RUN_FILE = "run.json"            # in results/: the run's flags and whether it finished, for --resume
 LAST_FILE = "last.keras"         # in each model folder: the latest epoch with its optimizer state
 STATE_FILE = "train_state.json"  # beside it: epoch counter, best score, learning-rate schedule state
+TENSORBOARD_IMAGES = 8            # validation images shown in TensorBoard each epoch
+REPORT_IMAGES = 12               # validation images in results/val_overlays.png
 MOVABLE_FLAGS = ("input", "logs", "workers")  # may differ from the stored run on --resume
 
 
@@ -57,6 +61,9 @@ def parse_args(argv=None):
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the BCE loss on `present`")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
+    ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
+                    help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
+                         "keep them, drop them, or give them the twin's mask (default: keep)")
     ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
@@ -246,14 +253,49 @@ def keep_epochs(log_path, epochs):
             tmp.write_text("".join(lines[:1] + [r for r in lines[1:] if int(r.split(",", 1)[0]) < epochs]))
 
 
-def tensorboard_callback(log_dir):
-    """Keras' TensorBoard callback writes through TensorFlow; other backends may lack it."""
+class ValidationImages(keras.callbacks.Callback):
+    """Each epoch, a fixed set of validation images in TensorBoard with true-positive, false-positive and
+    false-negative pixels tinted (yellow, red, blue)."""
+
+    def __init__(self, images, masks, log_dir, gate=True):
+        super().__init__()
+        import tensorflow as tf
+
+        self.summary = tf.summary
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
+        self.images, self.masks = images, masks
+        self.spec = None if gate else {"presence_threshold": 0.0}
+
+    def on_epoch_end(self, epoch, logs=None):
+        out = self.model.predict(self.images[..., None].astype(np.float32), verbose=0)
+        predicted = postprocess(out["mask"][..., 0], out["present"], self.spec)
+        tiles = np.stack([overlay(*case) for case in zip(self.images, self.masks, predicted)])
+        with self.writer.as_default():
+            self.summary.image("validation_overlays", tiles, step=epoch, max_outputs=len(tiles))
+        self.writer.flush()
+
+
+def example_indices(present, n):
+    """n fixed positions spread over a set, half of them images with a nerve where the set allows."""
+    pos, neg = np.flatnonzero(present), np.flatnonzero(~present)
+    n_neg = min(len(neg), n // 2)
+    n_pos = min(len(pos), n - n_neg)
+    n_neg = min(len(neg), n - n_pos)
+    spread = [idx[np.linspace(0, len(idx) - 1, k).round().astype(int)] for idx, k in ((pos, n_pos), (neg, n_neg)) if k]
+    return np.sort(np.concatenate(spread)) if spread else np.zeros(0, int)
+
+
+def tensorboard_callbacks(log_dir, val_images, val_masks, gate):
+    """Keras' TensorBoard callback and validation images; both write through TensorFlow, which other
+    backends may lack."""
     try:
         import tensorflow  # noqa: F401
     except ImportError:
         print("tensorflow is not installed: no TensorBoard logs this run (the CSV log is still written)")
         return []
-    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1)]
+    pick = example_indices(val_masks.reshape(len(val_masks), -1).any(axis=1), TENSORBOARD_IMAGES)
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1),
+            ValidationImages(val_images[pick], val_masks[pick], log_dir, gate)]
 
 
 def compile_model(args, mean, std):
@@ -268,10 +310,10 @@ def compile_model(args, mean, std):
     return net
 
 
-def train_model(args, images, masks, val, out_dir, log_dir, settings, state=None):
-    """Train one model on images[~val], choosing its best epoch on images[val], from scratch or from
-    a saved resume state; return the best score."""
-    mean, std = float(images[~val].mean()), float(images[~val].std())
+def train_model(args, train, val, out_dir, log_dir, settings, state=None):
+    """Train one model on train = (images, masks), choosing its best epoch on val = (images, masks), from
+    scratch or from a saved resume state; return the best score."""
+    mean, std = float(train[0].mean()), float(train[0].std())
     net = compile_model(args, mean, std)
     start = state["epoch"] if state else 0
     if state:
@@ -284,12 +326,11 @@ def train_model(args, images, masks, val, out_dir, log_dir, settings, state=None
               f"learning rate {float(net.optimizer.learning_rate):.3g})")
     print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, "
           f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}")
-    train_batches = augment.AugmentedBatches(images[~val], masks[~val], args.batch_size, args.seed, epoch=start,
+    train_batches = augment.AugmentedBatches(*train, args.batch_size, args.seed, epoch=start,
                                              flips=args.flips, elastic=args.elastic, workers=args.workers)
-    val_batches = augment.AugmentedBatches(images[val], masks[val], args.batch_size, augment=False,
-                                           shuffle=False, workers=0)
+    val_batches = augment.AugmentedBatches(*val, args.batch_size, augment=False, shuffle=False, workers=0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = LeaderboardCheckpoint(images[val], masks[val], out_dir, {**settings, "mean": mean, "std": std},
+    checkpoint = LeaderboardCheckpoint(*val, out_dir, {**settings, "mean": mean, "std": std},
                                        args.batch_size, gate=not args.baseline,
                                        best=state["best"] if state else -np.inf)
     plateau = Plateau(state["plateau"] if state else None, monitor="val_loss", factor=0.25, patience=4, verbose=1)
@@ -297,7 +338,7 @@ def train_model(args, images, masks, val, out_dir, log_dir, settings, state=None
         checkpoint,
         plateau,
         keras.callbacks.CSVLogger(str(out_dir / "training_log.csv"), append=bool(state)),
-        *tensorboard_callback(log_dir),
+        *tensorboard_callbacks(log_dir, *val, gate=not args.baseline),
         StopOnNonFinite(),
         ResumePoint(out_dir, settings["run"], checkpoint, plateau),
     ]
@@ -305,6 +346,7 @@ def train_model(args, images, masks, val, out_dir, log_dir, settings, state=None
     # order draws from a global random stream that a resumed run could not replay
     net.fit(train_batches, validation_data=val_batches, initial_epoch=start, epochs=args.epochs,
             callbacks=callbacks, verbose=2, shuffle=False)
+    training_curves(out_dir / "training_log.csv", out_dir / "curves.png")
     return checkpoint.best
 
 
@@ -314,6 +356,29 @@ def out_of_fold(out_dir, images):
     probs, present = submission.predict_small([net], images, tta=False)
     probs_flip, present_flip = submission.predict_small([net], images[:, :, ::-1], tta=False)
     return {"probs": probs, "present": present, "probs_flip": probs_flip[:, :, ::-1], "present_flip": present_flip}
+
+
+def training_labels(args, arrays, masks):
+    """Which frames to train on and their masks at the training size, after --conflicts."""
+    if args.conflicts == "keep":
+        return np.ones(len(masks), bool), masks
+    pairs, distances, _ = duplicates.near_pairs(arrays["train_images"], arrays["train_subjects"])
+    one_empty = duplicates.pair_stats(arrays["train_masks"], pairs)["one_empty"]
+    use, fixed = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, args.conflicts)
+    changed = np.count_nonzero(~use) if args.conflicts == "drop" else np.count_nonzero((fixed != masks).any(axis=(1, 2)))
+    print(f"--conflicts {args.conflicts}: {changed} frames with an empty mask and a near-duplicate with a nerve "
+          f"({np.count_nonzero(one_empty)} such pairs among {len(pairs)} near-duplicates)")
+    return use, fixed
+
+
+def validation_png(path, arrays, index, predictions, gate):
+    """results/val_overlays.png: a fixed set of validation images at full size, as the best model saw them."""
+    truth = arrays["train_masks"]
+    pick = example_indices(truth[index].reshape(len(index), -1).any(axis=1), REPORT_IMAGES)
+    probs = np.stack([full_size(p) for p in predictions["probs"][pick]])
+    masks = postprocess(probs, predictions["present"][pick], None if gate else {"presence_threshold": 0.0})
+    return evaluate.cases_png(arrays["train_images"][index[pick]], truth[index[pick]], masks,
+                              arrays["train_ids"][index[pick]], path)
 
 
 def as_json(args):
@@ -376,18 +441,21 @@ def main(argv=None):
 
     images = augment.resize_images(arrays["train_images"], args.size)
     masks = augment.resize_masks(arrays["train_masks"], args.size)
+    use, fit_masks = training_labels(args, arrays, masks)
     settings = {
         "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dice_weight": args.dice_weight,
         "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
-        "baseline": args.baseline, "backend": keras.backend.backend(), "precision": policy, "run": args.run,
+        "conflicts": args.conflicts, "baseline": args.baseline, "backend": keras.backend.backend(),
+        "precision": policy, "run": args.run,
     }
     write_json(args.results / RUN_FILE, {"args": as_json(args), "complete": False})
     oof = {"index": [], "fold": []}
     try:
         for k, (val, name) in enumerate(zip(splits, dirs)):
-            print(f"{'fold ' + str(k) + ': ' if args.folds > 1 else ''}train: {np.count_nonzero(~val)} images, "
+            train = ~val & use
+            print(f"{'fold ' + str(k) + ': ' if args.folds > 1 else ''}train: {np.count_nonzero(train)} images, "
                   f"val: {np.count_nonzero(val)} images (subjects {sorted(set(subjects[val].tolist()))}), "
                   f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}")
             out_dir = args.results / name
@@ -396,9 +464,12 @@ def main(argv=None):
                 print(f"already trained: best val_leaderboard {state['best']:.4f}")
             else:
                 fold_settings = {**settings, "fold": k, "val_ids": arrays["train_ids"][val].tolist()}
-                best = train_model(args, images, masks, val, out_dir, args.logs / args.run / name, fold_settings, state)
+                best = train_model(args, (images[train], fit_masks[train]), (images[val], masks[val]), out_dir,
+                                   args.logs / args.run / name, fold_settings, state)
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
-            for key, value in out_of_fold(out_dir, images[val]).items():
+            predictions = out_of_fold(out_dir, images[val])
+            validation_png(out_dir / "val_overlays.png", arrays, np.flatnonzero(val), predictions, not args.baseline)
+            for key, value in predictions.items():
                 oof.setdefault(key, []).append(value)
             oof["index"].append(np.flatnonzero(val))
             oof["fold"].append(np.full(np.count_nonzero(val), k))

@@ -193,46 +193,106 @@ def postprocess(probs, present, spec=None):
     return masks * keep[:, None, None].astype(np.uint8)
 
 
-def show_or_save(fig, path):
-    """Open a window when the backend can, otherwise write `path` and return it."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
-        plt.show()
-        return None
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return str(path)
+# Overlay colours: distinct under the common colour-vision deficiencies (yellow / red / blue differ in lightness)
+TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (255, 215, 0), (230, 30, 30), (30, 130, 255)
+OVERLAY_ALPHA = 0.5
 
 
-def contour_grid(images, masks_a, masks_b, titles, cols):
-    """A matplotlib figure: each image with contours of masks_a (green) and masks_b (red)."""
+def overlay(image, truth, prediction=None):
+    """RGB uint8 of a gray image with true-positive, false-positive and false-negative pixels tinted;
+    without a prediction, the truth mask alone in the true-positive colour."""
+    rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
+    t = np.asarray(truth) != 0
+    p = t if prediction is None else np.asarray(prediction) != 0
+    for pixels, colour in ((t & p, TRUE_POSITIVE), (p & ~t, FALSE_POSITIVE), (t & ~p, FALSE_NEGATIVE)):
+        rgb[pixels] = (1 - OVERLAY_ALPHA) * rgb[pixels] + OVERLAY_ALPHA * np.array(colour, np.float32)
+    return rgb.astype(np.uint8)
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing off-screen when there is no display."""
     import matplotlib
 
     if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure to `path` atomically and close it; return the path as a string."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    pyplot().close(fig)
+    return str(path)
+
+
+def show_or_save(fig, path):
+    """Open a window when the backend can, otherwise write `path` and return it."""
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
+        pyplot().show()
+        return None
+    return save_figure(fig, path)
+
+
+def overlay_grid(images, truths, predictions, titles, cols):
+    """A figure of images with their masks tinted by overlay(); predictions may be None (truth only)."""
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    predictions = [None] * len(images) if predictions is None else predictions
     rows = max(1, -(-len(images) // cols))
-    h, w = images.shape[1:3]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 * h / w + 0.3), squeeze=False)
+    h, w = np.shape(images)[1:3]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 * h / w + 0.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, img, a, b, title in zip(axes.ravel(), images, masks_a, masks_b, titles):
-        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-        for m, colour in ((a, "lime"), (b, "red")):
-            if m is not None and np.any(m):
-                ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
+    for ax, image, truth, prediction, title in zip(axes.ravel(), images, truths, predictions, titles):
+        ax.imshow(overlay(image, truth, prediction))
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+    legend = [("mask", TRUE_POSITIVE)] if all(p is None for p in predictions) else \
+        [("true positive", TRUE_POSITIVE), ("false positive", FALSE_POSITIVE), ("false negative", FALSE_NEGATIVE)]
+    fig.legend(handles=[Patch(color=np.array(c) / 255, label=name) for name, c in legend], loc="upper center",
+               ncol=len(legend), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
 
 
+def training_curves(log_csv, path):
+    """A PNG of a training_log.csv: losses, validation scores and the learning rate per epoch."""
+    import csv
+
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"{log_csv} has no epochs yet")
+    epoch = np.array([int(r["epoch"]) + 1 for r in rows])
+    column = {k: np.array([float(r[k]) for r in rows]) for k in rows[0] if k != "epoch"}
+    losses = [k for k in column if k.endswith("loss") and not k.startswith("val_")]
+    scores = [k for k in ("val_leaderboard", "val_mask_dice_coef", "val_present_accuracy") if k in column]
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
+    for i, k in enumerate(losses):  # training dashed, validation solid, one colour per loss
+        axes[0].plot(epoch, column[k], "--", color=f"C{i}", label=k)
+        if "val_" + k in column:
+            axes[0].plot(epoch, column["val_" + k], "-o", markersize=3, color=f"C{i}", label="val_" + k)
+    for k in scores:
+        axes[1].plot(epoch, column[k], "-o", markersize=3, label=k)
+    if "learning_rate" in column:
+        axes[2].plot(epoch, column["learning_rate"], "-o", markersize=3)
+        axes[2].set_yscale("log")
+    for ax, title in zip(axes, ("losses", "validation scores", "learning rate")):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, seed=0, cols=4):
-    """Show n images of the train or val set with truth (green) and predicted (red) contours.
+    """Show n images of the train or val set with true-positive, false-positive and false-negative pixels tinted.
 
     Titles give the image id, the presence probability and the per-image Dice. After
     `train.py --folds K` this is the first fold's model on its own validation subjects. Returns the
@@ -254,12 +314,12 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     masks, present = np.concatenate([m for m, _ in chunks]), np.concatenate([p for _, p in chunks])
     dice = dice_per_image(truth, masks)
     titles = [f"{i}  p={p:.2f}  dice={d:.2f}" for i, p, d in zip(arrays["train_ids"][pick], present, dice)]
-    fig = contour_grid(images, truth, masks, titles, cols)
+    fig = overlay_grid(images, truth, masks, titles, cols)
     return show_or_save(fig, Path(results) / f"inspect_{subset}.png")
 
 
 def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4, results=RESULTS_DIR, **augment):
-    """Show n augmented training samples at `size` with their mask contours (green).
+    """Show n augmented training samples at `size` with their masks tinted.
 
     Extra keyword arguments go to augment.AugmentedBatches (e.g. flips=("horizontal", "vertical")).
     Returns the PNG path when no display is available.
@@ -273,5 +333,5 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     batches = aug.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **augment)
     x, y = batches[0]
     titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]
-    fig = contour_grid(x[..., 0], y["mask"][..., 0], [None] * n, titles, cols)
+    fig = overlay_grid(x[..., 0], y["mask"][..., 0], None, titles, cols)
     return show_or_save(fig, Path(results) / "examine_generator.png")

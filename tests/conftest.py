@@ -33,3 +33,12 @@ def tiny_input(tmp_path_factory):
                         "--test-subjects", 1)
     assert result.returncode == 0, result.stderr
     return root
+
+
+def assert_picture(path, min_height=100, min_width=100):
+    """A PNG that reads back, is at least min_height x min_width pixels and is not blank."""
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[0] >= min_height and picture.shape[1] >= min_width, f"{path}: {picture.shape}"
+    assert picture[..., :3].std() > 0.05, f"{path} is blank"

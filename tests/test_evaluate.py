@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_picture, run_script
 
 
 def test_roc_auc_on_hand_computed_cases():
@@ -64,7 +64,8 @@ def test_cross_validation_tunes_each_fold_on_the_others_only():
 def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path):
     results = tmp_path / "results"
     train = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", tmp_path / "logs",
-                       "--folds", 3, "--epochs", 1, "--size", "32x48", "--base-filters", 4, "--batch-size", 8)
+                       "--folds", 3, "--epochs", 1, "--size", "32x48", "--base-filters", 4, "--batch-size", 8,
+                       "--conflicts", "drop")
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((results / "ensemble.json").read_text()) == {"models": ["fold0", "fold1", "fold2"]}
     oof = np.load(results / "oof.npz")
@@ -73,13 +74,13 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     fold_subjects = [{i.split("_")[0] for i in ids} for ids in val_ids]
     assert all(len(s) == 1 for s in fold_subjects) and set.union(*fold_subjects) == {"1", "2", "3"}
     assert set(json.loads((results / "postprocess.json").read_text())) == set(evaluate.DEFAULT_POSTPROCESS)
-    assert "all folds" in train.stdout
+    assert "all folds" in train.stdout and "--conflicts drop: 0 frames" in train.stdout
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
     assert set(report["metrics"]) == {"fold 0", "fold 1", "fold 2", "all folds"}
-    assert (results / "worst_cases.png").stat().st_size > 1000
+    assert_picture(results / "worst_cases.png", 300, 700)
 
     labelled = run_script(ROOT / "evaluate.py", "--input", tiny_input, "--results", results, "--tta", "none")
     assert labelled.returncode == 0, labelled.stderr[-3000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_picture, run_script
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +89,30 @@ def test_train_without_arrays_is_one_clear_error(tmp_path):
 
 
 def test_inspect_set_and_examine_generator_write_pngs(trained, tiny_input):
-    import matplotlib.image
-
     results, _, _ = trained
-    for path in (utils.inspect_set("val", n=4, results=results, input_dir=tiny_input),
-                 utils.examine_generator(n=4, input_dir=tiny_input, size=(32, 48), results=results)):
-        picture = matplotlib.image.imread(path)
-        assert picture.shape[0] > 100 and picture.shape[1] > 100
-        assert picture[..., :3].std() > 0.05, f"{path} is blank"
+    assert_picture(utils.inspect_set("val", n=4, results=results, input_dir=tiny_input))
+    assert_picture(utils.examine_generator(n=4, input_dir=tiny_input, size=(32, 48), results=results))
 
 
-@pytest.mark.parametrize("flag", [["--presence-threshold", "1.5"], ["--pixel-threshold", "0"],
-                                  ["--batch-size", "0"]])
-def test_submission_flags_out_of_range_are_one_clear_error(flag):
-    import submission
+def test_training_writes_curves_and_validation_overlays(trained):
+    results, _, _ = trained
+    assert_picture(results / "curves.png", 250, 1000)
+    assert_picture(results / "val_overlays.png", 300, 700)
 
-    with pytest.raises(utils.UserError, match=flag[0]):
-        submission.main(flag)
+
+def test_tensorboard_gets_validation_images_learning_rate_and_presence_accuracy(trained):
+    import tensorflow as tf
+
+    _, logs, _ = trained
+    found = {}
+    for events in (logs / "e2e").rglob("*tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(value)
+    assert {"epoch_learning_rate", "epoch_present_accuracy", "epoch_leaderboard"} <= set(found)
+    images = found["validation_overlays"]
+    assert len(images) == 2, "one set of images per epoch"
+    tiles = tf.make_ndarray(images[-1].tensor)  # [width, height, png, png, ...]
+    assert len(tiles) - 2 == 8 and tiles[:2].astype(int).tolist() == [48, 32]
+    picture = tf.io.decode_png(tiles[2]).numpy()
+    assert picture.shape == (32, 48, 3) and picture.std() > 5

@@ -126,3 +126,15 @@ def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
     (tmp_path / "train_images.npy").write_bytes(data[:len(data) // 2])
     with pytest.raises(utils.UserError, match="train_images.npy cannot be read"):
         utils.load_arrays(tmp_path, names)
+
+
+def test_overlay_colours_true_and_false_positives_and_false_negatives():
+    image = np.full((2, 2), 100, np.uint8)
+    truth, prediction = np.array([[1, 1], [0, 0]]), np.array([[1, 0], [1, 0]])
+    rgb = utils.overlay(image, truth, prediction)
+    expected = [[utils.TRUE_POSITIVE, utils.FALSE_NEGATIVE], [utils.FALSE_POSITIVE, None]]
+    for i in range(2):
+        for j in range(2):
+            colour = expected[i][j]
+            want = [100] * 3 if colour is None else [int(0.5 * 100 + 0.5 * c) for c in colour]
+            assert rgb[i, j].tolist() == want
