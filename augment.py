@@ -83,12 +83,15 @@ class AugmentedBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, images, masks, batch_size=32, seed=0, augment=True, shuffle=True,
-                 flips=FLIPS, elastic=0.0, workers=2, epoch=0):
+                 flips=FLIPS, elastic=0.0, workers=2, epoch=0, multiple=1):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
         self.flips, self.elastic = tuple(flips), elastic
         self.epoch = epoch  # batches depend on (seed, epoch, index) only: a resumed run sees the same ones
+        # with data parallelism on jax every batch must split evenly over the devices: the last batch of
+        # an epoch is cut to a multiple of them (shuffled, so other images are left out each epoch)
+        self.length = len(images) - len(images) % multiple
         self.order = self._order()
 
     def _order(self):
@@ -96,10 +99,10 @@ class AugmentedBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self):
-        return -(-len(self.images) // self.batch_size)
+        return -(-self.length // self.batch_size)
 
     def __getitem__(self, index):
-        idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        idx = self.order[index * self.batch_size:min((index + 1) * self.batch_size, self.length)]
         images, masks = self.images[idx], self.masks[idx]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])

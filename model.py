@@ -5,6 +5,7 @@ the image shows a nerve at all, read from the bottleneck through global pooling 
 size divisible by 2**depth works.
 """
 import keras
+import numpy as np
 from keras import layers, ops
 
 SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
@@ -57,24 +58,26 @@ class PerImageStandardization(layers.Layer):
         return (x - mean) / ops.maximum(std, 1e-3)
 
 
-def conv_bn_elu(x, filters, kernel_size, strides, name):
+def conv_bn_elu(x, filters, kernel_size, strides, name, synchronized=False):
     """Convolution, batch norm, ELU: the unit every layer of the network is made of."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=synchronized, name=f"{name}_bn")(x)
     return layers.Activation("elu", name=f"{name}_elu")(x)
 
 
-def double_conv(x, filters, name):
-    x = conv_bn_elu(x, filters, 3, 1, f"{name}a")
-    return conv_bn_elu(x, filters, 3, 1, f"{name}b")
+def double_conv(x, filters, name, synchronized):
+    x = conv_bn_elu(x, filters, 3, 1, f"{name}a", synchronized)
+    return conv_bn_elu(x, filters, 3, 1, f"{name}b", synchronized)
 
 
-def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0):
+def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0,
+                synchronized_bn=False):
     """A U-Net with a mask head and a presence head; inputs are raw 0-255 pixel values.
 
     `mean` and `std` (of the training pixels) are folded into the first layer, so the saved
-    model carries its own input normalisation.
+    model carries its own input normalisation. `synchronized_bn` (tensorflow only) computes batch-norm
+    statistics over the global batch under a tf.distribute strategy, as one device would.
     """
     h, w = input_shape[:2]
     if h % 2**depth or w % 2**depth:
@@ -87,10 +90,10 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
     skips = []
     for level in range(depth):
         filters = base_filters * 2**level
-        x = double_conv(x, filters, f"down{level}")
+        x = double_conv(x, filters, f"down{level}", synchronized_bn)
         skips.append(x)
-        x = conv_bn_elu(x, filters, 2, 2, f"pool{level}")  # strided 2x2 instead of max pooling
-    x = double_conv(x, base_filters * 2**depth, "bottom")
+        x = conv_bn_elu(x, filters, 2, 2, f"pool{level}", synchronized_bn)  # strided 2x2, not max pooling
+    x = double_conv(x, base_filters * 2**depth, "bottom", synchronized_bn)
     bottleneck = layers.Dropout(dropout, name="bottom_dropout")(x)
 
     x = bottleneck
@@ -98,11 +101,11 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
         filters = base_filters * 2**level
         x = layers.Conv2DTranspose(filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level}_tconv")(x)
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = double_conv(x, filters, f"up{level}")
+        x = double_conv(x, filters, f"up{level}", synchronized_bn)
     mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
 
     # presence: 1x1 convolutions in place of dense layers, then pooled to one value per image
-    p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence")
+    p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence", synchronized_bn)
     p = layers.Dropout(dropout, name="presence_dropout")(p)
     p = layers.Conv2D(1, 1, kernel_initializer="he_normal", name="presence_logit")(p)
     p = layers.GlobalMaxPooling2D(name="presence_pool")(p)
@@ -137,3 +140,19 @@ def batch_dice_loss(y_true, y_pred):
 def dice_coef(y_true, y_pred):
     """Mean per-image soft Dice, as a training metric."""
     return dice_per_image(y_true, y_pred)
+
+
+def data_parallel_devices():
+    """How many devices a keras.distribution layout splits each batch over: 1 without one."""
+    layout = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    return int(np.prod(layout.device_mesh.shape)) if layout else 1
+
+
+def predict(net, x, batch_size=32):
+    """net.predict on an array, padded so that every batch splits evenly over the devices of a
+    keras.distribution layout (jax shards must be equal); the padding is cut from the outputs."""
+    pad = -len(x) % data_parallel_devices()
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    out = net.predict(x, batch_size=batch_size, verbose=0)
+    return {name: value[:len(value) - pad] for name, value in out.items()}

@@ -88,7 +88,7 @@ def predict_small(nets, images, batch_size=32, tta=True):
     probs, present, views = 0.0, 0.0, 0
     for net in nets:
         for flip in (False, True) if tta else (False,):
-            out = net.predict(x[:, :, ::-1] if flip else x, batch_size=batch_size, verbose=0)
+            out = model.predict(net, x[:, :, ::-1] if flip else x, batch_size)
             m = out["mask"][..., 0]
             probs = probs + (m[:, :, ::-1] if flip else m)
             present = present + out["present"].reshape(-1)

@@ -12,6 +12,7 @@ Every completed epoch is saved for --resume (results/last.keras with the optimiz
 so a killed run loses at most the epoch it was in; both go once the whole run is complete.
 """
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -65,6 +66,9 @@ def parse_args(argv=None):
                     help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
                          "keep them, drop them, or give them the twin's mask (default: keep)")
     ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
+    ap.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
+                    help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
+                         "keras.distribution.DataParallel on jax); multiworker: not yet, see the README (default: none)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR)
@@ -154,8 +158,17 @@ def image_folds(present, folds, seed):
 
 
 def save_model(net, path):
-    with atomic_path(path) as tmp:
-        net.save(tmp)
+    # synchronized batch norm only matters while a tf.distribute strategy trains; saved without it, the
+    # model loads under every backend
+    synchronized = [layer for layer in net.layers if getattr(layer, "synchronized", False)]
+    for layer in synchronized:
+        layer.synchronized = False
+    try:
+        with atomic_path(path) as tmp:
+            net.save(tmp)
+    finally:
+        for layer in synchronized:
+            layer.synchronized = True
 
 
 class LeaderboardCheckpoint(keras.callbacks.Callback):
@@ -169,7 +182,7 @@ class LeaderboardCheckpoint(keras.callbacks.Callback):
         self.best = best
 
     def on_epoch_end(self, epoch, logs=None):
-        out = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        out = unet.predict(self.model, self.x, self.batch_size)
         masks = postprocess(out["mask"][..., 0], out["present"], self.spec)
         score = float(dice_per_image(self.masks, masks).mean())
         logs["val_leaderboard"] = score
@@ -267,7 +280,7 @@ class ValidationImages(keras.callbacks.Callback):
         self.spec = None if gate else {"presence_threshold": 0.0}
 
     def on_epoch_end(self, epoch, logs=None):
-        out = self.model.predict(self.images[..., None].astype(np.float32), verbose=0)
+        out = unet.predict(self.model, self.images[..., None].astype(np.float32))
         predicted = postprocess(out["mask"][..., 0], out["present"], self.spec)
         tiles = np.stack([overlay(*case) for case in zip(self.images, self.masks, predicted)])
         with self.writer.as_default():
@@ -298,8 +311,33 @@ def tensorboard_callbacks(log_dir, val_images, val_masks, gate):
             ValidationImages(val_images[pick], val_masks[pick], log_dir, gate)]
 
 
+def distribute(args):
+    """Set up --distribute for the backend; return (a context factory to build models in, replicas).
+    The batch size stays the global batch: each step sees the same images whatever the replica count,
+    so the learning rate needs no scaling."""
+    backend = keras.backend.backend()
+    if args.distribute == "none":
+        return contextlib.nullcontext, 1
+    if args.distribute == "multiworker":
+        raise UserError("--distribute multiworker does not run yet: Keras 3's fit() fails under tf.distribute."
+                        "MultiWorkerMirroredStrategy (keras-team/keras#20585, open), and multi-process jax needs "
+                        "per-process input shards this pipeline does not make; use --distribute mirrored on one host")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+        return strategy.scope, strategy.num_replicas_in_sync
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        return contextlib.nullcontext, len(devices)
+    raise UserError(f"--distribute {args.distribute} needs the tensorflow or jax backend, not {backend}")
+
+
 def compile_model(args, mean, std):
-    net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std)
+    synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
+    net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
     mask_loss = unet.batch_dice_loss if args.baseline else unet.dice_loss
     net.compile(
         optimizer=keras.optimizers.Adam(args.lr),
@@ -310,25 +348,29 @@ def compile_model(args, mean, std):
     return net
 
 
-def train_model(args, train, val, out_dir, log_dir, settings, state=None):
+def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=contextlib.nullcontext):
     """Train one model on train = (images, masks), choosing its best epoch on val = (images, masks), from
-    scratch or from a saved resume state; return the best score."""
+    scratch or from a saved resume state; return the best score. The model is built in `scope`."""
     mean, std = float(train[0].mean()), float(train[0].std())
-    net = compile_model(args, mean, std)
     start = state["epoch"] if state else 0
+    with scope():
+        net = compile_model(args, mean, std)
+        if state:
+            net.optimizer.build(net.trainable_variables)  # so that load_weights restores the optimizer state too
+            net.load_weights(out_dir / LAST_FILE)
+            for variable, value in zip(random_states(net), state["random"]):
+                variable.assign(np.array(value, variable.dtype))
     if state:
-        net.optimizer.build(net.trainable_variables)  # so that load_weights restores the optimizer state too
-        net.load_weights(out_dir / LAST_FILE)
-        for variable, value in zip(random_states(net), state["random"]):
-            variable.assign(np.array(value, variable.dtype))
         keep_epochs(out_dir / "training_log.csv", start)
         print(f"resuming after epoch {start} (best val_leaderboard so far {state['best']:.4f}, "
               f"learning rate {float(net.optimizer.learning_rate):.3g})")
     print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, "
           f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}")
-    train_batches = augment.AugmentedBatches(*train, args.batch_size, args.seed, epoch=start,
-                                             flips=args.flips, elastic=args.elastic, workers=args.workers)
-    val_batches = augment.AugmentedBatches(*val, args.batch_size, augment=False, shuffle=False, workers=0)
+    devices = unet.data_parallel_devices()
+    train_batches = augment.AugmentedBatches(*train, args.batch_size, args.seed, epoch=start, flips=args.flips,
+                                             elastic=args.elastic, workers=args.workers, multiple=devices)
+    val_batches = augment.AugmentedBatches(*val, args.batch_size, augment=False, shuffle=False, workers=0,
+                                           multiple=devices)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = LeaderboardCheckpoint(*val, out_dir, {**settings, "mean": mean, "std": std},
                                        args.batch_size, gate=not args.baseline,
@@ -420,8 +462,14 @@ def main(argv=None):
     else:
         check_unfinished(args)
         args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
+    scope, replicas = distribute(args)
     keras.utils.set_random_seed(args.seed)
     policy = unet.set_precision(args.precision)
+    if args.batch_size % replicas:
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly over {replicas} devices")
+    if replicas > 1:
+        print(f"data parallel over {replicas} devices: global batch {args.batch_size}, "
+              f"{args.batch_size // replicas} per device")
     started = time.time()
 
     arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
@@ -465,7 +513,7 @@ def main(argv=None):
             else:
                 fold_settings = {**settings, "fold": k, "val_ids": arrays["train_ids"][val].tolist()}
                 best = train_model(args, (images[train], fit_masks[train]), (images[val], masks[val]), out_dir,
-                                   args.logs / args.run / name, fold_settings, state)
+                                   args.logs / args.run / name, fold_settings, state, scope)
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
             predictions = out_of_fold(out_dir, images[val])
             validation_png(out_dir / "val_overlays.png", arrays, np.flatnonzero(val), predictions, not args.baseline)

@@ -75,3 +75,9 @@ def test_resize_keeps_masks_binary():
     small = augment.resize_masks(mask[None], (96, 128))
     assert small.shape == (1, 96, 128) and set(np.unique(small)) == {0, 1}
     assert augment.resize_images(image[None], (96, 128)).dtype == np.uint8
+
+
+def test_batches_can_be_cut_to_split_evenly_over_devices():
+    images, masks = np.zeros((11, 32, 48), np.uint8), np.zeros((11, 32, 48), np.uint8)
+    batches = augment.AugmentedBatches(images, masks, batch_size=4, seed=0, multiple=2, workers=0)
+    assert [len(batches[i][0]) for i in range(len(batches))] == [4, 4, 2]

@@ -74,3 +74,13 @@ def test_precision_policies_keep_inputs_and_outputs_in_float32():
         model.set_precision("fp32")
     assert model.set_precision("auto") == ("mixed_bfloat16" if model.cpu_has_bf16() else "float32")
     model.set_precision("fp32")
+
+
+def test_predict_pads_for_devices_and_cuts_the_padding(monkeypatch):
+    net = model.build_model((32, 48, 1), base_filters=4, depth=2)
+    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 48, 1)).astype(np.float32)
+    plain = model.predict(net, x, batch_size=4)
+    monkeypatch.setattr(model, "data_parallel_devices", lambda: 4)
+    padded = model.predict(net, x, batch_size=4)
+    assert padded["mask"].shape == (5, 32, 48, 1) and padded["present"].shape == (5, 1)
+    np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-6)

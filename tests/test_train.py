@@ -144,3 +144,46 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(utils.UserError, match="No space left on device.*earlier last.keras is unchanged"):
         train.save_model(net, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+TWO_CPUS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import train, utils
+utils.run_cli(lambda: train.main(sys.argv[1:]))
+"""
+SMALL_RUN = ["--size", "32x48", "--base-filters", 4, "--dropout", 0, "--epochs", 2]
+
+
+def test_mirrored_strategy_on_two_cpus_matches_one_device(tiny_input, tmp_path):
+    flags = [*map(str, SMALL_RUN), "--input", str(tiny_input), "--batch-size", "16", "--val-fraction", "0.3"]
+    one = run_script(ROOT / "train.py", *flags, "--results", tmp_path / "one", "--logs", tmp_path / "logs")
+    two = subprocess.run([sys.executable, "-c", TWO_CPUS, *flags, "--distribute", "mirrored", "--results",
+                          str(tmp_path / "two"), "--logs", str(tmp_path / "logs")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "data parallel over 2 devices: global batch 16, 8 per device" in two.stdout
+    # synchronized batch norm and the global batch: the same steps as one device, up to float rounding
+    np.testing.assert_allclose(training_log(tmp_path / "two")[1], training_log(tmp_path / "one")[1], rtol=1e-5)
+    assert (tmp_path / "two" / "net.keras").exists()
+
+
+def test_jax_data_parallel_on_two_cpus_matches_one_device(tiny_input, tmp_path):
+    flags = [*SMALL_RUN, "--input", tiny_input, "--batch-size", 8, "--val-fraction", 0.3]
+    env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    runs = {}
+    for mode in ("none", "mirrored"):
+        runs[mode] = run_script(ROOT / "train.py", *flags, "--distribute", mode, "--results", tmp_path / mode,
+                                "--logs", tmp_path / "logs", env=env)
+        assert runs[mode].returncode == 0, runs[mode].stderr[-3000:]
+    assert "data parallel over 2 devices: global batch 8, 4 per device" in runs["mirrored"].stdout
+    # jax computes batch-norm statistics over the sharded global batch: the same steps as one device
+    np.testing.assert_allclose(training_log(tmp_path / "mirrored")[1], training_log(tmp_path / "none")[1], rtol=1e-5)
+    assert (tmp_path / "mirrored" / "net.keras").exists() and (tmp_path / "mirrored" / "oof.npz").exists()
+
+
+def test_multiworker_says_why_it_does_not_run(tiny_input):
+    with pytest.raises(utils.UserError, match="keras-team/keras#20585"):
+        train.main(["--distribute", "multiworker", "--input", str(tiny_input)])
