@@ -27,12 +27,13 @@ CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel 
 
 def mask_stats(probs, truth, candidates):
     """Predicted area and overlap with the truth, per (pixel threshold, keep largest) candidate and image,
-    at full size: every gate and metric follows from these counts without keeping masks."""
+    at full size: every gate and metric follows from these counts without keeping masks. `truth` is
+    iterated in step with `probs`, one mask at a time."""
     area = np.zeros((len(candidates), len(probs)))
     inter = np.zeros_like(area)
     truth_area = np.zeros(len(probs), int)
-    for i, prob in enumerate(probs):
-        prob, t = full_size(prob), np.asarray(truth[i]) > 0
+    for i, (prob, t) in enumerate(zip(probs, truth)):
+        prob, t = full_size(prob), np.asarray(t) > 0
         truth_area[i] = np.count_nonzero(t)
         for c, (threshold, keep_largest) in enumerate(candidates):
             m = binary_mask(prob, threshold, keep_largest) > 0
@@ -108,12 +109,12 @@ def oof_predictions(oof, tta):
     return probs, present
 
 
-def cross_validate(oof, truth, tta=True, baseline=False):
-    """Per-fold and overall metrics of out-of-fold predictions, each fold post-processed with settings
-    tuned on the other folds (defaults with a single fold), and the settings tuned on all of them.
-    A baseline gets no presence gate and no tuning: a 0.5 pixel threshold only."""
+def cross_validate(oof, masks, tta=True, baseline=False):
+    """Per-fold and overall metrics of out-of-fold predictions against masks[oof["index"]], each fold
+    post-processed with settings tuned on the other folds (defaults with a single fold), and the settings
+    tuned on all of them. A baseline gets no presence gate and no tuning: a 0.5 pixel threshold only."""
     probs, present = oof_predictions(oof, tta)
-    stats = mask_stats(probs, truth, CANDIDATES)
+    stats = mask_stats(probs, (masks[i] for i in oof["index"]), CANDIDATES)  # a memory-map stays on disk
     folds = np.unique(oof["fold"])
     fixed = {**DEFAULT_POSTPROCESS, "presence_threshold": 0.0} if baseline else DEFAULT_POSTPROCESS
     tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
@@ -163,12 +164,12 @@ def evaluate_oof(results, input_dir, tta):
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
-    truth = arrays["train_masks"][index]
-    report = cross_validate(oof, truth, tta and not baseline, baseline)
+    report = cross_validate(oof, arrays["train_masks"], tta and not baseline, baseline)
     worst = np.argsort(report["dice"], kind="stable")[:WORST]
     masks = {i: postprocess(full_size(report["probs"][i])[None], report["present"][i:i + 1],
                             report["fold_postprocess"][int(oof["fold"][i])])[0] for i in worst}
-    return report, arrays["train_images"][index[worst]], truth[worst], [masks[i] for i in worst], oof["ids"][worst]
+    return (report, arrays["train_images"][index[worst]], arrays["train_masks"][index[worst]],
+            [masks[i] for i in worst], oof["ids"][worst])
 
 
 def evaluate_folder(results, folder, tta, batch_size=32):

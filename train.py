@@ -535,7 +535,7 @@ def main(argv=None):
     write_json(args.results / submission.ENSEMBLE_FILE, {"models": dirs})
 
     # the baseline is scored as the tutorials used it: no mirror averaging, no tuned gate
-    report = evaluate.cross_validate(oof, arrays["train_masks"][oof["index"]], tta=not args.baseline,
+    report = evaluate.cross_validate(oof, arrays["train_masks"], tta=not args.baseline,
                                      baseline=args.baseline)
     write_json(args.results / submission.POSTPROCESS_FILE, report["postprocess"])
     print(evaluate.table(report["rows"]))

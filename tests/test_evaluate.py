@@ -52,8 +52,8 @@ def test_tuning_learns_to_gate_false_detections():
 def test_cross_validation_tunes_each_fold_on_the_others_only():
     probs, truth, present = _stats_case()
     oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
-           "fold": np.array([0, 1, 0, 1])}
-    report = evaluate.cross_validate(oof, truth)
+           "fold": np.array([0, 1, 0, 1]), "index": np.array([1, 3, 2, 0])}
+    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]])    # the masks in data.py's order
     stats = evaluate.mask_stats(probs, truth, evaluate.CANDIDATES)
     for k in (0, 1):
         assert report["fold_postprocess"][k] == evaluate.tune_postprocess(stats, present, np.flatnonzero(oof["fold"] != k))
@@ -94,7 +94,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
 def test_baseline_is_scored_without_gate_or_tuning():
     probs, truth, present = _stats_case()
     oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
-           "fold": np.array([0, 1, 0, 1])}
+           "fold": np.array([0, 1, 0, 1]), "index": np.arange(4)}
     report = evaluate.cross_validate(oof, truth, tta=False, baseline=True)
     plain = {**evaluate.DEFAULT_POSTPROCESS, "presence_threshold": 0.0}
     assert report["postprocess"] == plain and all(s == plain for s in report["fold_postprocess"].values())
