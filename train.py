@@ -58,6 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--base-filters", type=int, default=32, help="filters at the top level (default: 32, ~8M parameters)")
     ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: 4)")
     ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--mask-loss", choices=("image", "batch"), default="image",
+                    help="Dice per image, then averaged (default), or one Dice over the whole batch")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask`")
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the BCE loss on `present`")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
@@ -338,7 +340,7 @@ def distribute(args):
 def compile_model(args, mean, std):
     synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
     net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
-    mask_loss = unet.batch_dice_loss if args.baseline else unet.dice_loss
+    mask_loss = unet.batch_dice_loss if args.baseline or args.mask_loss == "batch" else unet.dice_loss
     net.compile(
         optimizer=keras.optimizers.Adam(args.lr),
         loss={"mask": mask_loss, "present": "binary_crossentropy"},
@@ -493,7 +495,8 @@ def main(argv=None):
     settings = {
         "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dice_weight": args.dice_weight,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "mask_loss": args.mask_loss,
+        "dice_weight": args.dice_weight,
         "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
         "conflicts": args.conflicts, "baseline": args.baseline, "backend": keras.backend.backend(),
         "precision": policy, "run": args.run,

@@ -8,6 +8,9 @@ time (both as fresh processes, so imports count on both sides). data_mem_ratio: 
 resident memory over the bytes of the arrays it writes. rle_speedup: a per-pixel Python encoder over
 utils.rle_encode, on the same masks. submission_ms_per_image: submission.py end to end with an
 untrained default model (inference, resizing, encoding, writing, checking), per test image.
+train_mem_ratio: the peak resident memory of one train.py epoch on the whole tree (default 96x128 input,
+8 base filters to keep it short) over the bytes of the train arrays it reads; memory-mapped pages it
+touches count as resident, so about 1 means the arrays plus a bounded queue.
 """
 import argparse
 import json
@@ -109,6 +112,13 @@ def submission_time(root, results, n_test):
     return seconds / n_test
 
 
+def train_memory(root, work):
+    """Peak resident MiB of a one-epoch train.py run over the whole tree."""
+    _, peak = timed_process([ROOT / "train.py", "--input", root, "--results", work / "train", "--logs", work / "logs",
+                             "--run", "memory", "--epochs", 1, "--base-filters", 8, "--force"])
+    return peak
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tenth of the Kaggle scale")
@@ -141,11 +151,16 @@ def main():
     print(f"rle_encode: {fast * 1e3:.2f} ms per mask ({len(masks)} masks); per-pixel loop: {slow * 1e3:.0f} ms per mask")
 
     per_image = submission_time(root, args.work / "results", n_test)
+    train_mib = train_memory(root, args.work)
+    train_arrays_mib = sum((root / f"{a}.npy").stat().st_size for a in ("train_images", "train_masks")) / 2**20
+    print(f"train.py, one epoch: peak {train_mib:.0f} MiB; train arrays {train_arrays_mib:.0f} MiB")
     print(f"data_speedup: {plain_s / data_s:.2f}")
     print(f"data_mem_ratio: {data_mib / array_mib:.2f}")
     print(f"data_seconds: {data_s:.1f}")
     print(f"rle_speedup: {slow / fast:.0f}")
     print(f"submission_ms_per_image: {per_image * 1e3:.1f}")
+    print(f"train_peak_mib: {train_mib:.0f}")
+    print(f"train_mem_ratio: {train_mib / train_arrays_mib:.2f}")
 
 
 if __name__ == "__main__":
