@@ -415,10 +415,10 @@ def training_labels(args, arrays, masks):
     return use, fixed
 
 
-def validation_png(path, arrays, index, predictions, gate):
+def validation_png(path, arrays, index, present, predictions, gate):
     """results/val_overlays.png: a fixed set of validation images at full size, as the best model saw them."""
     truth = arrays["train_masks"]
-    pick = example_indices(truth[index].reshape(len(index), -1).any(axis=1), REPORT_IMAGES)
+    pick = example_indices(present[index], REPORT_IMAGES)
     probs = np.stack([full_size(p) for p in predictions["probs"][pick]])
     masks = postprocess(probs, predictions["present"][pick], None if gate else {"presence_threshold": 0.0})
     return evaluate.cases_png(arrays["train_images"][index[pick]], truth[index[pick]], masks,
@@ -437,7 +437,8 @@ def resumed_args(args):
     run = read_json(path)
     if run["complete"]:
         raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
-    stored, given, defaults = run["args"], as_json(args), as_json(parse_args([]))
+    given, defaults = as_json(args), as_json(parse_args([]))
+    stored = {**defaults, **run["args"]}  # flags added since the run started take their defaults
     explicit = {k for k, v in given.items() if v != defaults[k]} - {"results", "resume", "force"}
     changed = [k for k in explicit - set(MOVABLE_FLAGS) if given[k] != stored[k]]
     if changed:
@@ -519,7 +520,8 @@ def main(argv=None):
                                    args.logs / args.run / name, fold_settings, state, scope)
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
             predictions = out_of_fold(out_dir, images[val])
-            validation_png(out_dir / "val_overlays.png", arrays, np.flatnonzero(val), predictions, not args.baseline)
+            validation_png(out_dir / "val_overlays.png", arrays, np.flatnonzero(val), present, predictions,
+                           not args.baseline)
             for key, value in predictions.items():
                 oof.setdefault(key, []).append(value)
             oof["index"].append(np.flatnonzero(val))

@@ -49,9 +49,8 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); "
-                        f"{'the earlier ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}"
-                        ) from None
+        kept = f"the earlier {path.name} is unchanged" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -95,7 +94,6 @@ def load_arrays(input_dir, names):
     """Load the named arrays data.py wrote, memory-mapped, after checking that they belong together:
     shapes and dtypes as data.py writes them, one length per set, the counts in its manifest."""
     input_dir = Path(input_dir)
-    rebuild = f"rebuild them with `python data.py --input {input_dir} --force`"
     missing = [n for n in names if not (input_dir / f"{n}.npy").exists()]
     if missing:
         raise UserError(f"{', '.join(missing)} not found in {input_dir}/: run `python data.py` first")
@@ -106,7 +104,9 @@ def load_arrays(input_dir, names):
         except (ValueError, OSError) as e:  # truncated or not an .npy file at all
             problems.append(f"{name}.npy cannot be read ({e})")
             continue
-        problems += filter(None, [_array_problem(name, arrays[name])])
+        problem = _array_problem(name, arrays[name])
+        if problem:
+            problems.append(problem)
     manifest = input_dir / MANIFEST
     counts = json.loads(manifest.read_text()) if manifest.exists() else {}
     for prefix in ("train", "test"):
@@ -115,8 +115,9 @@ def load_arrays(input_dir, names):
         problems += [f"{n}.npy holds {k} {prefix} images, expected {expected}" for n, k in lengths.items()
                      if k != expected]
     if problems:
-        raise UserError(f"the arrays in {input_dir}/ do not match what data.py writes (an older or "
-                        f"interrupted run?); {rebuild}:\n  " + "\n  ".join(problems))
+        raise UserError(f"the arrays in {input_dir}/ do not match what data.py writes (an older or interrupted "
+                        f"run?); rebuild them with `python data.py --input {input_dir} --force`:\n  "
+                        + "\n  ".join(problems))
     return arrays
 
 
