@@ -17,16 +17,17 @@ SHIFT_PX = 20.0  # at the original 580-pixel width; scaled to the training size
 FLIPS = ("horizontal",)  # left/right necks mirror each other; a vertical flip would put skin at the bottom
 
 
-def resize_images(images, size):
-    """(n, H, W) uint8 images -> (n, h, w) uint8 at size (h, w), area-averaged."""
+def resize_images(images, size, scale=1):
+    """(n, H, W) uint8 images (times scale) -> (n, h, w) uint8 at size (h, w), area-averaged, one image at
+    a time: a memory-mapped input is never copied whole."""
     h, w = size
-    return np.stack([cv2.resize(np.asarray(im), (w, h), interpolation=cv2.INTER_AREA) for im in images]) \
-        if len(images) else np.zeros((0, h, w), np.uint8)
+    return np.stack([cv2.resize(np.asarray(im) * np.uint8(scale), (w, h), interpolation=cv2.INTER_AREA)
+                     for im in images]) if len(images) else np.zeros((0, h, w), np.uint8)
 
 
 def resize_masks(masks, size):
     """(n, H, W) 0/1 masks -> (n, h, w) 0/1 masks: a pixel is nerve if most of its area is."""
-    return (resize_images(np.asarray(masks, np.uint8) * 255, size) >= 128).astype(np.uint8)
+    return (resize_images(masks, size, scale=255) >= 128).astype(np.uint8)
 
 
 def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX):
