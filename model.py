@@ -130,10 +130,13 @@ def dice_loss(y_true, y_pred):
 
 @keras.saving.register_keras_serializable(package="nerve")
 def batch_dice_loss(y_true, y_pred):
-    """1 - Dice over the whole batch's pixels, as the original Kaggle tutorials trained (--baseline)."""
+    """1 - Dice over the whole batch's pixels, as the original Kaggle tutorials trained, given to every
+    image: Keras averages per-image losses, so under a tf.distribute strategy each replica's share of the
+    batch is scored and the shares averaged (jax's sharded arrays score the global batch)."""
     y_true = ops.cast(y_true, y_pred.dtype)
     inter = ops.sum(y_true * y_pred)
-    return 1.0 - (2.0 * inter + SMOOTH) / (ops.sum(y_true) + ops.sum(y_pred) + SMOOTH)
+    loss = 1.0 - (2.0 * inter + SMOOTH) / (ops.sum(y_true) + ops.sum(y_pred) + SMOOTH)
+    return loss * ops.ones_like(y_pred[:, 0, 0, 0])
 
 
 @keras.saving.register_keras_serializable(package="nerve")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import model
-from conftest import ROOT, run_script
+
 
 
 @pytest.mark.parametrize("size", [(64, 80), (96, 128)])
@@ -40,26 +40,6 @@ def test_dice_loss_per_image_with_smoothing():
     assert loss[0] == pytest.approx(0.0)            # empty prediction on an empty mask: perfect
     assert loss[1] == pytest.approx(1 - 1 / 5)       # smoothed: (0 + 1) / (4 + 0 + 1)
     assert np.asarray(model.dice_loss(y, y))[1] == pytest.approx(0.0)
-
-
-JAX_TRAIN = """
-import numpy as np, keras, model
-assert keras.backend.backend() == "jax"
-net = model.build_model((32, 48, 1), base_filters=4, mean=100, std=50)
-net.compile("adam", loss={"mask": model.dice_loss, "present": "binary_crossentropy"})
-x = np.random.default_rng(0).uniform(0, 255, (8, 32, 48, 1)).astype("float32")
-y = {"mask": (x > 200).astype("float32"), "present": np.ones((8, 1), "float32")}
-h = net.fit(x, y, batch_size=4, epochs=2, verbose=0)
-assert all(np.isfinite(h.history["loss"])), h.history
-print("ok", net.count_params())
-"""
-
-
-def test_builds_and_trains_under_jax():
-    pytest.importorskip("jax")
-    result = run_script("-c", JAX_TRAIN, env={"KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("ok")
 
 
 def test_precision_policies_keep_inputs_and_outputs_in_float32():
