@@ -13,8 +13,11 @@ so a killed run loses at most the epoch it was in; both go once the whole run is
 """
 import argparse
 import contextlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
     ap.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
                     help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
-                         "keras.distribution.DataParallel on jax); multiworker: not yet, see the README (default: none)")
+                         "keras.distribution.DataParallel on jax); multiworker = the hosts in TF_CONFIG "
+                         "(tf.distribute.MultiWorkerMirroredStrategy) (default: none)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR)
@@ -315,27 +319,71 @@ def tensorboard_callbacks(log_dir, val_images, val_masks, gate):
 
 
 def distribute(args):
-    """Set up --distribute for the backend; return (a context factory to build models in, replicas).
-    The batch size stays the global batch: each step sees the same images whatever the replica count,
-    so the learning rate needs no scaling."""
+    """Set up --distribute for the backend; return (a context factory to build models in, replicas, whether
+    this process writes the results). The batch size stays the global batch: each step sees the same images
+    whatever the replica count, so the learning rate needs no scaling."""
     backend = keras.backend.backend()
     if args.distribute == "none":
-        return contextlib.nullcontext, 1
-    if args.distribute == "multiworker":
-        raise UserError("--distribute multiworker does not run yet: Keras 3's fit() fails under tf.distribute."
-                        "MultiWorkerMirroredStrategy (keras-team/keras#20585, open), and multi-process jax needs "
-                        "per-process input shards this pipeline does not make; use --distribute mirrored on one host")
+        return contextlib.nullcontext, 1, True
     if backend == "tensorflow":
         import tensorflow as tf
 
+        if args.distribute == "multiworker":
+            strategy = multiworker_strategy()
+            return strategy.scope, strategy.num_replicas_in_sync, is_chief(strategy.cluster_resolver)
         devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices)
-        return strategy.scope, strategy.num_replicas_in_sync
-    if backend == "jax":
+        return strategy.scope, strategy.num_replicas_in_sync, True
+    if backend == "jax" and args.distribute == "mirrored":
         devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        return contextlib.nullcontext, len(devices)
-    raise UserError(f"--distribute {args.distribute} needs the tensorflow or jax backend, not {backend}")
+        return contextlib.nullcontext, len(devices), True
+    needs = "tensorflow or jax" if args.distribute == "mirrored" else "tensorflow"
+    raise UserError(f"--distribute {args.distribute} needs the {needs} backend, not {backend}")
+
+
+def multiworker_strategy():
+    """tf.distribute.MultiWorkerMirroredStrategy over the cluster in TF_CONFIG."""
+    import tensorflow as tf
+
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+        config["cluster"], config["task"]["type"], config["task"]["index"]
+    except (KeyError, TypeError, ValueError):
+        raise UserError("--distribute multiworker needs TF_CONFIG describing the cluster and this process's task, "
+                        'e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                        '"task": {"type": "worker", "index": 0}}\' (see the README)') from None
+
+    class Strategy(tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras 3.15's fit() hands reduce() a nested batch and scalar logs with axis=0, which the
+        # multi-worker strategy rejects (keras-team/keras#20585): reduce each value on its own
+        def reduce(self, reduce_op, value, axis):
+            def one(v):
+                return super(Strategy, self).reduce(reduce_op, v, None if axis == 0 and v.shape.rank == 0 else axis)
+            return tf.nest.map_structure(one, value)
+
+    return Strategy()
+
+
+def is_chief(resolver):
+    """The task that writes results: the "chief" if the cluster has one, else worker 0."""
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+
+
+@contextlib.contextmanager
+def worker_outputs(args, chief):
+    """The other workers of a multi-worker run write into a scratch folder, deleted when they finish: every
+    worker runs the same steps (predictions and checkpoints included), only the chief's files are kept."""
+    if chief:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="nerve-worker-") as scratch:
+        if args.resume:  # every worker resumes from the chief's files, so they must see results/
+            shutil.copytree(args.results, Path(scratch) / "results")
+        args.results, args.logs = Path(scratch) / "results", Path(scratch) / "logs"
+        yield
 
 
 def compile_model(args, mean, std):
@@ -463,10 +511,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume:
         args = resumed_args(args)
-    else:
-        check_unfinished(args)
+    scope, replicas, chief = distribute(args)
+    if not args.resume:
+        if chief:
+            check_unfinished(args)
         args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
-    scope, replicas = distribute(args)
     keras.utils.set_random_seed(args.seed)
     policy = unet.set_precision(args.precision)
     if args.batch_size % replicas:
@@ -474,6 +523,12 @@ def main(argv=None):
     if replicas > 1:
         print(f"data parallel over {replicas} devices: global batch {args.batch_size}, "
               f"{args.batch_size // replicas} per device")
+    with worker_outputs(args, chief):
+        train_folds(args, scope, policy)
+
+
+def train_folds(args, scope, policy):
+    """Train the run's models (one, or one per fold), then tune post-processing on their held-out predictions."""
     started = time.time()
 
     arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))

@@ -1,8 +1,10 @@
 import csv
 import errno
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,19 +166,68 @@ utils.run_cli(lambda: train.main(sys.argv[1:]))
 SMALL_RUN = ["--size", "32x48", "--base-filters", 4, "--dropout", 0, "--epochs", 1]
 
 
-def test_mirrored_strategy_on_two_cpus_matches_one_device(tiny_input, tmp_path):
-    # per-image Dice: under a tf.distribute strategy batch Dice scores each replica's share of the batch
-    flags = [*map(str, SMALL_RUN), "--input", str(tiny_input), "--batch-size", "16", "--val-fraction", "0.3",
-             "--mask-loss", "image"]
-    one = run_script(ROOT / "train.py", *flags, "--results", tmp_path / "one", "--logs", tmp_path / "logs")
-    two = subprocess.run([sys.executable, "-c", TWO_CPUS, *flags, "--distribute", "mirrored", "--results",
-                          str(tmp_path / "two"), "--logs", str(tmp_path / "logs")],
+# per-image Dice: under a tf.distribute strategy batch Dice scores each replica's share of the batch
+TF_PARALLEL_RUN = [*map(str, SMALL_RUN), "--batch-size", "16", "--val-fraction", "0.3", "--mask-loss", "image"]
+
+
+@pytest.fixture(scope="module")
+def one_device_log(tiny_input, tmp_path_factory):
+    """Training log rows of TF_PARALLEL_RUN on one device."""
+    out = tmp_path_factory.mktemp("one-device")
+    one = run_script(ROOT / "train.py", *TF_PARALLEL_RUN, "--input", tiny_input, "--results", out / "results",
+                     "--logs", out / "logs")
+    assert one.returncode == 0, one.stderr[-3000:]
+    return training_log(out / "results")
+
+
+def test_mirrored_strategy_on_two_cpus_matches_one_device(tiny_input, tmp_path, one_device_log):
+    two = subprocess.run([sys.executable, "-c", TWO_CPUS, *TF_PARALLEL_RUN, "--input", str(tiny_input),
+                          "--distribute", "mirrored", "--results", str(tmp_path / "two"), "--logs", str(tmp_path / "logs")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
     assert "data parallel over 2 devices: global batch 16, 8 per device" in two.stdout
     # synchronized batch norm and the global batch: the same steps as one device, up to float rounding
-    np.testing.assert_allclose(training_log(tmp_path / "two")[1], training_log(tmp_path / "one")[1], rtol=1e-5)
+    np.testing.assert_allclose(training_log(tmp_path / "two")[1], one_device_log[1], rtol=1e-5)
     assert (tmp_path / "two" / "net.keras").exists()
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_localhost_match_one_device_and_only_the_chief_writes(tiny_input, tmp_path, one_device_log):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = []
+    for index in range(2):
+        (tmp_path / f"tmp{index}").mkdir()
+        env = {**os.environ, "TMPDIR": str(tmp_path / f"tmp{index}"),
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "train.py", *TF_PARALLEL_RUN, "--input", str(tiny_input), "--distribute", "multiworker",
+             "--results", str(tmp_path / "results"), "--logs", str(tmp_path / "logs")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        assert "data parallel over 2 devices: global batch 16, 8 per device" in out
+    np.testing.assert_allclose(training_log(tmp_path / "results")[1], one_device_log[1], rtol=1e-5)
+    # one set of results, from the chief; the other worker's scratch copy is gone
+    assert json.loads((tmp_path / "results" / train.RUN_FILE).read_text())["complete"]
+    assert (tmp_path / "results" / "net.keras").exists() and (tmp_path / "results" / "oof.npz").exists()
+    assert list((tmp_path / "tmp1").iterdir()) == []
+    assert len(list((tmp_path / "logs").iterdir())) == 1
+
+
+def test_multiworker_without_tf_config_says_what_to_set(tiny_input, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(utils.UserError, match="needs TF_CONFIG"):
+        train.main(["--distribute", "multiworker", "--input", str(tiny_input)])
 
 
 def test_jax_data_parallel_on_two_cpus_matches_one_device(tiny_input, tmp_path):
@@ -191,8 +242,3 @@ def test_jax_data_parallel_on_two_cpus_matches_one_device(tiny_input, tmp_path):
     # jax computes batch-norm statistics over the sharded global batch: the same steps as one device
     np.testing.assert_allclose(training_log(tmp_path / "mirrored")[1], training_log(tmp_path / "none")[1], rtol=1e-5)
     assert (tmp_path / "mirrored" / "net.keras").exists() and (tmp_path / "mirrored" / "oof.npz").exists()
-
-
-def test_multiworker_says_why_it_does_not_run(tiny_input):
-    with pytest.raises(utils.UserError, match="keras-team/keras#20585"):
-        train.main(["--distribute", "multiworker", "--input", str(tiny_input)])
