@@ -10,6 +10,7 @@ In the cross-validated report, each fold's post-processing is tuned on the other
 """
 import argparse
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,17 @@ def evaluate_folder(results, folder, tta, batch_size=32):
     return report, images[worst], truth[worst], list(masks), arrays["train_ids"][worst]
 
 
+def finite(obj):
+    """`obj` with every non-finite float inside it replaced by None, for strict JSON readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", type=Path, default=None,
@@ -215,7 +227,7 @@ def main(argv=None):
     out = {"evaluated": name, "tta": args.tta, "metrics": report["rows"], "postprocess": report["postprocess"]}
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]
-    write_json(args.results / "evaluation.json", out)
+    write_json(args.results / "evaluation.json", finite(out))  # strict JSON: no NaN for an AUC without negatives
     png = cases_png(images, truth, masks, ids, args.results / "worst_cases.png")
     print(f"wrote {args.results / 'evaluation.json'} and {png}")
 

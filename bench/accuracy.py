@@ -83,7 +83,8 @@ def main():
     print(f"\nsettings: --folds {folds} {' '.join(flags) or '(train.py defaults)'}")
     print(f"cv_dice_nonempty: {rows['all folds']['dice_nonempty']:.4f}")
     print(f"cv_leaderboard: {rows['all folds']['leaderboard']:.4f}")
-    print(f"presence_auc: {rows['all folds']['presence_auc']:.4f}")
+    auc = rows["all folds"]["presence_auc"]  # null without empty images
+    print(f"presence_auc: {float('nan') if auc is None else auc:.4f}")
     print(f"train_minutes: {minutes:.1f}")
     if args.baseline:
         print(f"baseline_cv_dice_nonempty: {baseline['all folds']['dice_nonempty']:.4f}")

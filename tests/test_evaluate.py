@@ -78,7 +78,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    report = json.loads((results / "evaluation.json").read_text())
+    report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
     assert set(report["metrics"]) == {"fold 0", "fold 1", "fold 2", "all folds"}
     assert_picture(results / "worst_cases.png", 300, 700)
 
@@ -89,6 +89,16 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     sub = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert "3 model(s)" in sub.stdout
+
+
+def strict_json_only(constant):
+    raise AssertionError(f"{constant} in a JSON file: strict readers reject it")
+
+
+def test_non_finite_numbers_become_null_for_json():
+    nan, inf = float("nan"), float("inf")
+    assert evaluate.finite({"auc": nan, "rows": [inf, 0.5, (1, -inf)], "name": "fold 0"}) == \
+        {"auc": None, "rows": [None, 0.5, [1, None]], "name": "fold 0"}
 
 
 def test_baseline_is_scored_without_gate_or_tuning():
