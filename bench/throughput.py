@@ -7,7 +7,9 @@ For each input size: training images/second without augmentation and with the au
 (augment_ratio: with / without, same run), the model's FLOPs per training image counted from its
 convolutions (forward x3 for forward + backward), the GFLOP/s that makes, and inference images/second.
 The dense float32 matrix-multiply GFLOP/s of this machine is measured in the same run;
-train_flops_ratio = achieved / matmul at the default size. Runs under any KERAS_BACKEND.
+train_flops_ratio = achieved / matmul at the default size. conv_only_flops_ratio is the same for the
+network with batch norm, ELU and dropout taken out, in the same run: how much of the gap to the matmul
+peak is the convolutions' own and how much the layers between them. Runs under any KERAS_BACKEND.
 """
 import argparse
 import os
@@ -56,8 +58,26 @@ def matmul_gflops(n=2048, repeats=10, trials=3):
     return best
 
 
-def compiled_model(size):
+class PassThrough(keras.layers.Layer):
+    """Returns its input; takes the call arguments of the layer it replaces (batch norm has a mask)."""
+
+    def call(self, x, training=None, mask=None):
+        return x
+
+
+def convolutions_only(net):
+    """The same network with batch norm, ELU and dropout replaced by identities: the same FLOPs."""
+    def keep_convolutions(layer):
+        between = (keras.layers.BatchNormalization, keras.layers.Dropout, unet.PerImageStandardization)
+        if isinstance(layer, between) or layer.name.endswith("_elu"):
+            return PassThrough(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+    return keras.models.clone_model(net, clone_function=keep_convolutions)
+
+
+def compiled_model(size, convolutions=False):
     net = unet.build_model((*size, 1), mean=100.0, std=50.0)
+    net = convolutions_only(net) if convolutions else net
     net.compile(optimizer=keras.optimizers.Adam(1e-3),
                 loss={"mask": unet.dice_loss, "present": "binary_crossentropy"}, loss_weights={"mask": 1.0, "present": 0.5})
     return net
@@ -117,6 +137,10 @@ def main():
               f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
         figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
     unet.set_precision("fp32")
+    images, masks = fake_data(n, DEFAULT_SIZE)
+    convs = train_rate(compiled_model(DEFAULT_SIZE, convolutions=True), images, masks, args.batch_size, False)
+    print(f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {figures[DEFAULT_SIZE, 'fp32']['flops']:>10.2f} "
+          f"{convs:>12.1f} {'':>9} {convs * figures[DEFAULT_SIZE, 'fp32']['flops']:>8.1f}   convolutions only")
 
     default = figures[DEFAULT_SIZE, "fp32"]
     print(f"train_images_per_s: {default['plain']:.2f}")
@@ -124,6 +148,7 @@ def main():
     print(f"train_gflops: {default['plain'] * default['flops']:.1f}")
     print(f"matmul_gflops: {peak:.1f}")
     print(f"train_flops_ratio: {default['plain'] * default['flops'] / peak:.2f}")
+    print(f"conv_only_flops_ratio: {convs * default['flops'] / peak:.2f}")
     print(f"augment_ratio: {default['augmented'] / default['plain']:.2f}")
     if ((64, 80), "bf16") in figures:
         print(f"bf16_speedup_64x80: {figures[(64, 80), 'bf16']['plain'] / figures[(64, 80), 'fp32']['plain']:.2f}")

@@ -64,7 +64,7 @@ def test_cross_validation_tunes_each_fold_on_the_others_only():
 def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path):
     results = tmp_path / "results"
     train = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", tmp_path / "logs",
-                       "--folds", 3, "--epochs", 1, "--size", "32x48", "--base-filters", 4, "--batch-size", 8,
+                       "--folds", 3, "--epochs", 1, "--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8,
                        "--conflicts", "drop")
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((results / "ensemble.json").read_text()) == {"models": ["fold0", "fold1", "fold2"]}

@@ -15,7 +15,7 @@ def trained(tiny_input, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     logs = tmp_path_factory.mktemp("logs")
     result = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", logs,
-                        "--epochs", 2, "--size", "32x48", "--base-filters", 4, "--batch-size", 8,
+                        "--epochs", 2, "--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8,
                         "--val-fraction", 0.3, "--run", "e2e")
     assert result.returncode == 0, result.stderr[-3000:]
     return results, logs, result.stdout
