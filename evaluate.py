@@ -165,7 +165,8 @@ def evaluate_oof(results, input_dir, tta):
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
-    report = cross_validate(oof, arrays["train_masks"], tta and not baseline, baseline)
+    tta = tta and not baseline
+    report = {**cross_validate(oof, arrays["train_masks"], tta, baseline), "tta": tta}
     worst = np.argsort(report["dice"], kind="stable")[:WORST]
     masks = {i: postprocess(full_size(report["probs"][i])[None], report["present"][i:i + 1],
                             report["fold_postprocess"][int(oof["fold"][i])])[0] for i in worst}
@@ -192,7 +193,7 @@ def evaluate_folder(results, folder, tta, batch_size=32):
     scores = dice(tp, fp, fn)
     worst = np.argsort(scores, kind="stable")[:WORST]
     masks = postprocess(np.stack([full_size(probs[i]) for i in worst]), present[worst], spec)
-    report = {"rows": {folder.name or str(folder): metrics(tp, fp, fn, present)}, "postprocess": spec}
+    report = {"rows": {folder.name or str(folder): metrics(tp, fp, fn, present)}, "postprocess": spec, "tta": tta}
     return report, images[worst], truth[worst], list(masks), arrays["train_ids"][worst]
 
 
@@ -224,7 +225,8 @@ def main(argv=None):
         report, images, truth, masks, ids = evaluate_folder(args.results, args.input, tta)
         name = args.input.name
     print(table(report["rows"]))
-    out = {"evaluated": name, "tta": args.tta, "metrics": report["rows"], "postprocess": report["postprocess"]}
+    out = {"evaluated": name, "tta": "hflip" if report["tta"] else "none", "metrics": report["rows"],
+           "postprocess": report["postprocess"]}
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]
     write_json(args.results / "evaluation.json", finite(out))  # strict JSON: no NaN for an AUC without negatives

@@ -79,12 +79,13 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
-    assert set(report["metrics"]) == {"fold 0", "fold 1", "fold 2", "all folds"}
+    assert set(report["metrics"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
     assert_picture(results / "worst_cases.png", 300, 700)
 
     labelled = run_script(ROOT / "evaluate.py", "--input", tiny_input, "--results", results, "--tta", "none")
     assert labelled.returncode == 0, labelled.stderr[-3000:]
-    assert json.loads((results / "evaluation.json").read_text())["metrics"][tiny_input.name]["images"] == 48
+    report = json.loads((results / "evaluation.json").read_text())
+    assert report["metrics"][tiny_input.name]["images"] == 48 and report["tta"] == "none"
 
     sub = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
