@@ -347,12 +347,13 @@ def multiworker_strategy():
     import tensorflow as tf
 
     try:
-        config = json.loads(os.environ["TF_CONFIG"])
-        config["cluster"], config["task"]["type"], config["task"]["index"]
-    except (KeyError, TypeError, ValueError):
+        config = json.loads(os.environ.get("TF_CONFIG", ""))
+    except ValueError:
+        config = None
+    if not (isinstance(config, dict) and "cluster" in config and {"type", "index"} <= set(config.get("task") or {})):
         raise UserError("--distribute multiworker needs TF_CONFIG describing the cluster and this process's task, "
                         'e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                        '"task": {"type": "worker", "index": 0}}\' (see the README)') from None
+                        '"task": {"type": "worker", "index": 0}}\' (see the README)')
 
     class Strategy(tf.distribute.MultiWorkerMirroredStrategy):
         # Keras 3.15's fit() hands reduce() a nested batch and scalar logs with axis=0, which the
