@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import augment  # noqa: E402
 import model as unet  # noqa: E402
+import train  # noqa: E402
 from accuracy import device  # noqa: E402
 
 DEFAULT_SIZE = (96, 128)
@@ -112,16 +113,17 @@ def fake_data(n, size, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="default size only, fewer images")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
     ap.add_argument("--images", type=int, default=None, help="images per timed epoch (default: 192, quick: 64)")
     args = ap.parse_args()
     n = args.images or (64 if args.quick else 192)
+    batch_size = args.batch_size or train.parse_args([]).batch_size
     sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
     # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
     runs = [(size, "fp32") for size in sizes] + ([] if args.quick else [((64, 80), "bf16")])
 
     peak = matmul_gflops()
-    print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
+    print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048); training batch {batch_size}")
     print(f"{'size':>8} {'precision':>9} {'GFLOP/img':>10} {'train img/s':>12} {'+augment':>9} {'GFLOP/s':>8} "
           f"{'infer img/s':>12}")
     figures = {}
@@ -130,15 +132,15 @@ def main():
         unet.set_precision(precision)
         net = compiled_model(size)
         flops = 3 * forward_flops(net) / 1e9
-        plain = train_rate(net, images, masks, args.batch_size, augmented=False)
-        augmented = train_rate(net, images, masks, args.batch_size, augmented=True)
+        plain = train_rate(net, images, masks, batch_size, augmented=False)
+        augmented = train_rate(net, images, masks, batch_size, augmented=True)
         infer = inference_rate(net, images)
         print(f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
               f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
         figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
     unet.set_precision("fp32")
     images, masks = fake_data(n, DEFAULT_SIZE)
-    convs = train_rate(compiled_model(DEFAULT_SIZE, convolutions=True), images, masks, args.batch_size, False)
+    convs = train_rate(compiled_model(DEFAULT_SIZE, convolutions=True), images, masks, batch_size, False)
     print(f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {figures[DEFAULT_SIZE, 'fp32']['flops']:>10.2f} "
           f"{convs:>12.1f} {'':>9} {convs * figures[DEFAULT_SIZE, 'fp32']['flops']:>8.1f}   convolutions only")
 
