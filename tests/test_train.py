@@ -204,19 +204,28 @@ def free_ports(n):
 
 def test_two_workers_on_localhost_match_one_device_and_only_the_chief_writes(tiny_input, tmp_path, one_device_log):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    for index in range(2):
+    workers, outputs = [], [tmp_path / f"worker{index}.out" for index in range(2)]
+    for index, output in enumerate(outputs):
         (tmp_path / f"tmp{index}").mkdir()
         env = {**os.environ, "TMPDIR": str(tmp_path / f"tmp{index}"),
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, "train.py", *TF_PARALLEL_RUN, "--input", str(tiny_input), "--distribute", "multiworker",
-             "--results", str(tmp_path / "results"), "--logs", str(tmp_path / "logs")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [worker.communicate(timeout=600) for worker in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-3000:]
-        assert "data parallel over 2 devices: global batch 16, 8 per device" in out
+        with open(output, "w") as out:
+            workers.append(subprocess.Popen(
+                [sys.executable, "train.py", *TF_PARALLEL_RUN, "--input", str(tiny_input), "--distribute",
+                 "multiworker", "--results", str(tmp_path / "results"), "--logs", str(tmp_path / "logs")],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    # a worker that fails leaves the other waiting for it: stop both at the first failure
+    deadline = time.time() + 600
+    while any(w.poll() is None for w in workers) and time.time() < deadline:
+        if any(w.poll() for w in workers):
+            break
+        time.sleep(0.5)
+    for worker in workers:
+        worker.kill()
+        worker.wait()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output.read_text()[-3000:]
+        assert "data parallel over 2 devices: global batch 16, 8 per device" in output.read_text()
     np.testing.assert_allclose(training_log(tmp_path / "results")[1], one_device_log[1], rtol=1e-5)
     # one set of results, from the chief; the other worker's scratch copy is gone
     assert json.loads((tmp_path / "results" / train.RUN_FILE).read_text())["complete"]
