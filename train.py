@@ -42,6 +42,7 @@ STATE_FILE = "train_state.json"  # beside it: epoch counter, best score, learnin
 TENSORBOARD_IMAGES = 8            # validation images shown in TensorBoard each epoch
 REPORT_IMAGES = 12               # validation images in results/val_overlays.png
 MOVABLE_FLAGS = ("input", "logs", "workers")  # may differ from the stored run on --resume
+BEFORE_FLAGS = {"schedule": "plateau"}  # what a run stored before these flags existed did
 
 
 def parse_args(argv=None):
@@ -50,7 +51,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=8,
                     help="images per step (default: 8: at the accuracy benchmark's budget, 32 scored 0.05 less Dice)")
     ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: 96x128)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate (default: 1e-3)")
+    ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
+                    help="cosine: decay to 0 over the run, step by step; plateau: x0.25 after 4 epochs without "
+                         "a lower val_loss (default: cosine)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--folds", type=int, default=1,
@@ -66,7 +70,7 @@ def parse_args(argv=None):
                     help="one Dice over the whole batch (default: +0.08 cross-validated Dice on the real set), "
                          "or Dice per image, then averaged")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask`")
-    ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the BCE loss on `present`")
+    ap.add_argument("--presence-weight", type=float, default=0.1, help="weight of the BCE loss on `present`")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
     ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
@@ -224,6 +228,13 @@ class Plateau(keras.callbacks.ReduceLROnPlateau):
         return {name: float(getattr(self, name)) for name in self.COUNTERS}
 
 
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds the learning rate reached to each epoch's logs: a schedule does not log itself."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
 class StopOnNonFinite(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss, before any checkpoint can take the bad weights."""
 
@@ -249,7 +260,8 @@ class ResumePoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         save_model(self.model, self.folder / LAST_FILE)
         write_json(self.folder / STATE_FILE, {
-            "run": self.run, "epoch": epoch + 1, "best": self.leaderboard.best, "plateau": self.plateau.counters(),
+            "run": self.run, "epoch": epoch + 1, "best": self.leaderboard.best,
+            "plateau": self.plateau and self.plateau.counters(),
             "random": [keras.ops.convert_to_numpy(v).tolist() for v in random_states(self.model)],
         })
 
@@ -388,12 +400,19 @@ def worker_outputs(args, chief):
         yield
 
 
-def compile_model(args, mean, std):
+def learning_rate(args, steps_per_epoch):
+    """Adam's learning rate: a cosine decay over all training steps, or a constant that Plateau lowers."""
+    if args.schedule == "plateau":
+        return args.lr
+    return keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=args.epochs * steps_per_epoch)
+
+
+def compile_model(args, mean, std, steps_per_epoch):
     synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
     net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
     mask_loss = unet.batch_dice_loss if args.baseline or args.mask_loss == "batch" else unet.dice_loss
     net.compile(
-        optimizer=keras.optimizers.Adam(args.lr),
+        optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
         loss={"mask": mask_loss, "present": "binary_crossentropy"},
         loss_weights={"mask": args.dice_weight, "present": 0.0 if args.baseline else args.presence_weight},
         metrics={"mask": [unet.dice_coef], "present": [keras.metrics.BinaryAccuracy(name="accuracy")]},
@@ -406,8 +425,13 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
     scratch or from a saved resume state; return the best score. The model is built in `scope`."""
     mean, std = float(train[0].mean()), float(train[0].std())
     start = state["epoch"] if state else 0
+    devices = unet.data_parallel_devices()
+    train_batches = augment.AugmentedBatches(*train, args.batch_size, args.seed, epoch=start, flips=args.flips,
+                                             elastic=args.elastic, workers=args.workers, multiple=devices)
+    val_batches = augment.AugmentedBatches(*val, args.batch_size, augment=False, shuffle=False, workers=0,
+                                           multiple=devices)
     with scope():
-        net = compile_model(args, mean, std)
+        net = compile_model(args, mean, std, len(train_batches))
         if state:
             net.optimizer.build(net.trainable_variables)  # so that load_weights restores the optimizer state too
             net.load_weights(out_dir / LAST_FILE)
@@ -419,19 +443,16 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
               f"learning rate {float(net.optimizer.learning_rate):.3g})")
     print(f"model: {net.count_params():,} parameters, input {args.size[0]}x{args.size[1]}, "
           f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}")
-    devices = unet.data_parallel_devices()
-    train_batches = augment.AugmentedBatches(*train, args.batch_size, args.seed, epoch=start, flips=args.flips,
-                                             elastic=args.elastic, workers=args.workers, multiple=devices)
-    val_batches = augment.AugmentedBatches(*val, args.batch_size, augment=False, shuffle=False, workers=0,
-                                           multiple=devices)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = LeaderboardCheckpoint(*val, out_dir, {**settings, "mean": mean, "std": std},
                                        args.batch_size, gate=not args.baseline,
                                        best=state["best"] if state else -np.inf)
-    plateau = Plateau(state["plateau"] if state else None, monitor="val_loss", factor=0.25, patience=4, verbose=1)
+    plateau = (Plateau(state["plateau"] if state else None, monitor="val_loss", factor=0.25, patience=4, verbose=1)
+               if args.schedule == "plateau" else None)
     callbacks = [
+        LearningRateLog(),
         checkpoint,
-        plateau,
+        *([plateau] if plateau else []),
         keras.callbacks.CSVLogger(str(out_dir / "training_log.csv"), append=bool(state)),
         *tensorboard_callbacks(log_dir, *val, gate=not args.baseline),
         StopOnNonFinite(),
@@ -489,7 +510,7 @@ def resumed_args(args):
     if run["complete"]:
         raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
     given, defaults = as_json(args), as_json(parse_args([]))
-    stored = {**defaults, **run["args"]}  # flags added since the run started take their defaults
+    stored = {**defaults, **BEFORE_FLAGS, **run["args"]}  # flags added since: the old behaviour, else the default
     explicit = {k for k, v in given.items() if v != defaults[k]} - {"results", "resume", "force"}
     changed = [k for k in explicit - set(MOVABLE_FLAGS) if given[k] != stored[k]]
     if changed:
@@ -554,11 +575,10 @@ def train_folds(args, scope, policy):
     settings = {
         "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "mask_loss": args.mask_loss,
-        "dice_weight": args.dice_weight,
-        "presence_weight": args.presence_weight, "flips": list(args.flips), "elastic": args.elastic,
-        "conflicts": args.conflicts, "baseline": args.baseline, "backend": keras.backend.backend(),
-        "precision": policy, "run": args.run,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+        "mask_loss": args.mask_loss, "dice_weight": args.dice_weight, "presence_weight": args.presence_weight,
+        "flips": list(args.flips), "elastic": args.elastic, "conflicts": args.conflicts, "baseline": args.baseline,
+        "backend": keras.backend.backend(), "precision": policy, "run": args.run,
     }
     write_json(args.results / RUN_FILE, {"args": as_json(args), "complete": False})
     oof = {"index": [], "fold": []}

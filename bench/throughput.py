@@ -9,7 +9,10 @@ convolutions (forward x3 for forward + backward), the GFLOP/s that makes, and in
 The dense float32 matrix-multiply GFLOP/s of this machine is measured in the same run;
 train_flops_ratio = achieved / matmul at the default size. conv_only_flops_ratio is the same for the
 network with batch norm, ELU and dropout taken out, in the same run: how much of the gap to the matmul
-peak is the convolutions' own and how much the layers between them. Runs under any KERAS_BACKEND.
+peak is the convolutions' own and how much the layers between them. conv_kernel_flops_ratio is two
+3x3 convolutions alone at one of the network's inner shapes (128 channels, a quarter of the input's
+side): the ceiling the backend's convolution kernels put on any network made of them. Runs under any
+KERAS_BACKEND.
 """
 import argparse
 import os
@@ -74,6 +77,21 @@ def convolutions_only(net):
             return PassThrough(name=layer.name)
         return layer.__class__.from_config(layer.get_config())
     return keras.models.clone_model(net, clone_function=keep_convolutions)
+
+
+def conv_pair_gflops(size, channels, batch_size, steps=20):
+    """Training GFLOP/s of two stacked 3x3 convolutions alone, at one of the network's inner shapes: the
+    ceiling the backend's convolution kernels set, whatever the layers around them cost."""
+    net = keras.Sequential([keras.Input((*size, channels)), keras.layers.Conv2D(channels, 3, padding="same"),
+                            keras.layers.Conv2D(channels, 3, padding="same")])
+    net.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).standard_normal((batch_size * steps, *size, channels)).astype(np.float32)
+    net.fit(x[:batch_size], x[:batch_size], batch_size=batch_size, verbose=0)
+    start = time.perf_counter()
+    net.fit(x, x, batch_size=batch_size, verbose=0)
+    per_layer = 2 * np.prod(size) * channels * channels * 9
+    # forward and weight gradient for both, input gradient only for the second (the input needs none)
+    return 5 * per_layer * len(x) / (time.perf_counter() - start) / 1e9
 
 
 def compiled_model(size, convolutions=False):
@@ -144,6 +162,9 @@ def main():
     convs = train_rate(compiled_model(DEFAULT_SIZE, convolutions=True), images, masks, batch_size, False)
     print(f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {default['flops']:>10.2f} {convs:>12.1f} {'':>9} "
           f"{convs * default['flops']:>8.1f}   convolutions only")
+    inner = (DEFAULT_SIZE[0] // 4, DEFAULT_SIZE[1] // 4)
+    pair = conv_pair_gflops(inner, 128, batch_size)
+    print(f"two 3x3 convolutions alone, 128 channels at {inner[0]}x{inner[1]}: {pair:.1f} GFLOP/s training")
 
     print(f"train_images_per_s: {default['plain']:.2f}")
     print(f"infer_images_per_s: {default['infer']:.2f}")
@@ -151,6 +172,7 @@ def main():
     print(f"matmul_gflops: {peak:.1f}")
     print(f"train_flops_ratio: {default['plain'] * default['flops'] / peak:.2f}")
     print(f"conv_only_flops_ratio: {convs * default['flops'] / peak:.2f}")
+    print(f"conv_kernel_flops_ratio: {pair / peak:.2f}")
     print(f"augment_ratio: {default['augmented'] / default['plain']:.2f}")
     if ((64, 80), "bf16") in figures:
         print(f"bf16_speedup_64x80: {figures[(64, 80), 'bf16']['plain'] / figures[(64, 80), 'fp32']['plain']:.2f}")

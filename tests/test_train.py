@@ -48,6 +48,22 @@ def test_image_split_is_stratified():
     assert val.sum() == 10 and present[val].sum() == 4
 
 
+def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant():
+    cosine = train.learning_rate(train.parse_args(["--lr", "0.002", "--epochs", "4"]), steps_per_epoch=10)
+    rates = [float(cosine(step)) for step in (0, 20, 39, 40)]
+    np.testing.assert_allclose(rates[:2], [0.002, 0.001], rtol=1e-5)
+    assert 0 < rates[2] < 1e-5 and rates[3] == 0
+    assert train.learning_rate(train.parse_args(["--schedule", "plateau"]), steps_per_epoch=10) == 1e-3
+
+
+def test_a_run_stored_before_the_schedule_flag_resumes_on_its_plateau_schedule(tmp_path):
+    stored = train.as_json(train.parse_args(["--results", str(tmp_path)]))
+    del stored["schedule"]
+    utils.write_json(tmp_path / train.RUN_FILE, {"args": stored, "complete": False})
+    resumed = train.resumed_args(train.parse_args(["--results", str(tmp_path), "--resume"]))
+    assert resumed.schedule == "plateau" and resumed.presence_weight == stored["presence_weight"]
+
+
 # depth 2: half the graph to trace, which is most of a tiny run's time
 TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
 
@@ -71,7 +87,7 @@ def training_log(results):
 
 def poison(path):
     """Overwrite a resume checkpoint's first kernel with NaN, as a diverged optimizer step would."""
-    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=0.0, std=1.0)
+    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=0.0, std=1.0, steps_per_epoch=1)
     net.optimizer.build(net.trainable_variables)
     net.load_weights(path)
     kernel = net.trainable_weights[0]
