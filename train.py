@@ -393,11 +393,15 @@ def worker_outputs(args, chief):
     if chief:
         yield
         return
+    kept = args.results
     with tempfile.TemporaryDirectory(prefix="nerve-worker-") as scratch:
         if args.resume:  # every worker resumes from the chief's files, so they must see results/
-            shutil.copytree(args.results, Path(scratch) / "results")
+            shutil.copytree(kept, Path(scratch) / "results")
         args.results, args.logs = Path(scratch) / "results", Path(scratch) / "logs"
-        yield
+        try:
+            yield
+        except UserError as e:  # point the user at the chief's folder, which --resume continues from
+            raise UserError(str(e).replace(str(args.results), str(kept))) from None
 
 
 def learning_rate(args, steps_per_epoch):

@@ -256,6 +256,16 @@ def test_multiworker_without_tf_config_says_what_to_set(tiny_input, monkeypatch)
         train.main(["--distribute", "multiworker", "--input", str(tiny_input)])
 
 
+def test_a_failing_worker_names_the_chiefs_results_not_its_scratch_folder(tmp_path):
+    args = train.parse_args(["--results", str(tmp_path / "results")])
+    with pytest.raises(utils.UserError) as failure:
+        with train.worker_outputs(args, chief=False):
+            scratch = args.results
+            raise utils.UserError(f"interrupted: continue with `python train.py --results {args.results} --resume`")
+    assert str(tmp_path / "results") in str(failure.value) and str(scratch) not in str(failure.value)
+    assert not scratch.parent.exists()
+
+
 def test_jax_data_parallel_on_two_cpus_matches_one_device(tiny_input, tmp_path):
     flags = [*SMALL_RUN, "--input", tiny_input, "--batch-size", 8, "--val-fraction", 0.3]
     env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
