@@ -140,6 +140,25 @@ def batch_dice_loss(y_true, y_pred):
 
 
 @keras.saving.register_keras_serializable(package="nerve")
+class DiceBCELoss(keras.losses.Loss):
+    """A Dice loss (over the batch, or per image) plus `bce_weight` times each image's mean per-pixel binary
+    cross-entropy, whose gradient does not fade where the prediction is far from the truth."""
+
+    def __init__(self, per_image=False, bce_weight=1.0, name="dice_bce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.per_image, self.bce_weight = per_image, bce_weight
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        dice = dice_loss(y_true, y_pred) if self.per_image else batch_dice_loss(y_true, y_pred)
+        bce = ops.mean(ops.binary_crossentropy(y_true, y_pred), axis=tuple(range(1, len(y_pred.shape))))
+        return dice + self.bce_weight * bce
+
+    def get_config(self):
+        return {**super().get_config(), "per_image": self.per_image, "bce_weight": self.bce_weight}
+
+
+@keras.saving.register_keras_serializable(package="nerve")
 def dice_coef(y_true, y_pred):
     """Mean per-image soft Dice, as a training metric."""
     return dice_per_image(y_true, y_pred)

@@ -70,6 +70,8 @@ def parse_args(argv=None):
                     help="one Dice over the whole batch (default: +0.08 cross-validated Dice on the real set), "
                          "or Dice per image, then averaged")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask`")
+    ap.add_argument("--bce-weight", type=float, default=0.0,
+                    help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: 0)")
     ap.add_argument("--presence-weight", type=float, default=0.1, help="weight of the BCE loss on `present`")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
@@ -101,7 +103,7 @@ def parse_args(argv=None):
         (args.folds >= 1, "--folds must be at least 1"),
         (args.base_filters >= 1 and args.depth >= 1, "--base-filters and --depth must be at least 1"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.dice_weight >= 0 and args.presence_weight >= 0, "loss weights must not be negative"),
+        (min(args.dice_weight, args.bce_weight, args.presence_weight) >= 0, "loss weights must not be negative"),
         (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
         (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
         (all(s % 2**args.depth == 0 for s in args.size),
@@ -414,7 +416,10 @@ def learning_rate(args, steps_per_epoch):
 def compile_model(args, mean, std, steps_per_epoch):
     synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
     net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
-    mask_loss = unet.batch_dice_loss if args.baseline or args.mask_loss == "batch" else unet.dice_loss
+    per_image = args.mask_loss == "image" and not args.baseline
+    mask_loss = unet.dice_loss if per_image else unet.batch_dice_loss
+    if args.bce_weight and not args.baseline:
+        mask_loss = unet.DiceBCELoss(per_image, args.bce_weight)
     net.compile(
         optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
         loss={"mask": mask_loss, "present": "binary_crossentropy"},
@@ -580,7 +585,8 @@ def train_folds(args, scope, policy):
         "size": list(args.size), "base_filters": args.base_filters, "depth": args.depth, "dropout": args.dropout,
         "seed": args.seed, "split": args.split, "val_fraction": args.val_fraction, "folds": args.folds,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
-        "mask_loss": args.mask_loss, "dice_weight": args.dice_weight, "presence_weight": args.presence_weight,
+        "mask_loss": args.mask_loss, "dice_weight": args.dice_weight, "bce_weight": args.bce_weight,
+        "presence_weight": args.presence_weight,
         "flips": list(args.flips), "elastic": args.elastic, "conflicts": args.conflicts, "baseline": args.baseline,
         "backend": keras.backend.backend(), "precision": policy, "run": args.run,
     }

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -40,6 +41,19 @@ def test_dice_loss_per_image_with_smoothing():
     assert loss[0] == pytest.approx(0.0)            # empty prediction on an empty mask: perfect
     assert loss[1] == pytest.approx(1 - 1 / 5)       # smoothed: (0 + 1) / (4 + 0 + 1)
     assert np.asarray(model.dice_loss(y, y))[1] == pytest.approx(0.0)
+
+
+def test_dice_bce_loss_adds_each_images_weighted_pixel_cross_entropy():
+    y = np.zeros((2, 4, 4, 1), np.float32)
+    y[1, :2, :2] = 1
+    p = np.full_like(y, 0.25)
+    bce = np.array([-np.log(0.75), (12 * -np.log(0.75) + 4 * -np.log(0.25)) / 16])
+    for per_image, dice in ((True, model.dice_loss), (False, model.batch_dice_loss)):
+        loss = model.DiceBCELoss(per_image, bce_weight=0.5)
+        expected = np.asarray(dice(y, p)) + 0.5 * bce
+        np.testing.assert_allclose(np.asarray(loss.call(y, p)), expected, rtol=1e-5)
+        restored = keras.losses.deserialize(keras.losses.serialize(loss))
+        assert (restored.per_image, restored.bce_weight) == (per_image, 0.5)
 
 
 def test_precision_policies_keep_inputs_and_outputs_in_float32():
