@@ -45,9 +45,10 @@ MOVABLE_FLAGS = ("input", "logs", "workers")  # may differ from the stored run o
 BEFORE_FLAGS = {"schedule": "plateau"}  # what a run stored before these flags existed did
 
 
-def parse_args(argv=None):
+def arg_parser():
+    """train.py's flags, each with its default."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=30, help="passes over the training images (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4,
                     help="images per step (default: 4: at the accuracy benchmark's budget, more steps scored higher)")
     ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: 96x128)")
@@ -55,25 +56,30 @@ def parse_args(argv=None):
     ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay to 0 over the run, step by step; plateau: x0.25 after 4 epochs without "
                          "a lower val_loss (default: cosine)")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=42, help="split, weights and augmentation (default: %(default)s)")
+    ap.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of the images held out for validation, whole subjects, when --folds is 1 "
+                         "(default: %(default)s)")
     ap.add_argument("--folds", type=int, default=1,
                     help="K > 1: train K models on subject-grouped folds, keep out-of-fold predictions (default: 1)")
     ap.add_argument("--baseline", action="store_true",
                     help="train the tutorials' way for comparison: batch Dice loss, no presence head or gate")
     ap.add_argument("--split", choices=("subject", "image"), default="subject",
-                    help="validation split: whole subjects (default) or plain stratified by image")
+                    help="validation split: whole subjects, or plain stratified by image (default: subject)")
     ap.add_argument("--base-filters", type=int, default=32, help="filters at the top level (default: 32, ~8M parameters)")
     ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: 4)")
-    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--dropout", type=float, default=0.3,
+                    help="dropout rate at the bottleneck and the presence head (default: %(default)s)")
     ap.add_argument("--mask-loss", choices=("batch", "image"), default="batch",
                     help="one Dice over the whole batch (default: +0.08 cross-validated Dice on the real set), "
                          "or Dice per image, then averaged")
-    ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask`")
+    ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask` (default: %(default)s)")
     ap.add_argument("--bce-weight", type=float, default=0.0,
                     help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: 0)")
-    ap.add_argument("--presence-weight", type=float, default=0.1, help="weight of the BCE loss on `present`")
-    ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
+    ap.add_argument("--presence-weight", type=float, default=0.1,
+                    help="weight of the BCE loss on `present` (default: %(default)s)")
+    ap.add_argument("--flips", default="horizontal",
+                    help="comma-separated flips: horizontal, vertical, or none (default: %(default)s)")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
     ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
                     help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
@@ -85,14 +91,19 @@ def parse_args(argv=None):
                          "(tf.distribute.MultiWorkerMirroredStrategy) (default: none)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
-    ap.add_argument("--input", type=Path, default=INPUT_DIR)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--logs", type=Path, default=LOGS_DIR)
+    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR,
+                    help="models, settings, out-of-fold predictions (default: %(default)s)")
+    ap.add_argument("--logs", type=Path, default=LOGS_DIR, help="TensorBoard logs (default: %(default)s)")
     ap.add_argument("--run", default=None, help="TensorBoard run name (default: date and time)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the interrupted run in --results from its last completed epoch, with its settings")
     ap.add_argument("--force", action="store_true", help="start over although --results holds an unfinished run")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    args = arg_parser().parse_args(argv)
     args.size = parse_size(args.size)
     args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
     checks = [

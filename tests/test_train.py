@@ -27,6 +27,12 @@ def test_bad_flags_are_one_clear_error(flag):
         train.parse_args(flag)
 
 
+def test_help_gives_every_valued_flags_default():
+    valued = [a for a in train.arg_parser()._actions if a.option_strings and a.nargs != 0]
+    assert len(valued) > 20
+    assert [a.dest for a in valued if "(default: " not in a.help] == []
+
+
 def test_subject_split_is_grouped_stratified_and_seeded():
     rng = np.random.default_rng(0)
     subjects = np.repeat(np.arange(1, 21), 50)
