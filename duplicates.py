@@ -129,8 +129,8 @@ def main(argv=None):
     ap.add_argument("--dice", type=float, default=CONFLICT_DICE,
                     help=f"duplicates whose masks' Dice is below this conflict (default: {CONFLICT_DICE})")
     ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png (default: 8)")
-    ap.add_argument("--input", type=Path, default=INPUT_DIR)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the CSV and figures go (default: %(default)s)")
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1 or not 0 <= args.dice <= 1 or args.show < 0:
         raise UserError("--threshold must be in (0, 1), --dice in [0, 1], --show at least 0")

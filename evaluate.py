@@ -214,8 +214,10 @@ def main(argv=None):
                     help="a labelled folder (Kaggle layout, or the arrays data.py wrote) to predict and score; "
                          "default: the cross-validated out-of-fold predictions")
     ap.add_argument("--data", type=Path, default=INPUT_DIR, help="the arrays train.py used (default: input)")
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--tta", choices=("hflip", "none"), default="hflip")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR,
+                    help="what train.py wrote; evaluation.json and worst_cases.png go here (default: %(default)s)")
+    ap.add_argument("--tta", choices=("hflip", "none"), default="hflip",
+                    help="test-time augmentation: average with the mirrored image (default: %(default)s)")
     args = ap.parse_args(argv)
     tta = args.tta == "hflip"
     if args.input is None:

@@ -152,9 +152,9 @@ def main(argv=None):
                     help="test-time augmentation: average with the mirrored image (default: hflip)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="inference precision, as in train.py (default: auto)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--input", type=Path, default=INPUT_DIR)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--batch-size", type=int, default=32, help="images per prediction step (default: %(default)s)")
+    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="the models train.py wrote (default: %(default)s)")
     ap.add_argument("--output", type=Path, default=None, help="CSV path (default: results/submission.csv)")
     args = ap.parse_args(argv)
     if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
