@@ -140,6 +140,22 @@ def batch_dice_loss(y_true, y_pred):
 
 
 @keras.saving.register_keras_serializable(package="nerve")
+def lovasz_hinge_loss(y_true, y_pred):
+    """Lovasz hinge per image (Berman et al., 2018): a convex surrogate of 1 - IoU on the logits, whose
+    gradient weights each pixel's hinge error by how much it moves the image's IoU."""
+    y_true = ops.cast(ops.reshape(y_true, (ops.shape(y_true)[0], -1)), "float32")
+    p = ops.clip(ops.reshape(ops.cast(y_pred, "float32"), (ops.shape(y_pred)[0], -1)), 1e-6, 1 - 1e-6)
+    errors = 1.0 - (ops.log(p) - ops.log(1.0 - p)) * (2.0 * y_true - 1.0)
+    order = ops.argsort(-errors, axis=-1)
+    errors = ops.take_along_axis(errors, order, axis=-1)
+    truth = ops.stop_gradient(ops.take_along_axis(y_true, order, axis=-1))
+    positives = ops.sum(truth, axis=-1, keepdims=True)
+    jaccard = 1.0 - (positives - ops.cumsum(truth, axis=-1)) / (positives + ops.cumsum(1.0 - truth, axis=-1))
+    weights = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
+    return ops.sum(ops.relu(errors) * weights, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="nerve")
 class DiceBCELoss(keras.losses.Loss):
     """A Dice loss (over the batch, or per image) plus `bce_weight` times each image's mean per-pixel binary
     cross-entropy, whose gradient does not fade where the prediction is far from the truth."""

@@ -41,6 +41,7 @@ LAST_FILE = "last.keras"         # in each model folder: the latest epoch with i
 STATE_FILE = "train_state.json"  # beside it: epoch counter, best score, learning-rate schedule state
 TENSORBOARD_IMAGES = 8            # validation images shown in TensorBoard each epoch
 REPORT_IMAGES = 12               # validation images in results/val_overlays.png
+MASK_LOSSES = {"batch": unet.batch_dice_loss, "image": unet.dice_loss, "lovasz": unet.lovasz_hinge_loss}
 MOVABLE_FLAGS = ("input", "logs", "workers")  # may differ from the stored run on --resume
 BEFORE_FLAGS = {"schedule": "plateau"}  # what a run stored before these flags existed did
 
@@ -70,9 +71,9 @@ def arg_parser():
     ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: 4)")
     ap.add_argument("--dropout", type=float, default=0.3,
                     help="dropout rate at the bottleneck and the presence head (default: %(default)s)")
-    ap.add_argument("--mask-loss", choices=("batch", "image"), default="batch",
-                    help="one Dice over the whole batch (default: +0.08 cross-validated Dice on the real set), "
-                         "or Dice per image, then averaged")
+    ap.add_argument("--mask-loss", choices=tuple(MASK_LOSSES), default="batch",
+                    help="batch: one Dice over the whole batch (default: +0.08 cross-validated Dice on the real "
+                         "set); image: Dice per image, then averaged; lovasz: Lovasz hinge per image")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask` (default: %(default)s)")
     ap.add_argument("--bce-weight", type=float, default=0.0,
                     help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: 0)")
@@ -115,6 +116,8 @@ def parse_args(argv=None):
         (args.base_filters >= 1 and args.depth >= 1, "--base-filters and --depth must be at least 1"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (min(args.dice_weight, args.bce_weight, args.presence_weight) >= 0, "loss weights must not be negative"),
+        (not (args.bce_weight and args.mask_loss == "lovasz"),
+         "--bce-weight adds to a Dice loss: use it with --mask-loss batch or image"),
         (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
         (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
         (all(s % 2**args.depth == 0 for s in args.size),
@@ -427,10 +430,10 @@ def learning_rate(args, steps_per_epoch):
 def compile_model(args, mean, std, steps_per_epoch):
     synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
     net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
-    per_image = args.mask_loss == "image" and not args.baseline
-    mask_loss = unet.dice_loss if per_image else unet.batch_dice_loss
+    kind = "batch" if args.baseline else args.mask_loss
+    mask_loss = MASK_LOSSES[kind]
     if args.bce_weight and not args.baseline:
-        mask_loss = unet.DiceBCELoss(per_image, args.bce_weight)
+        mask_loss = unet.DiceBCELoss(kind == "image", args.bce_weight)
     net.compile(
         optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
         loss={"mask": mask_loss, "present": "binary_crossentropy"},

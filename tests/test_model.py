@@ -56,6 +56,17 @@ def test_dice_bce_loss_adds_each_images_weighted_pixel_cross_entropy():
         assert (restored.per_image, restored.bce_weight) == (per_image, 0.5)
 
 
+def test_lovasz_hinge_is_the_jaccard_loss_on_hard_predictions():
+    y = np.zeros((2, 4, 4, 1), np.float32)
+    y[0, :2, :2] = 1                                  # 4 nerve pixels
+    hit = y.copy()
+    hit[0, 0, 0] = 0                                  # one missed
+    hit[0, 3, 2:] = 1                                 # two false positives: IoU 3 / 6
+    p = np.where(hit > 0, 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))).astype(np.float32)  # logits +-1
+    # each wrong pixel's hinge error is 2, so the loss is 2 x (1 - IoU); the empty image predicted empty is 0
+    np.testing.assert_allclose(np.asarray(model.lovasz_hinge_loss(y, p)), [2 * (1 - 3 / 6), 0.0], atol=1e-5)
+
+
 def test_precision_policies_keep_inputs_and_outputs_in_float32():
     try:
         assert model.set_precision("bf16") == "mixed_bfloat16"

@@ -21,7 +21,7 @@ from conftest import ROOT, run_script
 
 @pytest.mark.parametrize("flag", [["--size", "95x130"], ["--epochs", "0"], ["--val-fraction", "1.5"],
                                   ["--lr", "-1"], ["--size", "big"], ["--flips", "diagonal"],
-                                  ["--bce-weight", "-0.5"]])
+                                  ["--bce-weight", "-0.5"], ["--mask-loss", "lovasz", "--bce-weight", "1"]])
 def test_bad_flags_are_one_clear_error(flag):
     with pytest.raises(utils.UserError):
         train.parse_args(flag)
@@ -64,7 +64,7 @@ def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant
     assert train.learning_rate(train.parse_args(["--schedule", "plateau"]), steps_per_epoch=10) == 1e-3
 
 
-def test_bce_weight_adds_pixel_cross_entropy_to_the_mask_loss_except_in_the_baseline():
+def test_mask_loss_flags_pick_the_loss_and_the_baseline_keeps_batch_dice():
     def mask_loss(*flags):
         net = train.compile_model(train.parse_args([*map(str, TINY), *flags]), mean=0.0, std=1.0, steps_per_epoch=1)
         return net.loss["mask"]
@@ -74,6 +74,7 @@ def test_bce_weight_adds_pixel_cross_entropy_to_the_mask_loss_except_in_the_base
     combined = mask_loss("--mask-loss", "image", "--bce-weight", "0.3")
     assert isinstance(combined, model.DiceBCELoss) and (combined.per_image, combined.bce_weight) == (True, 0.3)
     assert mask_loss("--baseline", "--bce-weight", "0.3") is model.batch_dice_loss
+    assert mask_loss("--mask-loss", "lovasz") is model.lovasz_hinge_loss
 
 
 def test_a_run_stored_before_the_schedule_flag_resumes_on_its_plateau_schedule(tmp_path):
