@@ -74,7 +74,7 @@ def arg_parser():
     ap.add_argument("--mask-loss", choices=tuple(MASK_LOSSES), default="batch",
                     help="batch: one Dice over the whole batch (default: +0.08 cross-validated Dice on the real "
                          "set); image: Dice per image, then averaged; lovasz: Lovasz hinge per image")
-    ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice loss on `mask` (default: %(default)s)")
+    ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the mask loss (default: %(default)s)")
     ap.add_argument("--bce-weight", type=float, default=0.0,
                     help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: 0)")
     ap.add_argument("--presence-weight", type=float, default=0.1,
