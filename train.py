@@ -51,24 +51,25 @@ def arg_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=30, help="passes over the training images (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4,
-                    help="images per step (default: 4: at the accuracy benchmark's budget, more steps scored higher)")
-    ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: 96x128)")
+                    help="images per step (default: %(default)s: at the accuracy benchmark's budget, more steps scored higher)")
+    ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate (default: 1e-3)")
     ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay to 0 over the run, step by step; plateau: x0.25 after 4 epochs without "
-                         "a lower val_loss (default: cosine)")
+                         "a lower val_loss (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=42, help="split, weights and augmentation (default: %(default)s)")
     ap.add_argument("--val-fraction", type=float, default=0.1,
                     help="share of the images held out for validation, whole subjects, when --folds is 1 "
                          "(default: %(default)s)")
     ap.add_argument("--folds", type=int, default=1,
-                    help="K > 1: train K models on subject-grouped folds, keep out-of-fold predictions (default: 1)")
+                    help="K > 1: train K models on subject-grouped folds, keep out-of-fold predictions (default: %(default)s)")
     ap.add_argument("--baseline", action="store_true",
                     help="train the tutorials' way for comparison: batch Dice loss, no presence head or gate")
     ap.add_argument("--split", choices=("subject", "image"), default="subject",
-                    help="validation split: whole subjects, or plain stratified by image (default: subject)")
-    ap.add_argument("--base-filters", type=int, default=32, help="filters at the top level (default: 32, ~8M parameters)")
-    ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: 4)")
+                    help="validation split: whole subjects, or plain stratified by image (default: %(default)s)")
+    ap.add_argument("--base-filters", type=int, default=32,
+                    help="filters at the top level (default: %(default)s, ~8M parameters)")
+    ap.add_argument("--depth", type=int, default=4, help="down-sampling steps (default: %(default)s)")
     ap.add_argument("--dropout", type=float, default=0.3,
                     help="dropout rate at the bottleneck and the presence head (default: %(default)s)")
     ap.add_argument("--mask-loss", choices=tuple(MASK_LOSSES), default="batch",
@@ -84,14 +85,14 @@ def arg_parser():
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (default: off)")
     ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
                     help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
-                         "keep them, drop them, or give them the twin's mask (default: keep)")
-    ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: 2)")
+                         "keep them, drop them, or give them the twin's mask (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="augmentation threads (default: %(default)s)")
     ap.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
                     help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
                          "keras.distribution.DataParallel on jax); multiworker = the hosts in TF_CONFIG "
-                         "(tf.distribute.MultiWorkerMirroredStrategy) (default: none)")
+                         "(tf.distribute.MultiWorkerMirroredStrategy) (default: %(default)s)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                    help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: auto)")
+                    help="auto: mixed fp16 on a GPU, bf16 on CPUs with native bf16, else fp32 (default: %(default)s)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR,
                     help="models, settings, out-of-fold predictions (default: %(default)s)")
