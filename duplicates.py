@@ -39,6 +39,11 @@ def signatures(images):
     return standardised(np.stack([cv2.resize(im, SIGNATURE, interpolation=cv2.INTER_AREA) for im in images]))
 
 
+def frame_distance(images, a, b):
+    """1 - the Pearson correlation of frames a and b at full resolution."""
+    return 1.0 - float(np.prod(standardised(images[[a, b]]), axis=0).sum())
+
+
 def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
     """Frame pairs of one subject closer than threshold at full resolution, as (pairs (k, 2), distances (k,)),
     and the signature distances of every within-subject pair (for the histogram)."""
@@ -51,7 +56,7 @@ def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
         every.append(rough)
         for k in np.flatnonzero(rough < CANDIDATE_MARGIN * threshold):
             a, b = idx[first[k]], idx[second[k]]
-            exact = 1.0 - float(np.prod(standardised(images[[a, b]]), axis=0).sum())
+            exact = frame_distance(images, a, b)
             if exact < threshold:
                 pairs.append((a, b))
                 distances.append(exact)
@@ -59,6 +64,27 @@ def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
             progress(len(idx))
     return (np.array(pairs, int).reshape(-1, 2), np.array(distances, float),
             np.concatenate(every) if every else np.zeros(0))
+
+
+def nearest_frame_agreement(images, masks, subjects, threshold=THRESHOLD):
+    """How far the labels agree with themselves: for each frame with a nerve, the Dice of its mask with that of
+    the closest other frame of its subject (by signature), and whether that frame is a duplicate (closer than
+    threshold at full resolution). Annotators who drew every view alike would score 1 throughout."""
+    sig = signatures(images)
+    agreement, duplicate = [], []
+    for subject in np.unique(subjects):
+        idx = np.flatnonzero(subjects == subject)
+        if len(idx) < 2:
+            continue
+        closeness = sig[idx] @ sig[idx].T
+        np.fill_diagonal(closeness, -np.inf)
+        for row, a in enumerate(idx):
+            b = idx[np.argmax(closeness[row])]
+            m = np.asarray(masks[[a, b]])
+            if m[0].any():
+                agreement.append(dice_per_image(m[:1], m[1:])[0])
+                duplicate.append(frame_distance(images, a, b) < threshold)
+    return np.array(agreement), np.array(duplicate, bool)
 
 
 def pair_stats(masks, pairs, dice=CONFLICT_DICE):

@@ -7,7 +7,8 @@
 Builds a Kaggle-layout folder from ../shared/data/nerve with ../shared/tools/make_real_input.py, runs
 data.py, train.py --folds K and evaluate.py, and ends with `name: value` lines. That real set is 2% empty
 (Kaggle's is 59%), so cv_leaderboard is dominated by images with a nerve and presence_auc rests on few
-negatives. `label_agreement` says how far the labels agree with themselves, to read the others against.
+negatives. `label_agreement` (duplicates.nearest_frame_agreement) says how far the labels agree with
+themselves, the scale to read the others against.
 """
 import argparse
 import json
@@ -18,17 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+from duplicates import nearest_frame_agreement  # noqa: E402
 from utils import load_arrays  # noqa: E402
-
-THUMBNAIL = (40, 32)  # width, height: enough to find a subject's near-identical frames
-NEAR_DUPLICATE = 0.98  # thumbnail correlation above which two frames show the same view
 
 
 def run(*args):
@@ -52,30 +48,6 @@ def device():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     return f"{cpu}, {os.cpu_count()} cores ({backend})"
-
-
-def label_agreement(images, masks, subjects):
-    """The Dice between each nerve mask and the mask of the most similar other frame of its subject
-    (correlation of thumbnails): its mean over all nerve images, and over those whose nearest frame is a
-    near-duplicate. Annotators who drew the same view twice the same way would score 1."""
-    thumbs = np.stack([cv2.resize(np.asarray(i, np.float32), THUMBNAIL, interpolation=cv2.INTER_AREA).ravel()
-                       for i in images])
-    thumbs = (thumbs - thumbs.mean(1, keepdims=True)) / np.maximum(thumbs.std(1, keepdims=True), 1e-6)
-    subjects = np.asarray(subjects)
-    scores, similarity = [], []
-    for s in np.unique(subjects):
-        idx = np.flatnonzero(subjects == s)
-        corr = thumbs[idx] @ thumbs[idx].T / thumbs.shape[1]
-        np.fill_diagonal(corr, -np.inf)
-        for row, i in enumerate(idx):
-            mask = np.asarray(masks[i]) > 0
-            if len(idx) < 2 or not mask.any():
-                continue
-            nearest = np.asarray(masks[idx[np.argmax(corr[row])]]) > 0
-            scores.append(2 * np.count_nonzero(mask & nearest) / (np.count_nonzero(mask) + np.count_nonzero(nearest)))
-            similarity.append(corr[row].max())
-    scores, near = np.array(scores), np.array(similarity) >= NEAR_DUPLICATE
-    return float(scores.mean()), float(scores[near].mean()) if near.any() else float("nan")
 
 
 def cross_validate(work, real, name, folds, train_flags):
@@ -111,8 +83,8 @@ def main():
         run(ROOT / "data.py", "--input", real)
 
     arrays = load_arrays(real, ("train_images", "train_masks", "train_subjects"))
-    agreement, agreement_near = label_agreement(arrays["train_images"], arrays["train_masks"],
-                                                arrays["train_subjects"])
+    agreement, duplicate = nearest_frame_agreement(arrays["train_images"], arrays["train_masks"],
+                                                   arrays["train_subjects"])
     rows, minutes = cross_validate(args.work, real, "default", folds, flags)
     if args.baseline:
         baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])
@@ -126,8 +98,8 @@ def main():
         print(f"baseline_cv_dice_nonempty: {baseline['all folds']['dice_nonempty']:.4f}")
         print(f"baseline_cv_leaderboard: {baseline['all folds']['leaderboard']:.4f}")
         print(f"baseline_train_minutes: {baseline_minutes:.1f}")
-    print(f"label_agreement: {agreement:.4f}")
-    print(f"label_agreement_near_duplicates: {agreement_near:.4f}")
+    print(f"label_agreement: {agreement.mean():.4f}")
+    print(f"label_agreement_duplicates: {agreement[duplicate].mean() if duplicate.any() else float('nan'):.4f}")
     print(f"device: {device()}")
 
 

@@ -56,3 +56,12 @@ def test_command_writes_the_pairs_csv_histogram_and_side_by_side_pictures(tmp_pa
     assert [(r["id_a"], r["id_b"], r["conflict"]) for r in rows] == [("1_0", "1_1", "0"), ("1_2", "1_3", "1")]
     assert_picture(tmp_path / "results" / "duplicates_hist.png", 250, 500)
     assert_picture(tmp_path / "results" / "duplicates_pairs.png", 150, 700)
+
+
+def test_each_nerve_mask_is_compared_with_its_closest_frame_in_the_subject():
+    images, masks, subjects = frames_with_twins()
+    agreement, duplicate = duplicates.nearest_frame_agreement(images, masks, subjects)
+    # frames 0 and 1: twins marked alike; frame 2: its twin 3 left empty; frame 6: its subject's other
+    # frames are unrelated and empty (its exact copy, frame 0, belongs to another subject)
+    assert agreement.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert duplicate.tolist() == [True, True, True, False]
