@@ -154,7 +154,7 @@ def main(argv=None):
                     help=f"largest 1 - correlation for a duplicate (default: {THRESHOLD})")
     ap.add_argument("--dice", type=float, default=CONFLICT_DICE,
                     help=f"duplicates whose masks' Dice is below this conflict (default: {CONFLICT_DICE})")
-    ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png (default: 8)")
+    ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png (default: %(default)s)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the CSV and figures go (default: %(default)s)")
     args = ap.parse_args(argv)

@@ -53,7 +53,7 @@ def arg_parser():
     ap.add_argument("--batch-size", type=int, default=4,
                     help="images per step (default: %(default)s: at the accuracy benchmark's budget, more steps scored higher)")
     ap.add_argument("--size", default="96x128", help="network input HxW, each divisible by 2**depth (default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate (default: 1e-3)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate (default: %(default)s)")
     ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay to 0 over the run, step by step; plateau: x0.25 after 4 epochs without "
                          "a lower val_loss (default: %(default)s)")
@@ -77,7 +77,7 @@ def arg_parser():
                          "set); image: Dice per image, then averaged; lovasz: Lovasz hinge per image")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the mask loss (default: %(default)s)")
     ap.add_argument("--bce-weight", type=float, default=0.0,
-                    help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: 0)")
+                    help="weight of a per-pixel binary cross-entropy added to the Dice loss on `mask` (default: %(default)s)")
     ap.add_argument("--presence-weight", type=float, default=0.1,
                     help="weight of the BCE loss on `present` (default: %(default)s)")
     ap.add_argument("--flips", default="horizontal",

@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 subjects x 30 frames, 1 epoch, tiny model")
     ap.add_argument("--folds", type=int, default=None, help="default 5 (quick: 2)")
     ap.add_argument("--baseline", action="store_true", help="also run the plain batch-Dice U-Net, same protocol")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder (default: /tmp/nerve-bench)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder (default: %(default)s)")
     ap.add_argument("train_flags", nargs=argparse.REMAINDER,
                     help="further train.py flags after --, e.g. -- --epochs 8 --size 64x80")
     args = ap.parse_args()
