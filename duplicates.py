@@ -151,10 +151,11 @@ def pairs_png(images, masks, ids, pairs, distances, path, n):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threshold", type=float, default=THRESHOLD,
-                    help=f"largest 1 - correlation for a duplicate (default: {THRESHOLD})")
+                    help="largest 1 - correlation for a duplicate (default: %(default)s)")
     ap.add_argument("--dice", type=float, default=CONFLICT_DICE,
-                    help=f"duplicates whose masks' Dice is below this conflict (default: {CONFLICT_DICE})")
-    ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png (default: %(default)s)")
+                    help="duplicates whose masks' Dice is below this conflict (default: %(default)s)")
+    ap.add_argument("--show", type=int, default=8,
+                    help="conflicting pairs drawn in duplicates_pairs.png (default: %(default)s)")
     ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the CSV and figures go (default: %(default)s)")
     args = ap.parse_args(argv)
