@@ -6,11 +6,13 @@ aligned and the mask stays binary. Optional elastic deformation shares one displ
 same way. Every batch is a function of (seed, epoch, batch index) alone, so results do not depend
 on which worker made it.
 """
+
 import cv2
 import keras
 import numpy as np
 
-from utils import IMAGE_WIDTH
+from common import IMAGE_HEIGHT, IMAGE_WIDTH
+from metrics import presence
 
 ROTATION_DEG = 10.0
 SHIFT_PX = 20.0  # at the original 580-pixel width; scaled to the training size
@@ -21,13 +23,21 @@ def resize_images(images, size, scale=1):
     """(n, H, W) uint8 images (times scale) -> (n, h, w) uint8 at size (h, w), area-averaged, one image at
     a time: a memory-mapped input is never copied whole."""
     h, w = size
-    return np.stack([cv2.resize(np.asarray(im) * np.uint8(scale), (w, h), interpolation=cv2.INTER_AREA)
-                     for im in images]) if len(images) else np.zeros((0, h, w), np.uint8)
+    return (
+        np.stack([cv2.resize(np.asarray(im) * np.uint8(scale), (w, h), interpolation=cv2.INTER_AREA) for im in images])
+        if len(images)
+        else np.zeros((0, h, w), np.uint8)
+    )
 
 
 def resize_masks(masks, size):
     """(n, H, W) 0/1 masks -> (n, h, w) 0/1 masks: a pixel is nerve if most of its area is."""
     return (resize_images(masks, size, scale=255) >= 128).astype(np.uint8)
+
+
+def full_size(prob, shape=(IMAGE_HEIGHT, IMAGE_WIDTH)):
+    """A probability map resized to an image's (height, width), before thresholding, so edges stay smooth."""
+    return cv2.resize(np.asarray(prob, np.float32), shape[::-1], interpolation=cv2.INTER_LINEAR)
 
 
 def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX):
@@ -71,20 +81,30 @@ def as_batch(images, masks):
     """Model inputs and targets from uint8 arrays: (n, h, w, 1) float32 and {mask, present}."""
     x = images[..., None].astype(np.float32)
     y = masks[..., None].astype(np.float32)
-    return x, {"mask": y, "present": y.reshape(len(y), -1).max(axis=1, keepdims=True)}
+    return x, {"mask": y, "present": presence(masks).astype(np.float32)[:, None]}
 
 
 class AugmentedBatches(keras.utils.PyDataset):
     """Shuffled, augmented batches of (image, {mask, present}) at the arrays' size.
 
-    Workers are threads: cv2 releases the GIL, so threads make batches in parallel with the
-    training step without copying the arrays into other processes. Measured by bench/throughput.py
-    on 2 cores at 96x128: 3.4 img/s with augmentation vs 3.3 without (same workers), so processes,
-    which would copy the arrays, have nothing to gain.
+    Workers are threads: cv2 releases the GIL, so threads make batches in parallel with the training step
+    without copying the arrays into other processes (bench/throughput.py's augment_ratio measures the cost).
     """
 
-    def __init__(self, images, masks, batch_size=32, seed=0, augment=True, shuffle=True,
-                 flips=FLIPS, elastic=0.0, workers=2, epoch=0, multiple=1):
+    def __init__(
+        self,
+        images,
+        masks,
+        batch_size=32,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        flips=FLIPS,
+        elastic=0.0,
+        workers=2,
+        epoch=0,
+        multiple=1,
+    ):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
@@ -103,7 +123,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         return -(-self.length // self.batch_size)
 
     def __getitem__(self, index):
-        idx = self.order[index * self.batch_size:min((index + 1) * self.batch_size, self.length)]
+        idx = self.order[index * self.batch_size : min((index + 1) * self.batch_size, self.length)]
         images, masks = self.images[idx], self.masks[idx]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])

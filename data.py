@@ -6,9 +6,11 @@
 
 Arrays are kept at full resolution (420x580 uint8) so that train.py can pick any input size:
 train_images, train_masks (0/1), train_ids ("subject_n"), train_subjects, test_images, test_ids.
+load_arrays() reads them back, checked.
 """
-import argparse
+
 import contextlib
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +22,25 @@ import tifffile
 from tqdm import tqdm
 
 import synthetic
-from utils import (ARRAYS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_DIR, MANIFEST, UserError, atomic_path, read_json, run_cli,
-                   write_json)
+from common import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    INPUT_DIR,
+    MANIFEST,
+    UserError,
+    arg_parser,
+    atomic_path,
+    read_json,
+    run_cli,
+    write_json,
+)
+
+# The arrays data.py writes into the input folder, by name.
+ARRAYS = ("train_images", "train_masks", "train_ids", "train_subjects", "test_images", "test_ids")
 
 TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")
 TEST_NAME = re.compile(r"(\d+)\.tif")
-MAX_LISTED = 20           # problems listed in one error message
+MAX_LISTED = 20  # problems listed in one error message
 
 
 def _listing(problems):
@@ -98,6 +113,7 @@ def read_mask(path):
 
 def decode_all(paths, reader, out, workers, desc):
     """Decode paths[i] into out[i] (or only check when out is None); return the problems found."""
+
     def one(i):
         try:
             image = reader(paths[i])
@@ -108,8 +124,11 @@ def decode_all(paths, reader, out, workers, desc):
         return None
 
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img",
-                            leave=False, mininterval=0.5))
+        results = list(
+            tqdm(
+                pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False, mininterval=0.5
+            )
+        )
     return [r for r in results if r]
 
 
@@ -140,7 +159,8 @@ def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
     if problems and not check_only:
         raise UserError(f"fix these input files (nothing was written):{_listing(problems)}")
     if not check_only and not force and _is_current(input_dir, len(train_ids), len(test_ids)):
-        return f"arrays in {input_dir}/ are up to date ({len(train_ids)} train, {len(test_ids)} test); use --force to rebuild"
+        counts = f"{len(train_ids)} train, {len(test_ids)} test"
+        return f"arrays in {input_dir}/ are up to date ({counts}); use --force to rebuild"
 
     train_dir, test_dir = input_dir / "train", input_dir / "test"
     jobs = [
@@ -164,8 +184,9 @@ def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
         tmp = {a: stack.enter_context(atomic_path(input_dir / f"{a}.npy")) for a in ARRAYS}
         for name, paths, reader in jobs:
             # decode straight into the memory-mapped output: no list-then-stack copy in memory
-            out = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=np.uint8,
-                                            shape=(len(paths), IMAGE_HEIGHT, IMAGE_WIDTH))
+            out = np.lib.format.open_memmap(
+                tmp[name], mode="w+", dtype=np.uint8, shape=(len(paths), IMAGE_HEIGHT, IMAGE_WIDTH)
+            )
             problems += decode_all(paths, reader, out, workers, name)
             out.flush()
             del out
@@ -173,25 +194,71 @@ def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
             raise UserError(f"fix these input files (nothing was written):{_listing(problems)}")
         for name, array in small.items():
             np.save(tmp[name], array)
-    write_json(input_dir / MANIFEST, {"train": len(train_ids), "test": len(test_ids),
-                                      "newest_input_mtime": _newest_mtime([train_dir, test_dir])})
+    write_json(
+        input_dir / MANIFEST,
+        {"train": len(train_ids), "test": len(test_ids), "newest_input_mtime": _newest_mtime([train_dir, test_dir])},
+    )
     return f"wrote {len(train_ids)} train pairs and {len(test_ids)} test images to {input_dir}/*.npy"
 
 
+def _array_problem(name, array):
+    """What is wrong with one array data.py wrote, or None."""
+    if name.endswith(("_images", "_masks")):
+        expected = f"(n, {IMAGE_HEIGHT}, {IMAGE_WIDTH}) uint8"
+        if array.dtype != np.uint8 or array.shape[1:] != (IMAGE_HEIGHT, IMAGE_WIDTH):
+            return f"{name}.npy is {array.shape} {array.dtype}, expected {expected}"
+    elif array.ndim != 1:
+        return f"{name}.npy has shape {array.shape}, expected one value per image"
+    return None
+
+
+def load_arrays(input_dir, names):
+    """Load the named arrays data.py wrote, memory-mapped, after checking that they belong together:
+    shapes and dtypes as data.py writes them, one length per set, the counts in its manifest."""
+    input_dir = Path(input_dir)
+    missing = [n for n in names if not (input_dir / f"{n}.npy").exists()]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found in {input_dir}/: run `python data.py` first")
+    arrays, problems = {}, []
+    for name in names:
+        try:
+            arrays[name] = np.load(input_dir / f"{name}.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:  # truncated or not an .npy file at all
+            problems.append(f"{name}.npy cannot be read ({e})")
+            continue
+        problem = _array_problem(name, arrays[name])
+        if problem:
+            problems.append(problem)
+    manifest = input_dir / MANIFEST
+    counts = json.loads(manifest.read_text()) if manifest.exists() else {}
+    for prefix in ("train", "test"):
+        lengths = {n: len(a) for n, a in arrays.items() if n.startswith(prefix + "_")}
+        expected = counts.get(prefix, next(iter(lengths.values()), None))
+        problems += [
+            f"{n}.npy holds {k} {prefix} images, expected {expected}" for n, k in lengths.items() if k != expected
+        ]
+    if problems:
+        raise UserError(
+            f"the arrays in {input_dir}/ do not match what data.py writes (an older or interrupted run?); "
+            f"rebuild them with `python data.py --input {input_dir} --force`:\n  " + "\n  ".join(problems)
+        )
+    return arrays
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="folder with train/ and test/ (default: input)")
+    ap = arg_parser(__doc__)
+    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="folder with train/ and test/")
     ap.add_argument("--force", action="store_true", help="rebuild the arrays even if they are up to date")
     ap.add_argument("--check", action="store_true", help="report every problem in the input folders; write nothing")
-    ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     syn = ap.add_argument_group("synthetic data")
     syn.add_argument("--synthetic", action="store_true", help="first write a synthetic Kaggle-layout dataset")
-    syn.add_argument("--subjects", type=int, default=8, help="synthetic train subjects (default: %(default)s)")
-    syn.add_argument("--frames", type=int, default=120, help="frames per synthetic subject (default: %(default)s)")
-    syn.add_argument("--test-subjects", type=int, default=2, help="synthetic subjects for test (default: %(default)s)")
-    syn.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default: %(default)s)")
+    syn.add_argument("--subjects", type=int, default=8, help="synthetic train subjects")
+    syn.add_argument("--frames", type=int, default=120, help="frames per synthetic subject")
+    syn.add_argument("--test-subjects", type=int, default=2, help="synthetic subjects for test")
+    syn.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     args = ap.parse_args()
-    if args.workers is not None and args.workers < 1:
+    if args.workers < 1:
         raise UserError("--workers must be at least 1")
 
     if args.synthetic:
@@ -199,12 +266,15 @@ def main():
             raise UserError("--subjects, --frames and --test-subjects must be at least 1")
         existing = [d for d in (args.input / "train", args.input / "test") if d.is_dir() and any(d.iterdir())]
         if existing:
-            raise UserError(f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
-                            "(use --input DIR for another folder)")
+            raise UserError(
+                f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
+                "(use --input DIR for another folder)"
+            )
         total = (args.subjects + args.test_subjects) * args.frames
         with tqdm(total=total, desc="synthetic", unit="img", leave=False) as bar:
-            n_train, n_test = synthetic.write_dataset(args.input, args.subjects, args.frames,
-                                                      args.test_subjects, args.seed, progress=bar.update)
+            n_train, n_test = synthetic.write_dataset(
+                args.input, args.subjects, args.frames, args.test_subjects, args.seed, progress=bar.update
+            )
         print(f"wrote a synthetic dataset to {args.input}/: {n_train} train pairs, {n_test} test images")
     print(convert(args.input, force=args.force, check_only=args.check, workers=args.workers))
 

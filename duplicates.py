@@ -10,21 +10,22 @@ subject; only candidates are compared at full resolution. A duplicate pair confl
 its masks is empty, or when its masks' Dice is under --dice. `train.py --conflicts drop|relabel` acts on
 the pairs with one empty mask.
 """
-import argparse
+
 import csv
-from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import (INPUT_DIR, RESULTS_DIR, UserError, atomic_path, dice_per_image, load_arrays, overlay_grid,
-                   pyplot, run_cli, save_figure)
+from common import UserError, add_flags, arg_parser, atomic_path, run_cli
+from data import load_arrays
+from figures import overlay_grid, pyplot, save_figure
+from metrics import leaderboard_dice, presence
 
-SIGNATURE = (44, 32)       # width, height of the signature
-CANDIDATE_MARGIN = 2.0     # a signature distance under this many thresholds makes a candidate pair
-THRESHOLD = 0.01           # full-resolution distance under which two frames are the same view (correlation 0.99)
-CONFLICT_DICE = 0.5        # duplicates whose masks agree less than this conflict
+SIGNATURE = (44, 32)  # width, height of the signature
+CANDIDATE_MARGIN = 2.0  # a signature distance under this many thresholds makes a candidate pair
+THRESHOLD = 0.01  # full-resolution distance under which two frames are the same view (correlation 0.99)
+CONFLICT_DICE = 0.5  # duplicates whose masks agree less than this conflict
 
 
 def standardised(x):
@@ -62,8 +63,11 @@ def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
                 distances.append(exact)
         if progress:
             progress(len(idx))
-    return (np.array(pairs, int).reshape(-1, 2), np.array(distances, float),
-            np.concatenate(every) if every else np.zeros(0))
+    return (
+        np.array(pairs, int).reshape(-1, 2),
+        np.array(distances, float),
+        np.concatenate(every) if every else np.zeros(0),
+    )
 
 
 def nearest_frame_agreement(images, masks, subjects, threshold=THRESHOLD):
@@ -82,7 +86,7 @@ def nearest_frame_agreement(images, masks, subjects, threshold=THRESHOLD):
             b = idx[np.argmax(closeness[row])]
             m = np.asarray(masks[[a, b]])
             if m[0].any():
-                agreement.append(dice_per_image(m[:1], m[1:])[0])
+                agreement.append(leaderboard_dice(m[:1], m[1:])[0])
                 duplicate.append(frame_distance(images, a, b) < threshold)
     return np.array(agreement), np.array(duplicate, bool)
 
@@ -94,7 +98,7 @@ def pair_stats(masks, pairs, dice=CONFLICT_DICE):
     for k, (a, b) in enumerate(pairs):
         m = np.asarray(masks[[a, b]])
         area[k] = np.count_nonzero(m.reshape(2, -1), axis=1)
-        agreement[k] = dice_per_image(m[:1], m[1:])[0]
+        agreement[k] = leaderboard_dice(m[:1], m[1:])[0]
     one_empty = (area[:, 0] > 0) != (area[:, 1] > 0)
     return {"area": area, "dice": agreement, "one_empty": one_empty, "conflict": one_empty | (agreement < dice)}
 
@@ -105,7 +109,7 @@ def resolve_conflicts(masks, pairs, distances, one_empty, mode):
     masks, use = np.array(masks), np.ones(len(masks), bool)
     if mode == "keep":
         return use, masks
-    present = masks.reshape(len(masks), -1).any(axis=1)
+    present = presence(masks)
     for k in np.argsort(-distances):  # farthest first, so that the closest twin's mask is the one that stays
         if one_empty[k]:
             marked, empty = pairs[k] if present[pairs[k, 0]] else pairs[k, ::-1]
@@ -121,8 +125,17 @@ def write_pairs_csv(path, ids, pairs, distances, stats):
         out = csv.writer(f)
         out.writerow(["id_a", "id_b", "distance", "area_a", "area_b", "dice", "one_empty", "conflict"])
         for k, (a, b) in enumerate(pairs):
-            out.writerow([ids[a], ids[b], f"{distances[k]:.5f}", *stats["area"][k], f"{stats['dice'][k]:.3f}",
-                          int(stats["one_empty"][k]), int(stats["conflict"][k])])
+            out.writerow(
+                [
+                    ids[a],
+                    ids[b],
+                    f"{distances[k]:.5f}",
+                    *stats["area"][k],
+                    f"{stats['dice'][k]:.3f}",
+                    int(stats["one_empty"][k]),
+                    int(stats["conflict"][k]),
+                ]
+            )
 
 
 def histogram_png(every, threshold, path):
@@ -131,8 +144,13 @@ def histogram_png(every, threshold, path):
     ax.hist(np.maximum(every, 1e-6), bins=np.logspace(-6, 0.5, 80), color="0.4")
     ax.axvline(threshold, color="red", label=f"duplicate threshold {threshold:g} (full resolution)")
     ax.axvline(CANDIDATE_MARGIN * threshold, color="orange", linestyle="--", label="candidate limit (signature)")
-    ax.set(xscale="log", yscale="log", xlabel="1 - correlation of two frames of one subject (signature)",
-           ylabel="pairs", title=f"{len(every):,} within-subject frame pairs")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="1 - correlation of two frames of one subject (signature)",
+        ylabel="pairs",
+        title=f"{len(every):,} within-subject frame pairs",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -142,22 +160,23 @@ def pairs_png(images, masks, ids, pairs, distances, path, n):
     """The n closest conflicting pairs side by side, each frame with its mask tinted."""
     order = np.argsort(distances)[:n]
     frames = [i for k in order for i in pairs[k]]
-    titles = [f"{ids[i]} ({int(np.count_nonzero(masks[i]))} px)" + (f"  d={distances[k]:.4f}" if j else "")
-              for k in order for j, i in enumerate(pairs[k])]
+    titles = [
+        f"{ids[i]} ({int(np.count_nonzero(masks[i]))} px)" + (f"  d={distances[k]:.4f}" if j else "")
+        for k in order
+        for j, i in enumerate(pairs[k])
+    ]
     fig = overlay_grid(np.asarray(images[frames]), np.asarray(masks[frames]), None, titles, cols=4)
     return save_figure(fig, path)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threshold", type=float, default=THRESHOLD,
-                    help="largest 1 - correlation for a duplicate (default: %(default)s)")
-    ap.add_argument("--dice", type=float, default=CONFLICT_DICE,
-                    help="duplicates whose masks' Dice is below this conflict (default: %(default)s)")
-    ap.add_argument("--show", type=int, default=8,
-                    help="conflicting pairs drawn in duplicates_pairs.png (default: %(default)s)")
-    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the arrays data.py wrote (default: %(default)s)")
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the CSV and figures go (default: %(default)s)")
+    ap = arg_parser(__doc__)
+    ap.add_argument("--threshold", type=float, default=THRESHOLD, help="largest 1 - correlation for a duplicate")
+    ap.add_argument(
+        "--dice", type=float, default=CONFLICT_DICE, help="duplicates whose masks' Dice is below this conflict"
+    )
+    ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png")
+    add_flags(ap, "input", "results", results=dict(help="where the CSV and figures go"))
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1 or not 0 <= args.dice <= 1 or args.show < 0:
         raise UserError("--threshold must be in (0, 1), --dice in [0, 1], --show at least 0")
@@ -169,13 +188,28 @@ def main(argv=None):
     stats = pair_stats(masks, pairs, args.dice)
     conflict, one_empty = stats["conflict"], stats["one_empty"]
     write_pairs_csv(args.results / "duplicates.csv", ids, pairs, distances, stats)
-    print(f"{len(pairs)} near-identical pairs among {len(ids)} frames; {int(conflict.sum())} conflict "
-          f"({int(one_empty.sum())} with one mask empty, {int((conflict & ~one_empty).sum())} with Dice < {args.dice})")
-    written = [args.results / "duplicates.csv", histogram_png(every, args.threshold, args.results / "duplicates_hist.png")]
+    print(
+        f"{len(pairs)} near-identical pairs among {len(ids)} frames; {int(conflict.sum())} conflict "
+        f"({int(one_empty.sum())} with one mask empty, {int((conflict & ~one_empty).sum())} with Dice < {args.dice})"
+    )
+    written = [
+        args.results / "duplicates.csv",
+        histogram_png(every, args.threshold, args.results / "duplicates_hist.png"),
+    ]
     if conflict.any() and args.show:
-        written.append(pairs_png(images, masks, ids, pairs[conflict], distances[conflict],
-                                 args.results / "duplicates_pairs.png", args.show))
+        written.append(
+            pairs_png(
+                images,
+                masks,
+                ids,
+                pairs[conflict],
+                distances[conflict],
+                args.results / "duplicates_pairs.png",
+                args.show,
+            )
+        )
     print("wrote " + ", ".join(map(str, written)))
+
 
 if __name__ == "__main__":
     run_cli(main)

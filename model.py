@@ -4,8 +4,8 @@ Outputs: `mask` (sigmoid, HxWx1), the nerve's pixels; `present` (sigmoid, one pe
 the image shows a nerve at all, read from the bottleneck through global pooling so that any input
 size divisible by 2**depth works.
 """
+
 import keras
-import numpy as np
 from keras import layers, ops
 
 SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
@@ -18,11 +18,14 @@ def has_accelerator():
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
+
         return jax.default_backend() != "cpu"
     if backend == "torch":
         import torch
+
         return torch.cuda.is_available()
     import tensorflow as tf
+
     return bool(tf.config.list_physical_devices("GPU"))
 
 
@@ -60,8 +63,15 @@ class PerImageStandardization(layers.Layer):
 
 def conv_bn_elu(x, filters, kernel_size, strides, name, synchronized=False):
     """Convolution, batch norm, ELU: the unit every layer of the network is made of."""
-    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+        name=f"{name}_conv",
+    )(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=synchronized, name=f"{name}_bn")(x)
     return layers.Activation("elu", name=f"{name}_elu")(x)
 
@@ -71,8 +81,9 @@ def double_conv(x, filters, name, synchronized):
     return conv_bn_elu(x, filters, 3, 1, f"{name}b", synchronized)
 
 
-def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0,
-                synchronized_bn=False):
+def build_model(
+    input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0, synchronized_bn=False
+):
     """A U-Net with a mask head and a presence head; inputs are raw 0-255 pixel values.
 
     `mean` and `std` (of the training pixels) are folded into the first layer, so the saved
@@ -113,8 +124,8 @@ def build_model(input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3,
     return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
 
 
-def dice_per_image(y_true, y_pred):
-    """Smoothed soft Dice of each image in a batch."""
+def soft_dice_per_image(y_true, y_pred):
+    """Smoothed soft Dice of each image in a batch (probabilities, not thresholded masks)."""
     y_true = ops.cast(y_true, y_pred.dtype)
     axes = tuple(range(1, len(y_pred.shape)))
     inter = ops.sum(y_true * y_pred, axis=axes)
@@ -125,7 +136,7 @@ def dice_per_image(y_true, y_pred):
 @keras.saving.register_keras_serializable(package="nerve")
 def dice_loss(y_true, y_pred):
     """1 - per-image Dice: each image counts equally, whatever the nerve's size."""
-    return 1.0 - dice_per_image(y_true, y_pred)
+    return 1.0 - soft_dice_per_image(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="nerve")
@@ -177,20 +188,4 @@ class DiceBCELoss(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="nerve")
 def dice_coef(y_true, y_pred):
     """Mean per-image soft Dice, as a training metric."""
-    return dice_per_image(y_true, y_pred)
-
-
-def data_parallel_devices():
-    """How many devices a keras.distribution layout splits each batch over: 1 without one."""
-    layout = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
-    return int(np.prod(layout.device_mesh.shape)) if layout else 1
-
-
-def predict(net, x, batch_size=32):
-    """net.predict on an array, padded so that every batch splits evenly over the devices of a
-    keras.distribution layout (jax shards must be equal); the padding is cut from the outputs."""
-    pad = -len(x) % data_parallel_devices()
-    if pad:
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    out = net.predict(x, batch_size=batch_size, verbose=0)
-    return {name: value[:len(value) - pad] for name, value in out.items()}
+    return soft_dice_per_image(y_true, y_pred)

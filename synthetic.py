@@ -7,6 +7,7 @@ filled outline of that oval. Everything is deterministic for a seed.
 
     train/{subject}_{n}.tif, train/{subject}_{n}_mask.tif, test/{id}.tif   (580x420, uint8, LZW)
 """
+
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from utils import IMAGE_HEIGHT as H, IMAGE_WIDTH as W
+from common import IMAGE_HEIGHT as H
+from common import IMAGE_WIDTH as W
 
 NERVE_FRACTION = 0.4  # Kaggle: 41% of train frames show the nerve
 MARGIN = 40  # the subject's tissue map is larger than a frame, so drifting frames stay filled
@@ -91,8 +93,13 @@ def render_frame(anatomy, rng, with_nerve):
     """One 420x580 uint8 frame of a subject and its 0/255 mask."""
     shift = rng.normal(0, 8, size=2)
     tx, ty = MARGIN - shift[0], MARGIN - shift[1]
-    view = cv2.warpAffine(anatomy["tissue"], np.float32([[1, 0, -tx], [0, 1, -ty]]), (W, H),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    view = cv2.warpAffine(
+        anatomy["tissue"],
+        np.float32([[1, 0, -tx], [0, 1, -ty]]),
+        (W, H),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT,
+    )
     mask = np.zeros((H, W), np.uint8)
     if with_nerve:
         _draw_nerve(view, anatomy["nerve"], shift, mask)

@@ -1,8 +1,8 @@
 """Accuracy benchmark: subject-grouped K-fold cross-validation on the real competition images.
 
-    python bench/accuracy.py --quick            # smoke run: 4 subjects, 1 epoch, tiny model
-    python bench/accuracy.py                     # the default settings, 5 folds over the 39 subjects
-    python bench/accuracy.py --baseline          # also the tutorials' plain batch-Dice U-Net, same protocol
+    python -m bench.accuracy --quick            # smoke run: 4 subjects, 1 epoch, tiny model
+    python -m bench.accuracy                     # the default settings, 5 folds over the 39 subjects
+    python -m bench.accuracy --baseline          # also the tutorials' plain batch-Dice U-Net, same protocol
 
 Builds a Kaggle-layout folder from ../shared/data/nerve with ../shared/tools/make_real_input.py, runs
 data.py, train.py --folds K and evaluate.py, and ends with `name: value` lines. That real set is 2% empty
@@ -10,6 +10,7 @@ data.py, train.py --folds K and evaluate.py, and ends with `name: value` lines. 
 negatives. `label_agreement` (duplicates.nearest_frame_agreement) says how far the labels agree with
 themselves, the scale to read the others against.
 """
+
 import argparse
 import json
 import os
@@ -19,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from common import arg_parser
+from data import load_arrays
+from duplicates import nearest_frame_agreement
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-
-from duplicates import nearest_frame_agreement  # noqa: E402
-from utils import load_arrays  # noqa: E402
 
 
 def run(*args):
@@ -39,14 +40,18 @@ def device():
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "jax":
         import jax
+
         return f"{jax.devices()[0].device_kind} (jax)"
     if backend == "tensorflow":
         import tensorflow as tf
+
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             return f"{tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')} (tensorflow)"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return f"{cpu}, {os.cpu_count()} cores ({backend})"
 
 
@@ -54,24 +59,39 @@ def cross_validate(work, real, name, folds, train_flags):
     """Train K folds and evaluate them; return (cross-validated metrics, minutes spent training)."""
     results = work / name
     started = time.time()
-    run(ROOT / "train.py", "--input", real, "--results", results, "--logs", work / "logs", "--run", name,
-        "--folds", folds, *train_flags)
+    run(
+        ROOT / "train.py",
+        "--input",
+        real,
+        "--results",
+        results,
+        "--logs",
+        work / "logs",
+        "--run",
+        name,
+        "--folds",
+        folds,
+        *train_flags,
+    )
     minutes = (time.time() - started) / 60
     run(ROOT / "evaluate.py", "--data", real, "--results", results)
     return json.loads((results / "evaluation.json").read_text())["metrics"], minutes
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 subjects x 30 frames, 1 epoch, tiny model")
-    ap.add_argument("--folds", type=int, default=None, help="default 5 (quick: 2)")
+    ap.add_argument("--folds", type=int, default=None, help="unset: 5 (quick: 2)")
     ap.add_argument("--baseline", action="store_true", help="also run the plain batch-Dice U-Net, same protocol")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder (default: %(default)s)")
-    ap.add_argument("train_flags", nargs=argparse.REMAINDER,
-                    help="further train.py flags after --, e.g. -- --epochs 8 --size 64x80")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="the shared folder: tools/ and data/nerve/")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder")
+    ap.add_argument(
+        "train_flags", nargs=argparse.REMAINDER, help="further train.py flags after --, e.g. -- --epochs 8 --size 64x80"
+    )
     args = ap.parse_args()
-    if not (SHARED / "tools" / "make_real_input.py").exists():
-        sys.exit(f"the real data tools are not at {SHARED}: this benchmark needs ../shared beside the repository")
+    tool = args.shared / "tools" / "make_real_input.py"
+    if not tool.exists():
+        sys.exit(f"the real data tools are not at {args.shared}: this benchmark needs ../shared beside the repository")
     flags = [f for f in args.train_flags if f != "--"]
     folds = args.folds or (2 if args.quick else 5)
     if args.quick:
@@ -79,12 +99,13 @@ def main():
     real = args.work / ("real-quick" if args.quick else "real")
     if not (real / "train_images.npy").exists():
         subset = ["--subjects", "1,2,3,5", "--limit", "30"] if args.quick else []
-        run(SHARED / "tools" / "make_real_input.py", real, *subset)
+        run(tool, real, *subset)
         run(ROOT / "data.py", "--input", real)
 
     arrays = load_arrays(real, ("train_images", "train_masks", "train_subjects"))
-    agreement, duplicate = nearest_frame_agreement(arrays["train_images"], arrays["train_masks"],
-                                                   arrays["train_subjects"])
+    agreement, duplicate = nearest_frame_agreement(
+        arrays["train_images"], arrays["train_masks"], arrays["train_subjects"]
+    )
     rows, minutes = cross_validate(args.work, real, "default", folds, flags)
     if args.baseline:
         baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])

@@ -1,18 +1,18 @@
 """data.py, run-length encoding and submission.py at Kaggle scale, against plain one-process code.
 
-    python bench/io.py --quick     # a tenth of the scale
-    python bench/io.py             # 5635 train pairs + 5508 test images (generated once, cached)
+    python -m bench.io --quick     # a tenth of the scale
+    python -m bench.io             # 5635 train pairs + 5508 test images (generated once, cached)
 
 data_speedup: a plain loop reading the same files one by one into the same arrays, over data.py's
 time (both as fresh processes, so imports count on both sides). data_mem_ratio: data.py's peak
 resident memory over the bytes of the arrays it writes. rle_speedup: a per-pixel Python encoder over
-utils.rle_encode, on the same masks. submission_ms_per_image: submission.py end to end with an
+rle.rle_encode, on the same masks. submission_ms_per_image: submission.py end to end with an
 untrained default model (inference, resizing, encoding, writing, checking), per test image.
 train_mem_ratio: the peak resident memory of one train.py epoch on the whole tree (default 96x128 input,
 8 base filters to keep it short) over the bytes of the train arrays it reads; memory-mapped pages it
 touches count as resident, so about 1 means the arrays plus a bounded queue.
 """
-import argparse
+
 import json
 import os
 import subprocess
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+import common
+import data
+import rle
+import synthetic
+from common import arg_parser
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import synthetic  # noqa: E402
-import utils  # noqa: E402
-
 KAGGLE_TRAIN, KAGGLE_TEST, FRAMES = 5635, 5508, 120
 
 PLAIN_LOOP = """
@@ -57,10 +58,11 @@ def make_tree(root, n_train, n_test):
     if done.exists() and json.loads(done.read_text()) == [n_train, n_test]:
         return
     start = time.perf_counter()
-    synthetic.write_dataset(root, subjects=-(-n_train // FRAMES), frames=FRAMES,
-                            test_subjects=-(-n_test // FRAMES), seed=1)
+    synthetic.write_dataset(
+        root, subjects=-(-n_train // FRAMES), frames=FRAMES, test_subjects=-(-n_test // FRAMES), seed=1
+    )
     last = -(-n_train // FRAMES)
-    for n in range(FRAMES, FRAMES - (last * FRAMES - n_train), -1):   # trim the last subject to n_train
+    for n in range(FRAMES, FRAMES - (last * FRAMES - n_train), -1):  # trim the last subject to n_train
         (root / "train" / f"{last}_{n}.tif").unlink()
         (root / "train" / f"{last}_{n}_mask.tif").unlink()
     for p in (root / "test").glob("*.tif"):
@@ -105,24 +107,42 @@ def submission_time(root, results, n_test):
 
     net = model.build_model((96, 128, 1), mean=100.0, std=50.0)
     results.mkdir(parents=True, exist_ok=True)
-    net.save(results / utils.MODEL_FILE)
-    utils.write_json(results / utils.SETTINGS_FILE, {"size": [96, 128], "base_filters": 32, "depth": 4,
-                                                     "dropout": 0.3, "mean": 100.0, "std": 50.0})
+    net.save(results / common.MODEL_FILE)
+    common.write_json(
+        results / common.SETTINGS_FILE,
+        {"size": [96, 128], "base_filters": 32, "depth": 4, "dropout": 0.3, "mean": 100.0, "std": 50.0},
+    )
     seconds, _ = timed_process([ROOT / "submission.py", "--input", root, "--results", results])
     return seconds / n_test
 
 
 def train_memory(root, work):
     """Peak resident MiB of a one-epoch train.py run over the whole tree."""
-    _, peak = timed_process([ROOT / "train.py", "--input", root, "--results", work / "train", "--logs", work / "logs",
-                             "--run", "memory", "--epochs", 1, "--base-filters", 8, "--force"])
+    _, peak = timed_process(
+        [
+            ROOT / "train.py",
+            "--input",
+            root,
+            "--results",
+            work / "train",
+            "--logs",
+            work / "logs",
+            "--run",
+            "memory",
+            "--epochs",
+            1,
+            "--base-filters",
+            8,
+            "--force",
+        ]
+    )
     return peak
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="a tenth of the Kaggle scale")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-io"), help="cache folder (default: /tmp/nerve-io)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-io"), help="cache folder")
     args = ap.parse_args()
     scale = 10 if args.quick else 1
     n_train, n_test = KAGGLE_TRAIN // scale, KAGGLE_TEST // scale
@@ -131,24 +151,30 @@ def main():
 
     data_s, data_mib = timed_process([ROOT / "data.py", "--input", root, "--force"])
     plain_s, plain_mib = timed_process(["-c", PLAIN_LOOP, root])
-    array_mib = sum((root / f"{a}.npy").stat().st_size for a in utils.ARRAYS) / 2**20
-    print(f"data.py: {data_s:.1f} s, peak {data_mib:.0f} MiB; plain loop: {plain_s:.1f} s, peak {plain_mib:.0f} MiB; "
-          f"arrays {array_mib:.0f} MiB")
+    array_mib = sum((root / f"{a}.npy").stat().st_size for a in data.ARRAYS) / 2**20
+    print(
+        f"data.py: {data_s:.1f} s, peak {data_mib:.0f} MiB; plain loop: {plain_s:.1f} s, peak {plain_mib:.0f} MiB; "
+        f"arrays {array_mib:.0f} MiB"
+    )
     for a in ("train_images", "train_masks", "test_images"):
-        if not np.array_equal(np.load(root / f"{a}.npy", mmap_mode="r"), np.load(root / "plain" / f"{a}.npy", mmap_mode="r")):
+        if not np.array_equal(
+            np.load(root / f"{a}.npy", mmap_mode="r"), np.load(root / "plain" / f"{a}.npy", mmap_mode="r")
+        ):
             sys.exit(f"data.py and the plain loop disagree on {a}")
 
     masks = np.load(root / "train_masks.npy", mmap_mode="r")[:n_test]
     start = time.perf_counter()
-    encoded = [utils.rle_encode(m) for m in masks]
+    encoded = [rle.rle_encode(m) for m in masks]
     fast = (time.perf_counter() - start) / len(masks)
     sample = range(0, len(masks), max(1, len(masks) // 10))
     start = time.perf_counter()
     for i in sample:
         if rle_loop(masks[i]) != encoded[i]:
-            sys.exit("the per-pixel encoder disagrees with utils.rle_encode")
+            sys.exit("the per-pixel encoder disagrees with rle.rle_encode")
     slow = (time.perf_counter() - start) / len(sample)
-    print(f"rle_encode: {fast * 1e3:.2f} ms per mask ({len(masks)} masks); per-pixel loop: {slow * 1e3:.0f} ms per mask")
+    print(
+        f"rle_encode: {fast * 1e3:.2f} ms per mask ({len(masks)} masks); per-pixel loop: {slow * 1e3:.0f} ms per mask"
+    )
 
     per_image = submission_time(root, args.work / "results", n_test)
     train_mib = train_memory(root, args.work)

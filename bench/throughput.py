@@ -1,7 +1,8 @@
 """Training and inference throughput of the default model, against the machine's matrix-multiply peak.
 
-    python bench/throughput.py --quick     # one size, a few batches
-    python bench/throughput.py             # 64x80, 96x128 and 128x160 in fp32; bf16 at 64x80
+    python -m bench.throughput --quick     # one size, a few batches
+    python -m bench.throughput             # 64x80, 96x128 and 128x160 in fp32; bf16 at 64x80
+    python -m bench.throughput --grid      # every --sizes x --precisions x --batches (for GPUs: bench/gpu_check.py)
 
 For each input size: training images/second without augmentation and with the augmentation workers
 (augment_ratio: with / without, same run), the model's FLOPs per training image counted from its
@@ -14,23 +15,23 @@ peak is the convolutions' own and how much the layers between them. conv_kernel_
 side): the ceiling the backend's convolution kernels put on any network made of them. Runs under any
 KERAS_BACKEND.
 """
-import argparse
+
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import augment  # noqa: E402
-import model as unet  # noqa: E402
-import train  # noqa: E402
-from accuracy import device  # noqa: E402
+import augment
+import model as unet
+import train
+from bench.accuracy import device
+from common import arg_parser
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_SIZE = (96, 128)
 
@@ -48,9 +49,9 @@ def forward_flops(net):
     return float(total)
 
 
-def matmul_gflops(n=2048, repeats=10, trials=3):
-    """Best of a few timed runs of float32 matrix products in the Keras backend."""
-    a = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+def matmul_gflops(n=2048, repeats=10, trials=3, dtype="float32"):
+    """Best of a few timed runs of dense matrix products in the Keras backend."""
+    a = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), dtype)
     keras.ops.convert_to_numpy(keras.ops.matmul(a, a))
     best = 0.0
     for _ in range(trials):
@@ -71,19 +72,26 @@ class PassThrough(keras.layers.Layer):
 
 def convolutions_only(net):
     """The same network with batch norm, ELU and dropout replaced by identities: the same FLOPs."""
+
     def keep_convolutions(layer):
         between = (keras.layers.BatchNormalization, keras.layers.Dropout, unet.PerImageStandardization)
         if isinstance(layer, between) or layer.name.endswith("_elu"):
             return PassThrough(name=layer.name)
         return layer.__class__.from_config(layer.get_config())
+
     return keras.models.clone_model(net, clone_function=keep_convolutions)
 
 
 def conv_pair_gflops(size, channels, batch_size, steps=20):
     """Training GFLOP/s of two stacked 3x3 convolutions alone, at one of the network's inner shapes: the
     ceiling the backend's convolution kernels set, whatever the layers around them cost."""
-    net = keras.Sequential([keras.Input((*size, channels)), keras.layers.Conv2D(channels, 3, padding="same"),
-                            keras.layers.Conv2D(channels, 3, padding="same")])
+    net = keras.Sequential(
+        [
+            keras.Input((*size, channels)),
+            keras.layers.Conv2D(channels, 3, padding="same"),
+            keras.layers.Conv2D(channels, 3, padding="same"),
+        ]
+    )
     net.compile(optimizer="adam", loss="mse")
     x = np.random.default_rng(0).standard_normal((batch_size * steps, *size, channels)).astype(np.float32)
     net.fit(x[:batch_size], x[:batch_size], batch_size=batch_size, verbose=0)
@@ -94,11 +102,14 @@ def conv_pair_gflops(size, channels, batch_size, steps=20):
     return 5 * per_layer * len(x) / (time.perf_counter() - start) / 1e9
 
 
-def compiled_model(size, convolutions=False):
-    net = unet.build_model((*size, 1), mean=100.0, std=50.0)
+def compiled_model(size, convolutions=False, base_filters=32, depth=4):
+    net = unet.build_model((*size, 1), base_filters, depth, mean=100.0, std=50.0)
     net = convolutions_only(net) if convolutions else net
-    net.compile(optimizer=keras.optimizers.Adam(1e-3),
-                loss={"mask": unet.dice_loss, "present": "binary_crossentropy"}, loss_weights={"mask": 1.0, "present": 0.5})
+    net.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss={"mask": unet.dice_loss, "present": "binary_crossentropy"},
+        loss_weights={"mask": 1.0, "present": 0.5},
+    )
     return net
 
 
@@ -124,18 +135,48 @@ def fake_data(n, size, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, *size), dtype=np.uint8)
     masks = np.zeros((n, *size), np.uint8)
-    masks[::2, size[0] // 3:size[0] // 2, size[1] // 3:size[1] // 2] = 1
+    masks[::2, size[0] // 3 : size[0] // 2, size[1] // 3 : size[1] // 2] = 1
     return images, masks
 
 
+def grid(sizes, precisions, batches, steps, base_filters, depth):
+    """Training images/second (no augmentation) at every size x precision x batch, one timed epoch of
+    `steps` batches after a warm-up that compiles; then the matmul ceilings, in the same run."""
+    for size in sizes:
+        for precision in precisions:
+            unet.set_precision(precision)
+            for batch_size in batches:
+                images, masks = fake_data(batch_size * steps, size)
+                net = compiled_model(size, base_filters=base_filters, depth=depth)
+                rate = train_rate(net, images, masks, batch_size, augmented=False)
+                print(f"train_images_per_s_{size[0]}x{size[1]}_{precision}_b{batch_size}: {rate:.1f}", flush=True)
+    unet.set_precision("fp32")
+    big = 8192 if unet.has_accelerator() else 1024
+    for dtype, name in (("float32", "fp32"), ("bfloat16", "bf16")):
+        print(f"matmul_gflops_{name}: {matmul_gflops(big, repeats=5, dtype=dtype):.0f}", flush=True)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="default size only, fewer images")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
-    ap.add_argument("--images", type=int, default=None, help="images per timed epoch (default: 192, quick: 64)")
+    ap.add_argument("--batch-size", type=int, default=None, help="unset: train.py's")
+    ap.add_argument("--images", type=int, default=None, help="images per timed epoch; unset: 192 (quick: 64)")
+    ap.add_argument("--grid", action="store_true", help="only the size x precision x batch grid below")
+    ap.add_argument("--sizes", default="96x128,128x160", help="--grid: input sizes")
+    ap.add_argument("--precisions", default="fp32,bf16,fp16", help="--grid: precisions")
+    ap.add_argument("--batches", default="4,32,128", help="--grid: batch sizes")
+    ap.add_argument("--steps", type=int, default=8, help="--grid: timed batches per configuration")
+    ap.add_argument("--base-filters", type=int, default=32, help="--grid: model size")
+    ap.add_argument("--depth", type=int, default=4, help="--grid: model depth")
     args = ap.parse_args()
+    if args.grid:
+        sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        grid(sizes, args.precisions.split(","), batches, args.steps, args.base_filters, args.depth)
+        print(f"device: {device()}")
+        return
     n = args.images or (64 if args.quick else 192)
-    batch_size = args.batch_size or train.parse_args([]).batch_size
+    batch_size = args.batch_size or train.flag_parser().get_default("batch_size")
     sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
     # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
     runs = [(size, "fp32") for size in sizes] + ([] if args.quick else [((64, 80), "bf16")])
@@ -146,8 +187,10 @@ def main():
     pair = conv_pair_gflops(inner, 128, batch_size)
     print(f"two 3x3 convolutions alone, 128 channels at {inner[0]}x{inner[1]}: {pair:.1f} GFLOP/s training")
     print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048); training batch {batch_size}")
-    print(f"{'size':>8} {'precision':>9} {'GFLOP/img':>10} {'train img/s':>12} {'+augment':>9} {'GFLOP/s':>8} "
-          f"{'infer img/s':>12}")
+    print(
+        f"{'size':>8} {'precision':>9} {'GFLOP/img':>10} {'train img/s':>12} {'+augment':>9} {'GFLOP/s':>8} "
+        f"{'infer img/s':>12}"
+    )
     figures = {}
     for size, precision in runs:
         images, masks = fake_data(n, size)
@@ -157,15 +200,20 @@ def main():
         plain = train_rate(net, images, masks, batch_size, augmented=False)
         augmented = train_rate(net, images, masks, batch_size, augmented=True)
         infer = inference_rate(net, images)
-        print(f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
-              f"{plain * flops:>8.1f} {infer:>12.1f}", flush=True)
+        print(
+            f"{size[0]}x{size[1]:<5} {precision:>9} {flops:>10.2f} {plain:>12.1f} {augmented:>9.1f} "
+            f"{plain * flops:>8.1f} {infer:>12.1f}",
+            flush=True,
+        )
         figures[size, precision] = {"plain": plain, "augmented": augmented, "flops": flops, "infer": infer}
     unet.set_precision("fp32")
     default = figures[DEFAULT_SIZE, "fp32"]
     images, masks = fake_data(n, DEFAULT_SIZE)
     convs = train_rate(compiled_model(DEFAULT_SIZE, convolutions=True), images, masks, batch_size, False)
-    print(f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {default['flops']:>10.2f} {convs:>12.1f} {'':>9} "
-          f"{convs * default['flops']:>8.1f}   convolutions only")
+    print(
+        f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {default['flops']:>10.2f} {convs:>12.1f} {'':>9} "
+        f"{convs * default['flops']:>8.1f}   convolutions only"
+    )
 
     print(f"train_images_per_s: {default['plain']:.2f}")
     print(f"infer_images_per_s: {default['infer']:.2f}")

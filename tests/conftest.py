@@ -1,4 +1,5 @@
 """Shared fixtures: the real competition data in ../shared (skipped when absent) and a tiny synthetic tree."""
+
 import os
 import subprocess
 import sys
@@ -6,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's pytest settings
 SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -21,18 +21,57 @@ def shared_nerve():
 
 def run_script(*args, cwd=ROOT, env=None):
     """Run one of the project's scripts as a user would; return the CompletedProcess."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_input(tmp_path_factory):
     """A small synthetic Kaggle-layout tree converted by data.py: 3 subjects x 16 frames, 16 test images."""
     root = tmp_path_factory.mktemp("input")
-    result = run_script(ROOT / "data.py", "--synthetic", "--input", root, "--subjects", 3, "--frames", 16,
-                        "--test-subjects", 1)
+    result = run_script(
+        ROOT / "data.py", "--synthetic", "--input", root, "--subjects", 3, "--frames", 16, "--test-subjects", 1
+    )
     assert result.returncode == 0, result.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_input, tmp_path_factory):
+    """A 2-epoch tiny single-split run on tiny_input: (results, logs, its stdout)."""
+    results = tmp_path_factory.mktemp("results")
+    logs = tmp_path_factory.mktemp("logs")
+    result = run_script(
+        ROOT / "train.py",
+        "--input",
+        tiny_input,
+        "--results",
+        results,
+        "--logs",
+        logs,
+        "--epochs",
+        2,
+        "--size",
+        "32x48",
+        "--base-filters",
+        4,
+        "--depth",
+        2,
+        "--batch-size",
+        8,
+        "--val-fraction",
+        0.3,
+        "--run",
+        "e2e",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return results, logs, result.stdout
 
 
 def assert_picture(path, min_height=100, min_width=100):
@@ -42,3 +81,17 @@ def assert_picture(path, min_height=100, min_width=100):
     picture = matplotlib.image.imread(path)
     assert picture.shape[0] >= min_height and picture.shape[1] >= min_width, f"{path}: {picture.shape}"
     assert picture[..., :3].std() > 0.05, f"{path} is blank"
+
+
+# depth 2: half the graph to trace, which is most of a tiny run's time
+TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
+
+
+def training_log(results):
+    """(header, rows) of a model folder's training log."""
+    import csv
+
+    import numpy as np
+
+    rows = list(csv.reader(open(results / "training_log.csv")))
+    return rows[0], np.array(rows[1:], float)

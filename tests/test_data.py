@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
+import common
 import data
-import utils
 from conftest import ROOT, run_script
 
 
@@ -13,7 +13,7 @@ def test_original_kaggle_tiffs_convert_exactly(shared_nerve, tmp_path):
     for part in ("train", "test"):
         shutil.copytree(shared_nerve / "tiff" / part, tmp_path / part)
     data.convert(tmp_path, workers=2)
-    a = utils.load_arrays(tmp_path, utils.ARRAYS)
+    a = data.load_arrays(tmp_path, data.ARRAYS)
     assert a["train_images"].shape == a["train_masks"].shape == (77, 420, 580)
     assert a["train_images"].dtype == a["train_masks"].dtype == np.uint8
     assert set(np.unique(a["train_masks"])) == {0, 1}
@@ -31,7 +31,7 @@ def test_original_kaggle_tiffs_convert_exactly(shared_nerve, tmp_path):
 
 
 def test_synthetic_tree_converts(tiny_input):
-    a = utils.load_arrays(tiny_input, utils.ARRAYS)
+    a = data.load_arrays(tiny_input, data.ARRAYS)
     assert a["train_images"].shape == (48, 420, 580) and a["test_images"].shape == (16, 420, 580)
     assert sorted(set(a["train_subjects"].tolist())) == [1, 2, 3]
     assert a["train_ids"][0] == "1_1" and sorted(a["test_ids"].tolist()) == list(range(1, 17))
@@ -60,7 +60,7 @@ def _tree(tmp_path, train=((1, 1),), test=(1,)):
 
 
 def _error(tmp_path):
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(common.UserError) as e:
         data.convert(tmp_path, workers=1)
     assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".tmp*")), "partial output left"
     return str(e.value)
@@ -90,10 +90,10 @@ def test_colour_image_is_rejected_but_gray_rgb_is_accepted(tmp_path):
     _tree(tmp_path)
     rgb = np.zeros((420, 580, 3), np.uint8)
     tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
-    data.convert(tmp_path, workers=1)   # identical channels: plain grayscale
+    data.convert(tmp_path, workers=1)  # identical channels: plain grayscale
     rgb[..., 1] = 7
     tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
-    assert "has 3 different colour channels" in str(pytest.raises(utils.UserError, data.convert, tmp_path, True).value)
+    assert "has 3 different colour channels" in str(pytest.raises(common.UserError, data.convert, tmp_path, True).value)
 
 
 def test_corrupt_file(tmp_path):
@@ -135,3 +135,43 @@ def test_synthetic_refuses_to_write_over_existing_data(tmp_path):
     _tree(tmp_path)
     result = run_script(ROOT / "data.py", "--synthetic", "--input", tmp_path)
     assert result.returncode == 1 and "not empty" in result.stderr
+
+
+def write_arrays(folder, n=3, **replace):
+    arrays = {
+        "train_images": np.zeros((n, 420, 580), np.uint8),
+        "train_masks": np.zeros((n, 420, 580), np.uint8),
+        "train_ids": np.array([f"1_{i}" for i in range(n)]),
+        "train_subjects": np.ones(n, np.int32),
+    }
+    for name, array in {**arrays, **replace}.items():
+        np.save(folder / f"{name}.npy", array)
+    return list(arrays)
+
+
+@pytest.mark.parametrize(
+    "replace, problem",
+    [
+        ({"train_images": np.zeros((3, 96, 128), np.uint8)}, r"train_images.npy is \(3, 96, 128\) uint8"),
+        ({"train_masks": np.zeros((3, 420, 580), np.float32)}, "train_masks.npy is .* float32"),
+        ({"train_ids": np.array(["1_1", "1_2"])}, "train_ids.npy holds 2 train images, expected 3"),
+        ({"train_subjects": np.ones((3, 2))}, "train_subjects.npy has shape"),
+    ],
+)
+def test_arrays_from_another_run_are_refused(tmp_path, replace, problem):
+    names = write_arrays(tmp_path, **replace)
+    with pytest.raises(common.UserError, match=f"(?s)data.py --input {tmp_path} --force.*{problem}"):
+        data.load_arrays(tmp_path, names)
+
+
+def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
+    names = write_arrays(tmp_path)
+    assert len(data.load_arrays(tmp_path, names)["train_images"]) == 3
+    (tmp_path / common.MANIFEST).write_text('{"train": 5, "test": 2}')
+    with pytest.raises(common.UserError, match="train_images.npy holds 3 train images, expected 5"):
+        data.load_arrays(tmp_path, names)
+    (tmp_path / common.MANIFEST).unlink()
+    whole = (tmp_path / "train_images.npy").read_bytes()
+    (tmp_path / "train_images.npy").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(common.UserError, match="train_images.npy cannot be read"):
+        data.load_arrays(tmp_path, names)

@@ -25,7 +25,7 @@ def test_finds_twins_within_subjects_only_and_flags_the_conflict():
     images, masks, subjects = frames_with_twins()
     pairs, distances, every = duplicates.near_pairs(images, subjects)
     assert pairs.tolist() == [[0, 1], [2, 3]]
-    assert (distances < 0.005).all() and len(every) == 10 + 3     # all within-subject pairs, for the histogram
+    assert (distances < 0.005).all() and len(every) == 10 + 3  # all within-subject pairs, for the histogram
     stats = duplicates.pair_stats(masks, pairs)
     assert stats["one_empty"].tolist() == [False, True] and stats["conflict"].tolist() == [False, True]
     assert stats["area"].tolist() == [[10000, 10000], [10000, 0]] and stats["dice"][0] == 1.0
@@ -40,15 +40,21 @@ def test_conflicts_are_kept_dropped_or_relabelled():
     use, same = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, "drop")
     assert np.flatnonzero(~use).tolist() == [3] and np.array_equal(same, masks)
     use, fixed = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, "relabel")
-    assert use.all() and np.array_equal(fixed[3], masks[2]) and np.array_equal(np.delete(fixed, 3, 0),
-                                                                                 np.delete(masks, 3, 0))
+    assert (
+        use.all()
+        and np.array_equal(fixed[3], masks[2])
+        and np.array_equal(np.delete(fixed, 3, 0), np.delete(masks, 3, 0))
+    )
 
 
 def test_command_writes_the_pairs_csv_histogram_and_side_by_side_pictures(tmp_path):
     images, masks, subjects = frames_with_twins()
-    arrays = {"train_images": images, "train_masks": masks, "train_ids": np.array([f"{s}_{i}" for i, s in
-                                                                                  enumerate(subjects)]),
-              "train_subjects": subjects.astype(np.int32)}
+    arrays = {
+        "train_images": images,
+        "train_masks": masks,
+        "train_ids": np.array([f"{s}_{i}" for i, s in enumerate(subjects)]),
+        "train_subjects": subjects.astype(np.int32),
+    }
     for name, array in arrays.items():
         np.save(tmp_path / f"{name}.npy", array)
     duplicates.main(["--input", str(tmp_path), "--results", str(tmp_path / "results")])

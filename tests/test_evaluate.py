@@ -4,28 +4,8 @@ import numpy as np
 import pytest
 
 import evaluate
+import postprocess
 from conftest import ROOT, assert_picture, run_script
-
-
-def test_roc_auc_on_hand_computed_cases():
-    assert evaluate.roc_auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
-    assert evaluate.roc_auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
-    assert evaluate.roc_auc([0.5, 0.5], [1, 0]) == 0.5
-    assert np.isnan(evaluate.roc_auc([0.3, 0.4], [1, 1]))
-
-
-def test_metrics_from_pixel_counts():
-    # image 0: nerve of 10 px, 6 found, 2 extra; image 1: empty and predicted empty;
-    # image 2: empty but 5 px predicted; image 3: nerve of 4 px missed
-    tp, fp, fn = np.array([6, 0, 0, 0]), np.array([2, 0, 5, 0]), np.array([4, 0, 0, 4])
-    m = evaluate.metrics(tp, fp, fn, present=np.array([0.9, 0.1, 0.6, 0.4]))
-    assert m["with_nerve"] == 2
-    assert m["dice_nonempty"] == pytest.approx((12 / 18 + 0) / 2)
-    assert m["leaderboard"] == pytest.approx((12 / 18 + 1 + 0 + 0) / 4)
-    assert m["presence_accuracy"] == 0.5 and m["presence_auc"] == 0.75
-    assert m["iou_nonempty"] == pytest.approx((6 / 12 + 0) / 2)
-    assert m["precision"] == pytest.approx(6 / 13) and m["recall"] == pytest.approx(6 / 14)
-    assert m["false_positive_pixels"] == 7 and m["false_negative_pixels"] == 8
 
 
 def _stats_case():
@@ -34,46 +14,63 @@ def _stats_case():
     truth = np.zeros((4, 420, 580), np.uint8)
     truth[:2, 100:200, 100:250] = 1
     probs[:2, 10:20, 10:25] = 0.9
-    probs[2:, 30:32, 40:42] = 0.8                 # ~400 false pixels at full size
+    probs[2:, 30:32, 40:42] = 0.8  # ~400 false pixels at full size
     present = np.array([0.9, 0.8, 0.3, 0.2])
     return probs, truth, present
 
 
-def test_tuning_learns_to_gate_false_detections():
-    probs, truth, present = _stats_case()
-    stats = evaluate.mask_stats(probs, truth, evaluate.CANDIDATES)
-    spec = evaluate.tune_postprocess(stats, present, np.arange(4))
-    tp, fp, fn = evaluate._spec_outcome(stats, present, spec, np.arange(4))
-    assert fp[2:].sum() == 0 and evaluate.dice(tp, fp, fn).mean() > 0.95
-    ungated = evaluate.outcome(stats["area"][0], stats["inter"][0], stats["truth_area"], present, 0.0, 0)
-    assert evaluate.dice(*ungated).mean() < 0.6
-
-
 def test_cross_validation_tunes_each_fold_on_the_others_only():
     probs, truth, present = _stats_case()
-    oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
-           "fold": np.array([0, 1, 0, 1]), "index": np.array([1, 3, 2, 0])}
-    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]])    # the masks in data.py's order
-    stats = evaluate.mask_stats(probs, truth, evaluate.CANDIDATES)
+    oof = {
+        "probs": probs,
+        "probs_flip": probs,
+        "present": present,
+        "present_flip": present,
+        "fold": np.array([0, 1, 0, 1]),
+        "index": np.array([1, 3, 2, 0]),
+    }
+    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]])  # the masks in data.py's order
+    stats = postprocess.mask_stats(probs, truth)
     for k in (0, 1):
-        assert report["fold_postprocess"][k] == evaluate.tune_postprocess(stats, present, np.flatnonzero(oof["fold"] != k))
+        assert report["fold_postprocess"][k] == postprocess.tune(stats, present, np.flatnonzero(oof["fold"] != k))
     assert set(report["rows"]) == {"fold 0", "fold 1", "all folds"}
     assert "dice_nonempty" in evaluate.table(report["rows"]).splitlines()[0]
 
 
+@pytest.mark.slow
 def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path):
     results = tmp_path / "results"
-    train = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", tmp_path / "logs",
-                       "--folds", 3, "--epochs", 1, "--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8,
-                       "--conflicts", "drop")
+    train = run_script(
+        ROOT / "train.py",
+        "--input",
+        tiny_input,
+        "--results",
+        results,
+        "--logs",
+        tmp_path / "logs",
+        "--folds",
+        3,
+        "--epochs",
+        1,
+        "--size",
+        "32x48",
+        "--base-filters",
+        4,
+        "--depth",
+        2,
+        "--batch-size",
+        8,
+        "--conflicts",
+        "drop",
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((results / "ensemble.json").read_text()) == {"models": ["fold0", "fold1", "fold2"]}
     oof = np.load(results / "oof.npz")
-    assert sorted(oof["index"].tolist()) == list(range(48))       # every image predicted once, out of fold
+    assert sorted(oof["index"].tolist()) == list(range(48))  # every image predicted once, out of fold
     val_ids = [json.loads((results / f"fold{k}" / "settings.json").read_text())["val_ids"] for k in range(3)]
     fold_subjects = [{i.split("_")[0] for i in ids} for ids in val_ids]
     assert all(len(s) == 1 for s in fold_subjects) and set.union(*fold_subjects) == {"1", "2", "3"}
-    assert set(json.loads((results / "postprocess.json").read_text())) == set(evaluate.DEFAULT_POSTPROCESS)
+    assert set(json.loads((results / "postprocess.json").read_text())) == set(postprocess.DEFAULT)
     assert "all folds" in train.stdout and "--conflicts drop: 0 frames" in train.stdout
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
@@ -98,15 +95,24 @@ def strict_json_only(constant):
 
 def test_non_finite_numbers_become_null_for_json():
     nan, inf = float("nan"), float("inf")
-    assert evaluate.finite({"auc": nan, "rows": [inf, 0.5, (1, -inf)], "name": "fold 0"}) == \
-        {"auc": None, "rows": [None, 0.5, [1, None]], "name": "fold 0"}
+    assert evaluate.finite({"auc": nan, "rows": [inf, 0.5, (1, -inf)], "name": "fold 0"}) == {
+        "auc": None,
+        "rows": [None, 0.5, [1, None]],
+        "name": "fold 0",
+    }
 
 
-def test_baseline_is_scored_without_gate_or_tuning():
+def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     probs, truth, present = _stats_case()
-    oof = {"probs": probs, "probs_flip": probs, "present": present, "present_flip": present,
-           "fold": np.array([0, 1, 0, 1]), "index": np.arange(4)}
-    report = evaluate.cross_validate(oof, truth, tta=False, baseline=True)
-    plain = {**evaluate.DEFAULT_POSTPROCESS, "presence_threshold": 0.0}
+    oof = {
+        "probs": probs,
+        "probs_flip": probs,
+        "present": present,
+        "present_flip": present,
+        "fold": np.array([0, 1, 0, 1]),
+        "index": np.arange(4),
+    }
+    report = evaluate.cross_validate(oof, truth, tta="none", fixed=postprocess.NO_GATE)
+    plain = postprocess.NO_GATE
     assert report["postprocess"] == plain and all(s == plain for s in report["fold_postprocess"].values())
-    assert report["rows"]["all folds"]["false_positive_pixels"] > 0     # the false detections stay
+    assert report["rows"]["all folds"]["false_positive_pixels"] > 0  # the false detections stay

@@ -5,7 +5,6 @@ import pytest
 import model
 
 
-
 @pytest.mark.parametrize("size", [(64, 80), (96, 128)])
 def test_outputs_at_two_input_sizes(size):
     net = model.build_model((*size, 1), base_filters=8)
@@ -38,8 +37,8 @@ def test_dice_loss_per_image_with_smoothing():
     y[1, :2, :2] = 1
     p = np.zeros_like(y)
     loss = np.asarray(model.dice_loss(y, p))
-    assert loss[0] == pytest.approx(0.0)            # empty prediction on an empty mask: perfect
-    assert loss[1] == pytest.approx(1 - 1 / 5)       # smoothed: (0 + 1) / (4 + 0 + 1)
+    assert loss[0] == pytest.approx(0.0)  # empty prediction on an empty mask: perfect
+    assert loss[1] == pytest.approx(1 - 1 / 5)  # smoothed: (0 + 1) / (4 + 0 + 1)
     assert np.asarray(model.dice_loss(y, y))[1] == pytest.approx(0.0)
 
 
@@ -58,10 +57,10 @@ def test_dice_bce_loss_adds_each_images_weighted_pixel_cross_entropy():
 
 def test_lovasz_hinge_is_the_jaccard_loss_on_hard_predictions():
     y = np.zeros((2, 4, 4, 1), np.float32)
-    y[0, :2, :2] = 1                                  # 4 nerve pixels
+    y[0, :2, :2] = 1  # 4 nerve pixels
     hit = y.copy()
-    hit[0, 0, 0] = 0                                  # one missed
-    hit[0, 3, 2:] = 1                                 # two false positives: IoU 3 / 6
+    hit[0, 0, 0] = 0  # one missed
+    hit[0, 3, 2:] = 1  # two false positives: IoU 3 / 6
     p = np.where(hit > 0, 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))).astype(np.float32)  # logits +-1
     # each wrong pixel's hinge error is 2, so the loss is 2 x (1 - IoU); the empty image predicted empty is 0
     np.testing.assert_allclose(np.asarray(model.lovasz_hinge_loss(y, p)), [2 * (1 - 3 / 6), 0.0], atol=1e-5)
@@ -81,11 +80,19 @@ def test_precision_policies_keep_inputs_and_outputs_in_float32():
     model.set_precision("fp32")
 
 
-def test_predict_pads_for_devices_and_cuts_the_padding(monkeypatch):
-    net = model.build_model((32, 48, 1), base_filters=4, depth=2)
-    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 48, 1)).astype(np.float32)
-    plain = model.predict(net, x, batch_size=4)
-    monkeypatch.setattr(model, "data_parallel_devices", lambda: 4)
-    padded = model.predict(net, x, batch_size=4)
-    assert padded["mask"].shape == (5, 32, 48, 1) and padded["present"].shape == (5, 1)
-    np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-6)
+def test_batch_dice_loss_is_one_dice_over_the_whole_batch_given_to_every_image():
+    y = np.zeros((2, 2, 2, 1), np.float32)
+    y[0, 0, 0] = y[1, :, 0] = 1  # 3 true pixels in all
+    p = np.zeros_like(y)
+    p[0, 0, 0] = 0.5
+    p[1, 1, 1] = 1.0
+    # intersection 0.5, sums 3 and 1.5, smoothing 1: 1 - (2 * 0.5 + 1) / (3 + 1.5 + 1)
+    np.testing.assert_allclose(np.asarray(model.batch_dice_loss(y, p)), [1 - 2 / 5.5] * 2, rtol=1e-6)
+
+
+def test_standardisation_of_a_constant_image_is_zero_not_nan():
+    layer = model.PerImageStandardization()
+    x = np.concatenate([np.full((1, 4, 4, 1), 77.0), np.arange(16.0).reshape(1, 4, 4, 1)]).astype(np.float32)
+    out = np.asarray(layer(x))
+    assert np.all(out[0] == 0) and np.isfinite(out).all()
+    assert abs(out[1].mean()) < 1e-6 and out[1].std() == pytest.approx(1, rel=1e-5)

@@ -1,24 +1,13 @@
 """End to end, as a user runs it: data.py -> train.py -> submission.py on a tiny synthetic set."""
+
 import csv
 import json
 import shutil
 
 import numpy as np
-import pytest
 
 import utils
 from conftest import ROOT, assert_picture, run_script
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_input, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    logs = tmp_path_factory.mktemp("logs")
-    result = run_script(ROOT / "train.py", "--input", tiny_input, "--results", results, "--logs", logs,
-                        "--epochs", 2, "--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8,
-                        "--val-fraction", 0.3, "--run", "e2e")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return results, logs, result.stdout
 
 
 def test_training_writes_model_settings_and_logs(trained):
@@ -36,8 +25,9 @@ def test_training_writes_model_settings_and_logs(trained):
 
 def test_submission_lists_every_test_id_and_decodes(trained, tiny_input):
     results, _, _ = trained
-    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results,
-                        "--presence-threshold", 0.0)
+    result = run_script(
+        ROOT / "submission.py", "--input", tiny_input, "--results", results, "--presence-threshold", 0.0
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(results / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -67,7 +57,7 @@ def test_truncated_or_mismatched_model_is_one_clear_error(trained, tiny_input, t
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "takes 32x48 images but its settings.json says 64x96" in result.stderr
     model = (results / "net.keras").read_bytes()
-    (results / "net.keras").write_bytes(model[:len(model) // 2])
+    (results / "net.keras").write_bytes(model[: len(model) // 2])
     result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot load {results / 'net.keras'}" in result.stderr
@@ -86,12 +76,6 @@ def test_train_without_arrays_is_one_clear_error(tmp_path):
     result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "run `python data.py` first" in result.stderr
-
-
-def test_inspect_set_and_examine_generator_write_pngs(trained, tiny_input):
-    results, _, _ = trained
-    assert_picture(utils.inspect_set("val", n=4, results=results, input_dir=tiny_input))
-    assert_picture(utils.examine_generator(n=4, input_dir=tiny_input, size=(32, 48), results=results))
 
 
 def test_training_writes_curves_and_validation_overlays(trained):

@@ -22,9 +22,9 @@ def test_frames_look_like_ultrasound_and_masks_outline_the_nerve():
     for image, mask in with_nerve:
         assert image.shape == mask.shape == (420, 580) and image.dtype == np.uint8
         assert set(np.unique(mask)) == {0, 255}
-        assert 2000 < np.count_nonzero(mask) < 12000            # an oval a few percent of the frame
+        assert 2000 < np.count_nonzero(mask) < 12000  # an oval a few percent of the frame
         inside, outside = image[mask > 0], image[mask == 0]
-        assert inside.std() > 20 and outside.std() > 20         # speckle and texture, not flat fills
+        assert inside.std() > 20 and outside.std() > 20  # speckle and texture, not flat fills
 
 
 def test_frames_of_one_subject_drift_but_share_anatomy():
@@ -38,8 +38,9 @@ def test_write_dataset_makes_the_kaggle_layout(tmp_path):
     n_train, n_test = synthetic.write_dataset(tmp_path, subjects=2, frames=3, test_subjects=1, seed=5)
     assert (n_train, n_test) == (6, 3)
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
-    assert names == sorted([f"{s}_{n}.tif" for s in (1, 2) for n in (1, 2, 3)]
-                           + [f"{s}_{n}_mask.tif" for s in (1, 2) for n in (1, 2, 3)])
+    assert names == sorted(
+        [f"{s}_{n}.tif" for s in (1, 2) for n in (1, 2, 3)] + [f"{s}_{n}_mask.tif" for s in (1, 2) for n in (1, 2, 3)]
+    )
     assert sorted(p.name for p in (tmp_path / "test").iterdir()) == ["1.tif", "2.tif", "3.tif"]
     with tifffile.TiffFile(tmp_path / "train" / "1_1.tif") as tif:
         page = tif.pages[0]

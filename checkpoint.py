@@ -1,0 +1,197 @@
+"""What train.py keeps on disk: the best model, the run record, and the state --resume continues from.
+
+Each model folder gets net.keras (and net.hdf5) whenever the validation leaderboard score improves, with
+settings.json (the run record plus what this model learned: normalisation, validation ids, best epoch).
+After every epoch, last.keras (weights and optimizer state) and then train_state.json (epoch, best score,
+schedule counters, dropout's random-stream state) are written; the state file goes last, so it is the
+commit point. results/run.json holds the run record and whether the run finished.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from common import (
+    LAST_FILE,
+    LEGACY_MODEL_FILE,
+    MODEL_FILE,
+    RUN_FILE,
+    SETTINGS_FILE,
+    STATE_FILE,
+    UserError,
+    atomic_path,
+    plain,
+    read_json,
+    upgrade_settings,
+    write_json,
+)
+from inference import predicted_masks
+from metrics import leaderboard_dice
+
+MOVABLE_FLAGS = {"input", "logs", "workers"}  # may differ from the stored run on --resume
+RESUME_FLAGS = {"results", "resume", "force"}  # say which run to continue, not how
+
+
+def save_model(net, path):
+    """Save atomically. Synchronized batch norm only matters while a tf.distribute strategy trains; saved
+    without it, the model loads under every backend."""
+    synchronized = [layer for layer in net.layers if getattr(layer, "synchronized", False)]
+    for layer in synchronized:
+        layer.synchronized = False
+    try:
+        with atomic_path(path) as tmp:
+            net.save(tmp)
+    finally:
+        for layer in synchronized:
+            layer.synchronized = True
+
+
+def write_run(results, record, complete):
+    write_json(Path(results) / RUN_FILE, {"settings": record, "complete": complete})
+
+
+def read_run(results):
+    """(the stored run record, whether the run finished), or None where results/ holds no run."""
+    path = Path(results) / RUN_FILE
+    if not path.exists():
+        return None
+    run = read_json(path)
+    return upgrade_settings(run.get("settings", run.get("args"))), run["complete"]
+
+
+def check_unfinished(results, force):
+    """Refuse to start over an unfinished run unless asked to: its epochs would be lost."""
+    run = read_run(results)
+    if run and not run[1] and not force:
+        raise UserError(
+            f"{results}/ holds an unfinished run: continue it with `python train.py --resume`, "
+            "or start over with --force"
+        )
+
+
+def resumed_args(args, given, defaults):
+    """The stored flags of the unfinished run in args.results, with the few that may change taken from args.
+    `given` names the flags on the command line, `defaults` is the parser's namespace of defaults."""
+    run = read_run(args.results)
+    if run is None:
+        raise UserError(f"nothing to resume in {args.results}/ (no {RUN_FILE}): start with `python train.py`")
+    stored, complete = run
+    if complete:
+        raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
+    flags = {**vars(defaults), **{k: v for k, v in stored.items() if hasattr(defaults, k)}}
+    changed = sorted(k for k in given - MOVABLE_FLAGS - RESUME_FLAGS if plain(getattr(args, k)) != plain(flags[k]))
+    if changed:
+        raise UserError(
+            "--resume continues with the stored settings; drop "
+            f"{', '.join('--' + k.replace('_', '-') for k in changed)} (or start over with --force)"
+        )
+    flags.update({k: getattr(args, k) for k in given & MOVABLE_FLAGS}, results=args.results, resume=True)
+    flags.update(
+        size=tuple(flags["size"]),
+        flips=tuple(flags["flips"]),
+        **{k: Path(flags[k]) for k in ("input", "results", "logs")},
+    )
+    return argparse.Namespace(**flags)
+
+
+class LeaderboardCheckpoint(keras.callbacks.Callback):
+    """Adds val_leaderboard to the logs each epoch and saves the model and its settings whenever it improves."""
+
+    def __init__(self, val_images, val_masks, folder, settings, batch_size, spec, best=-np.inf):
+        super().__init__()
+        self.x, self.masks = val_images[..., None].astype(np.float32), val_masks
+        self.folder, self.settings, self.batch_size, self.spec = Path(folder), settings, batch_size, spec
+        self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        masks = predicted_masks(self.model, self.x, self.spec, self.batch_size)
+        score = float(leaderboard_dice(self.masks, masks).mean())
+        logs["val_leaderboard"] = score
+        if score > self.best:
+            self.best = score
+            logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
+            for name in (MODEL_FILE, LEGACY_MODEL_FILE):
+                save_model(self.model, self.folder / name)
+            write_json(
+                self.folder / SETTINGS_FILE, {**self.settings, "best_epoch": epoch + 1, "val_leaderboard": score}
+            )
+            print(f"\nepoch {epoch + 1}: val_leaderboard {score:.4f}, best so far: saved to {self.folder}/")
+
+
+class Plateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose patience counters can be saved and restored for --resume."""
+
+    COUNTERS = ("wait", "best", "cooldown_counter")
+
+    def __init__(self, counters=None, **kwargs):
+        super().__init__(**kwargs)
+        self.restored = counters or {}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # resets the counters
+        for name, value in self.restored.items():
+            setattr(self, name, value)
+
+    def counters(self):
+        return {name: float(getattr(self, name)) for name in self.COUNTERS}
+
+
+class ResumePoint(keras.callbacks.Callback):
+    """Saves the latest model with its optimizer state, then train_state.json, after each epoch.
+
+    Listed last, so the state file is written only when everything else for the epoch is on disk."""
+
+    def __init__(self, folder, run, leaderboard, plateau):
+        super().__init__()
+        self.folder, self.run, self.leaderboard, self.plateau = Path(folder), run, leaderboard, plateau
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model(self.model, self.folder / LAST_FILE)
+        write_json(
+            self.folder / STATE_FILE,
+            {
+                "run": self.run,
+                "epoch": epoch + 1,
+                "best": self.leaderboard.best,
+                "plateau": self.plateau and self.plateau.counters(),
+                "random": [keras.ops.convert_to_numpy(v).tolist() for v in random_states(self.model)],
+            },
+        )
+
+
+def random_states(net):
+    """Dropout's random-stream counters: not among the weights a checkpoint holds."""
+    return [v for v in net.variables if v.path.endswith("seed_generator_state")]
+
+
+def resume_state(folder, run):
+    """The saved state of `folder` if it belongs to this run, else None (the model starts afresh)."""
+    path = Path(folder) / STATE_FILE
+    state = read_json(path) if path.exists() else None
+    return state if state and state["run"] == run else None
+
+
+def restore(net, folder, state):
+    """Load the latest epoch's weights, optimizer state and random streams into a compiled net."""
+    net.optimizer.build(net.trainable_variables)  # so that load_weights restores the optimizer state too
+    net.load_weights(Path(folder) / LAST_FILE)
+    for variable, value in zip(random_states(net), state["random"]):
+        variable.assign(np.array(value, variable.dtype))
+
+
+def keep_epochs(log_path, epochs):
+    """Drop rows for epochs >= `epochs` from a CSV training log (an epoch cut short by a kill)."""
+    if log_path.exists():
+        lines = log_path.read_text().splitlines(keepends=True)
+        with atomic_path(log_path) as tmp:
+            tmp.write_text("".join(lines[:1] + [r for r in lines[1:] if int(r.split(",", 1)[0]) < epochs]))
+
+
+def finish(results, record, dirs):
+    """Mark the run complete and delete the resume checkpoints it no longer needs."""
+    write_run(results, record, complete=True)
+    for name in dirs:
+        (Path(results) / name / LAST_FILE).unlink(missing_ok=True)

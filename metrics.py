@@ -1,0 +1,65 @@
+"""Scores of hard masks against the truth, all from per-image pixel counts: the leaderboard Dice (1 where truth
+and prediction are both empty), IoU, pixel precision and recall, presence accuracy and ROC AUC."""
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def presence(masks):
+    """Whether each mask of (n, ...) marks any pixel."""
+    masks = np.asarray(masks)
+    return masks.reshape(len(masks), -1).any(axis=1)
+
+
+def pixel_counts(truth, masks):
+    """Per-image true positive, false positive and false negative pixels of binary masks (n, ...)."""
+    t = np.asarray(truth).reshape(len(truth), -1) != 0
+    p = np.asarray(masks).reshape(len(masks), -1) != 0
+    tp = np.count_nonzero(t & p, axis=1)
+    return tp, np.count_nonzero(p, axis=1) - tp, np.count_nonzero(t, axis=1) - tp
+
+
+def dice_from_counts(tp, fp, fn):
+    """Per-image Dice from pixel counts: 1 where truth and prediction are both empty."""
+    total = 2 * np.asarray(tp) + fp + fn
+    return np.where(total == 0, 1.0, 2 * np.asarray(tp) / np.maximum(total, 1))
+
+
+def leaderboard_dice(truth, masks):
+    """Per-image Dice of binary masks (n, ...), as the Kaggle leaderboard scores it."""
+    return dice_from_counts(*pixel_counts(truth, masks))
+
+
+def mean_dice(truth, masks):
+    """The leaderboard score: mean per-image Dice over a set of masks."""
+    return float(leaderboard_dice(truth, masks).mean())
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve; nan when the labels hold a single class."""
+    labels = np.asarray(labels, bool)
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+
+
+def scores(tp, fp, fn, present):
+    """The evaluation figures of one set of images, from their pixel counts and presence probabilities."""
+    with_structure, predicted = (tp + fn) > 0, (tp + fp) > 0
+    dice = dice_from_counts(tp, fp, fn)
+    iou = tp / np.maximum(tp + fp + fn, 1)
+
+    def over_positives(values):
+        return float(values[with_structure].mean()) if with_structure.any() else float("nan")
+
+    return {
+        "images": int(len(tp)),
+        "with_nerve": int(with_structure.sum()),
+        "dice_nonempty": over_positives(dice),
+        "leaderboard": float(dice.mean()),
+        "presence_accuracy": float((predicted == with_structure).mean()),
+        "presence_auc": roc_auc(present, with_structure),
+        "iou_nonempty": over_positives(iou),
+        "precision": float(tp.sum() / max(tp.sum() + fp.sum(), 1)),
+        "recall": float(tp.sum() / max(tp.sum() + fn.sum(), 1)),
+        "false_positive_pixels": int(fp.sum()),
+        "false_negative_pixels": int(fn.sum()),
+    }

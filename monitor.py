@@ -1,0 +1,106 @@
+"""What a training run shows while it runs: the learning rate and a guard against a diverging loss in the logs,
+TensorBoard scalars and validation overlays, a progress bar (or a line per epoch), and the pictures each
+model folder gets at the end."""
+
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import postprocess
+from augment import full_size
+from common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
+from figures import cases_png, overlay, training_curves
+from inference import predicted_masks
+from metrics import presence
+
+TENSORBOARD_IMAGES = 8  # validation images shown in TensorBoard each epoch
+REPORT_IMAGES = 12  # validation images in val_overlays.png
+
+
+def fit_verbosity():
+    """Keras' progress bar inside each epoch on a terminal; one line per epoch in a log file or CI."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds the learning rate reached to each epoch's logs: a schedule does not log itself."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss, before any checkpoint can take the bad weights."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not np.isfinite(loss):
+            raise UserError(
+                f"the training loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}: "
+                "training stopped, the checkpoints of the last good epoch are kept (try a lower --lr)"
+            )
+
+
+class ValidationImages(keras.callbacks.Callback):
+    """Each epoch, a fixed set of validation images in TensorBoard with true-positive, false-positive and
+    false-negative pixels tinted (yellow, red, blue)."""
+
+    def __init__(self, images, masks, log_dir, spec):
+        super().__init__()
+        import tensorflow as tf
+
+        self.summary = tf.summary
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
+        self.images, self.masks, self.spec = images, masks, spec
+
+    def on_epoch_end(self, epoch, logs=None):
+        predicted = predicted_masks(self.model, self.images[..., None].astype(np.float32), self.spec)
+        tiles = np.stack([overlay(*case) for case in zip(self.images, self.masks, predicted)])
+        with self.writer.as_default():
+            self.summary.image("validation_overlays", tiles, step=epoch, max_outputs=len(tiles))
+        self.writer.flush()
+
+
+def example_indices(present, n):
+    """n fixed positions spread over a set, half of them images with a nerve where the set allows."""
+    pos, neg = np.flatnonzero(present), np.flatnonzero(~present)
+    n_neg = min(len(neg), n // 2)
+    n_pos = min(len(pos), n - n_neg)
+    n_neg = min(len(neg), n - n_pos)
+    spread = [idx[np.linspace(0, len(idx) - 1, k).round().astype(int)] for idx, k in ((pos, n_pos), (neg, n_neg)) if k]
+    return np.sort(np.concatenate(spread)) if spread else np.zeros(0, int)
+
+
+def tensorboard_callbacks(log_dir, val_images, val_masks, spec):
+    """Keras' TensorBoard callback and validation images; both write through TensorFlow, which other
+    backends may lack."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        print("tensorflow is not installed: no TensorBoard logs this run (the CSV log is still written)")
+        return []
+    pick = example_indices(presence(val_masks), TENSORBOARD_IMAGES)
+    return [
+        keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1),
+        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec),
+    ]
+
+
+def model_pictures(folder, arrays, index, has_structure, probs, present, spec):
+    """curves.png from the training log, and val_overlays.png: a fixed set of the validation images
+    arrays[...][index] at full size with the best model's masks (probs and present: its predictions of all of
+    them, at the training size; has_structure: which of them show one)."""
+    folder = Path(folder)
+    training_curves(folder / TRAINING_LOG_FILE, folder / CURVES_FILE)
+    pick = example_indices(has_structure, REPORT_IMAGES)
+    truth = arrays["train_masks"][index[pick]]
+    full = np.stack([full_size(probs[i], mask.shape) for i, mask in zip(pick, truth)])
+    masks = postprocess.apply(full, present[pick], spec)
+    return cases_png(
+        arrays["train_images"][index[pick]], truth, masks, arrays["train_ids"][index[pick]], folder / VAL_OVERLAYS_FILE
+    )

@@ -1,0 +1,61 @@
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+import common
+import train
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import keras
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / common.LAST_FILE
+    checkpoint.save_model(net, path)
+    before = path.read_bytes()
+
+    def fill_the_disk(target, *args, **kwargs):
+        Path(target).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(net, "save", fill_the_disk)
+    with pytest.raises(common.UserError, match="No space left on device.*earlier last.keras is unchanged"):
+        checkpoint.save_model(net, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def _unfinished_run(results, *flags):
+    args = train.parse_args(["--results", str(results), *flags])
+    checkpoint.write_run(results, common.run_record(args, {"resume", "force"}), complete=False)
+    return args
+
+
+def test_resume_refuses_a_changed_flag_even_one_given_with_its_default_value(tmp_path):
+    _unfinished_run(tmp_path, "--epochs", "10")
+    with pytest.raises(common.UserError, match="drop --epochs"):
+        train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "30"])  # 30 is the default
+    assert train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "10"]).epochs == 10
+    moved = train.parse_args(["--results", str(tmp_path), "--resume", "--input", "elsewhere", "--workers", "2"])
+    assert moved.input == Path("elsewhere") and moved.epochs == 10 and moved.resume
+
+
+def test_a_run_stored_before_the_schedule_flag_resumes_on_its_plateau_schedule(tmp_path):
+    stored = common.run_record(train.parse_args(["--results", str(tmp_path)]))
+    del stored["schedule"], stored["tta"], stored["postprocess"]
+    common.write_json(tmp_path / common.RUN_FILE, {"args": stored, "complete": False})  # the older format
+    resumed = train.parse_args(["--results", str(tmp_path), "--resume"])
+    assert resumed.schedule == "plateau" and resumed.presence_weight == stored["presence_weight"]
+    assert (resumed.tta, resumed.postprocess) == ("hflip", "tuned")
+
+
+def test_nothing_to_resume_and_an_unfinished_run_are_one_clear_message_each(tmp_path):
+    with pytest.raises(common.UserError, match="nothing to resume"):
+        train.parse_args(["--results", str(tmp_path), "--resume"])
+    _unfinished_run(tmp_path)
+    with pytest.raises(common.UserError, match="unfinished run: continue it with `python train.py --resume`"):
+        checkpoint.check_unfinished(tmp_path, force=False)
+    checkpoint.check_unfinished(tmp_path, force=True)
+    assert json.loads((tmp_path / common.RUN_FILE).read_text())["complete"] is False

@@ -1,0 +1,47 @@
+import numpy as np
+
+import inference
+import model
+
+
+class Echo:
+    """A stand-in network whose mask is its input, rescaled, and whose presence is the mean of each image's
+    left half: the mirror view must come back as the plain view's mask but see the other half."""
+
+    def predict(self, x, batch_size, verbose):
+        half = x.shape[2] // 2
+        return {"mask": x / 255.0, "present": x[:, :, :half].mean(axis=(1, 2, 3))[:, None] / 255.0}
+
+
+def test_the_mirror_view_is_flipped_back_and_averaged():
+    images = np.zeros((2, 4, 6), np.uint8)
+    images[:, :, :2] = 255  # bright on the left
+    (plain, present), (mirror, present_mirror) = inference.predict_views([Echo()], images, "hflip")
+    np.testing.assert_allclose(mirror, plain)
+    np.testing.assert_allclose(plain, images / 255.0)
+    np.testing.assert_allclose(present, [2 / 3] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(present_mirror, [0.0] * 2)
+    probs, averaged = inference.predict([Echo(), Echo()], images, "hflip")
+    np.testing.assert_allclose(probs, images / 255.0)
+    np.testing.assert_allclose(averaged, [1 / 3] * 2)
+    assert len(inference.predict_views([Echo()], images, "none")) == 1
+
+
+def test_chunks_come_back_at_the_models_size_or_each_images_own(monkeypatch):
+    monkeypatch.setattr(inference, "CHUNK", 2)
+    images = np.full((3, 42, 58), 255, np.uint8)
+    chunks = list(inference.predict_chunks([Echo()], (8, 16), images, "none"))
+    assert [c[0].shape for c in chunks] == [(2, 8, 16), (1, 8, 16)]
+    full = list(inference.predict_chunks([Echo()], (8, 16), images, "none", at_full_size=True))
+    assert [c[0].shape for c in full] == [(2, 42, 58), (1, 42, 58)]
+    np.testing.assert_allclose(np.concatenate([c[0] for c in full]), 1.0)
+
+
+def test_network_outputs_pad_for_devices_and_cut_the_padding(monkeypatch):
+    net = model.build_model((32, 48, 1), base_filters=4, depth=2)
+    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 48, 1)).astype(np.float32)
+    plain = inference.network_outputs(net, x, batch_size=4)
+    monkeypatch.setattr(inference, "data_parallel_devices", lambda: 4)
+    padded = inference.network_outputs(net, x, batch_size=4)
+    assert padded["mask"].shape == (5, 32, 48, 1) and padded["present"].shape == (5, 1)
+    np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-6)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+import metrics
+
+
+def test_mean_dice_on_hand_computed_cases():
+    empty = np.zeros((1, 4, 4), np.uint8)
+    a = np.zeros((1, 4, 4), np.uint8)
+    a[0, :2, :2] = 1  # 4 pixels
+    b = np.zeros((1, 4, 4), np.uint8)
+    b[0, :2, :1] = 1  # 2 pixels, both inside a
+    assert metrics.mean_dice(empty, empty) == 1.0
+    assert metrics.mean_dice(empty, a) == 0.0
+    assert metrics.mean_dice(a, empty) == 0.0
+    assert metrics.mean_dice(a, a) == 1.0
+    assert metrics.mean_dice(a, b) == pytest.approx(2 * 2 / (4 + 2))
+    # the mean is per image, not over pooled pixels
+    assert metrics.mean_dice(np.concatenate([a, empty]), np.concatenate([b, a])) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_roc_auc_on_hand_computed_cases():
+    assert metrics.roc_auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert metrics.roc_auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert metrics.roc_auc([0.5, 0.5], [1, 0]) == 0.5
+    assert np.isnan(metrics.roc_auc([0.3, 0.4], [1, 1]))
+
+
+def test_scores_from_pixel_counts():
+    # image 0: nerve of 10 px, 6 found, 2 extra; image 1: empty and predicted empty;
+    # image 2: empty but 5 px predicted; image 3: nerve of 4 px missed
+    tp, fp, fn = np.array([6, 0, 0, 0]), np.array([2, 0, 5, 0]), np.array([4, 0, 0, 4])
+    m = metrics.scores(tp, fp, fn, present=np.array([0.9, 0.1, 0.6, 0.4]))
+    assert m["with_nerve"] == 2
+    assert m["dice_nonempty"] == pytest.approx((12 / 18 + 0) / 2)
+    assert m["leaderboard"] == pytest.approx((12 / 18 + 1 + 0 + 0) / 4)
+    assert m["presence_accuracy"] == 0.5 and m["presence_auc"] == 0.75
+    assert m["iou_nonempty"] == pytest.approx((6 / 12 + 0) / 2)
+    assert m["precision"] == pytest.approx(6 / 13) and m["recall"] == pytest.approx(6 / 14)
+    assert m["false_positive_pixels"] == 7 and m["false_negative_pixels"] == 8
+
+
+def test_pixel_counts_and_presence_of_masks():
+    truth = np.zeros((2, 3, 3), np.uint8)
+    truth[0, 0, :] = 1
+    masks = np.zeros_like(truth)
+    masks[0, :, 0] = 1
+    tp, fp, fn = metrics.pixel_counts(truth, masks)
+    assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([1, 0], [2, 0], [2, 0])
+    assert metrics.presence(truth).tolist() == [True, False]
+    np.testing.assert_allclose(metrics.leaderboard_dice(truth, masks), [2 / 6, 1.0])

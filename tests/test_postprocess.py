@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+
+import postprocess
+from augment import full_size
+from metrics import dice_from_counts, pixel_counts
+
+
+def test_apply_gates_on_presence_and_area_and_keeps_the_largest_component():
+    probs = np.zeros((3, 10, 10), np.float32)
+    probs[:, 0:2, 0:2] = 0.9  # 4 pixels
+    probs[:, 5:9, 5:9] = 0.6  # 16 pixels
+    masks = postprocess.apply(probs, [0.2, 0.8, 0.8])
+    assert masks[0].sum() == 0 and masks[1].sum() == 20
+    assert postprocess.apply(probs, [0.8] * 3, {"pixel_threshold": 0.7}).sum(axis=(1, 2)).tolist() == [4] * 3
+    assert postprocess.apply(probs, [0.8] * 3, {"keep_largest": True})[0, 5:9, 5:9].all()
+    assert postprocess.apply(probs, [0.8] * 3, {"keep_largest": True}).sum() == 48
+    assert postprocess.apply(probs, [0.8] * 3, {"min_area": 21}).sum() == 0
+    assert postprocess.apply(probs, [0.8] * 3, {"min_area": 20}).sum() == 60
+    assert postprocess.apply(probs, [0.0] * 3, postprocess.NO_GATE).sum() == 60
+
+
+def test_the_gate_is_one_rule_for_masks_and_for_tuning():
+    # the counts tuning scores a spec by are those of the masks apply() makes with it, gate included
+    rng = np.random.default_rng(0)
+    probs = rng.random((6, 42, 58)).astype(np.float32) ** 4
+    truth = (rng.random((6, 420, 580)) < 0.05).astype(np.uint8)
+    present = rng.random(6)
+    stats = postprocess.mask_stats(probs, truth)
+    for spec in (
+        {**postprocess.DEFAULT, "presence_threshold": 0.4, "min_area": 8000, "keep_largest": True},
+        {**postprocess.DEFAULT, "pixel_threshold": 0.3},
+        postprocess.NO_GATE,
+    ):
+        masks = postprocess.apply(np.stack([full_size(p) for p in probs]), present, spec)
+        counts = postprocess.counts_under(stats, present, spec, np.arange(6))
+        for got, want in zip(counts, pixel_counts(truth, masks)):
+            np.testing.assert_array_equal(got, want)
+
+
+def _stats_case():
+    """Two nerve images found well, two empty images with small false detections and low presence."""
+    probs = np.zeros((4, 42, 58), np.float32)
+    truth = np.zeros((4, 420, 580), np.uint8)
+    truth[:2, 100:200, 100:250] = 1
+    probs[:2, 10:20, 10:25] = 0.9
+    probs[2:, 30:32, 40:42] = 0.8  # ~400 false pixels at full size
+    return probs, truth, np.array([0.9, 0.8, 0.3, 0.2])
+
+
+def test_tuning_learns_to_gate_false_detections():
+    probs, truth, present = _stats_case()
+    stats = postprocess.mask_stats(probs, truth)
+    spec = postprocess.tune(stats, present, np.arange(4))
+    tp, fp, fn = postprocess.counts_under(stats, present, spec, np.arange(4))
+    assert fp[2:].sum() == 0 and dice_from_counts(tp, fp, fn).mean() > 0.95
+    ungated = postprocess.counts_under(stats, present, postprocess.NO_GATE, np.arange(4))
+    assert dice_from_counts(*ungated).mean() < 0.6
+
+
+def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec():
+    probs, truth, present = _stats_case()
+    stats = postprocess.mask_stats(probs, truth)
+    fold = np.array([0, 1, 0, 1])
+    specs, final = postprocess.cross_fit(stats, present, fold)
+    for k in (0, 1):
+        assert specs[k] == postprocess.tune(stats, present, np.flatnonzero(fold != k))
+    assert final == postprocess.tune(stats, present, np.arange(4))
+    specs, final = postprocess.cross_fit(stats, present, fold, fixed=postprocess.NO_GATE)
+    assert final == postprocess.NO_GATE and all(s == postprocess.NO_GATE for s in specs.values())
+
+
+def test_a_run_without_a_presence_head_is_never_gated():
+    assert postprocess.untuned(0.0) == postprocess.NO_GATE and postprocess.untuned(0.1) == postprocess.DEFAULT
+    assert postprocess.fixed_for({"postprocess": "tuned", "presence_weight": 0.0}) is None
+    assert postprocess.fixed_for({"postprocess": "fixed", "presence_weight": 0.0}) == postprocess.NO_GATE
+
+
+def test_the_tuned_spec_is_saved_and_loaded_with_overrides(tmp_path):
+    spec = {**postprocess.DEFAULT, "min_area": 1500}
+    postprocess.save(tmp_path, spec)
+    assert json.loads((tmp_path / "postprocess.json").read_text()) == spec
+    assert postprocess.load(tmp_path, pixel_threshold=0.3, presence_threshold=None) == {**spec, "pixel_threshold": 0.3}
+    assert postprocess.load(tmp_path / "nothing") == postprocess.DEFAULT
