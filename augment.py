@@ -7,11 +7,12 @@ same way. Every batch is a function of (seed, epoch, batch index) alone, so resu
 on which worker made it.
 """
 
+from common import IMAGE_HEIGHT, IMAGE_WIDTH
+
 import cv2
 import keras
 import numpy as np
 
-from common import IMAGE_HEIGHT, IMAGE_WIDTH
 from metrics import presence
 
 ROTATION_DEG = 10.0

@@ -11,23 +11,30 @@ import argparse
 import logging
 from pathlib import Path
 
-import keras
-import numpy as np
-
 from common import (
+    BOOLEAN,
     LAST_FILE,
     LEGACY_MODEL_FILE,
+    MAPPING,
     MODEL_FILE,
     RUN_FILE,
     SETTINGS_FILE,
     STATE_FILE,
+    TEXT,
     UserError,
     atomic_path,
+    integer,
+    list_of,
+    number,
     plain,
-    read_json,
+    read_state,
     upgrade_settings,
-    write_json,
+    write_state,
 )
+
+import keras
+import numpy as np
+
 from inference import predicted_masks
 from metrics import leaderboard_dice
 
@@ -50,7 +57,7 @@ def save_model(net, path):
 
 
 def write_run(results, record, complete):
-    write_json(Path(results) / RUN_FILE, {"settings": record, "complete": complete})
+    write_state(Path(results) / RUN_FILE, {"settings": record, "complete": complete})
 
 
 def read_run(results):
@@ -58,8 +65,11 @@ def read_run(results):
     path = Path(results) / RUN_FILE
     if not path.exists():
         return None
-    run = read_json(path)
-    return upgrade_settings(run.get("settings", run.get("args"))), run["complete"]
+    remedy = f"start over with `python train.py --results {results} --force` (the run cannot be resumed)"
+    run = read_state(
+        path, {"settings": MAPPING, "complete": BOOLEAN}, remedy, lambda run: {"settings": run.pop("args", None), **run}
+    )  # release 1 called it "args"
+    return upgrade_settings(run["settings"]), run["complete"]
 
 
 def check_unfinished(results, force):
@@ -82,6 +92,12 @@ def resumed_args(args, given, defaults):
     if complete:
         raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
     flags = {**vars(defaults), **{k: v for k, v in stored.items() if hasattr(defaults, k)}}
+    wrong = [k for k, v in flags.items() if not _same_kind(v, getattr(defaults, k))]
+    if wrong:
+        raise UserError(
+            f"{args.results / RUN_FILE} holds values of the wrong kind for {', '.join(sorted(wrong))}: "
+            f"start over with `python train.py --results {args.results} --force`"
+        )
     changed = sorted(k for k in given - MOVABLE_FLAGS - RESUME_FLAGS if plain(getattr(args, k)) != plain(flags[k]))
     if changed:
         raise UserError(
@@ -95,6 +111,16 @@ def resumed_args(args, given, defaults):
         **{k: Path(flags[k]) for k in ("input", "results", "logs")},
     )
     return argparse.Namespace(**flags)
+
+
+def _same_kind(stored, default):
+    """Whether a stored flag has the type its default has (a whole number passes for a real one)."""
+    if default is None or stored is None:
+        return True
+    kind = (int, float) if isinstance(default, float) else type(default) if not isinstance(default, Path) else str
+    return isinstance(stored, list if isinstance(default, tuple) else kind) and isinstance(stored, bool) == isinstance(
+        default, bool
+    )
 
 
 class LeaderboardCheckpoint(keras.callbacks.Callback):
@@ -115,7 +141,7 @@ class LeaderboardCheckpoint(keras.callbacks.Callback):
             logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
             for name in (MODEL_FILE, LEGACY_MODEL_FILE):
                 save_model(self.model, self.folder / name)
-            write_json(
+            write_state(
                 self.folder / SETTINGS_FILE, {**self.settings, "best_epoch": epoch + 1, "val_leaderboard": score}
             )
             print(f"\nepoch {epoch + 1}: val_leaderboard {score:.4f}, best so far: saved to {self.folder}/")
@@ -150,7 +176,7 @@ class ResumePoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         save_model(self.model, self.folder / LAST_FILE)
-        write_json(
+        write_state(
             self.folder / STATE_FILE,
             {
                 "run": self.run,
@@ -167,11 +193,26 @@ def random_states(net):
     return [v for v in net.variables if v.path.endswith("seed_generator_state")]
 
 
-def resume_state(folder, run):
+STATE_FIELDS = {
+    "run": TEXT,
+    "epoch": integer(0),
+    "best": number(0, 1),
+    "random": list_of(list_of(number())),
+    "plateau": ((lambda v: v is None or isinstance(v, dict)), "an object or null"),
+}
+
+
+def resume_state(folder, run, results):
     """The saved state of `folder` if it belongs to this run, else None (the model starts afresh)."""
     path = Path(folder) / STATE_FILE
-    state = read_json(path) if path.exists() else None
-    return state if state and state["run"] == run else None
+    if not path.exists():
+        return None
+    remedy = (
+        f"delete it and {LAST_FILE} beside it to train that model afresh on --resume, or start over with "
+        f"`python train.py --results {results} --force`"
+    )
+    state = read_state(path, STATE_FIELDS, remedy)
+    return state if state["run"] == run else None
 
 
 def restore(net, folder, state):

@@ -1,12 +1,21 @@
-"""The ground every stage stands on: folders, file names, the run record, one-line errors, atomic writes and
-the flags several scripts share. It imports no other module of the project."""
+"""The ground every stage stands on: folders, file names, the run record, one-line errors, atomic writes,
+the checked reading of every state file, and the flags several scripts share.
+
+It imports no other module, of the project or outside the standard library, so every script imports it
+first (pyproject.toml's import order): the Keras backend is checked here before Keras is imported anywhere.
+"""
 
 import argparse
 import contextlib
+import fcntl
+import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before anything loads it
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 420, 580  # the Kaggle frames
 INPUT_DIR, RESULTS_DIR, LOGS_DIR = Path("input"), Path("results"), Path("logs")
@@ -28,6 +37,15 @@ STATE_FILE = "train_state.json"  # beside it: epoch counter, best score, schedul
 TRAINING_LOG_FILE = "training_log.csv"  # each model folder: one row of losses and scores per epoch
 CURVES_FILE = "curves.png"  # each model folder: training_log.csv drawn
 VAL_OVERLAYS_FILE = "val_overlays.png"  # each model folder: fixed validation images with the best model's masks
+DUPLICATES_FILE = "duplicates.csv"  # results/: duplicates.py's near-identical frame pairs
+DUPLICATES_HIST_FILE = "duplicates_hist.png"  # results/: their distance histogram
+DUPLICATES_PAIRS_FILE = "duplicates_pairs.png"  # results/: the closest conflicting pairs side by side
+INSPECT_FILE = "inspect_{subset}.png"  # results/: utils.inspect_set's picture where no window can open
+EXAMINE_FILE = "examine_generator.png"  # results/: utils.examine_generator's picture likewise
+
+
+FORMAT = 2  # of the state files below; a file without a "format" key was written by release 1
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 class UserError(Exception):
@@ -35,13 +53,34 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(), turning UserError and Ctrl-C into a one-line message."""
+    """Run a script's main(), turning UserError, an OSError on some path and Ctrl-C into a one-line message."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # one that no check foresaw: still one line, naming the path
+        sys.exit(f"error: {e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def _check_keras_backend():
+    """Stop with one line when KERAS_BACKEND names a backend Keras cannot import."""
+    name = os.environ.get("KERAS_BACKEND")
+    if not name or (name in KERAS_BACKENDS and importlib.util.find_spec(name)) or name in ("numpy", "openvino"):
+        return
+    installed = [b for b in KERAS_BACKENDS if importlib.util.find_spec(b)]
+    problem = "is not installed here" if name in KERAS_BACKENDS else "is not a Keras backend"
+    message = (
+        f"KERAS_BACKEND={name} {problem}; installed: {', '.join(installed) or 'none'} "
+        "(unset KERAS_BACKEND for tensorflow)"
+    )
+    if hasattr(sys, "ps1"):  # at a REPL: an ImportError, not an exit from the interpreter
+        raise ImportError(message)
+    sys.exit(f"error: {message}")
+
+
+_check_keras_backend()
 
 
 @contextlib.contextmanager
@@ -56,10 +95,45 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        kept = f"the earlier {path.name} is unchanged" if path.exists() else "nothing was written"
+        kept = f"the earlier {path.name} is unchanged" if path.is_file() else "nothing was written"
         raise UserError(f"could not write {path} ({e.strerror or e}); {kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # where the folder could not be made there is nothing to remove
+            tmp.unlink(missing_ok=True)
+
+
+def output_folder(path, flag):
+    """Make the folder `path` (given by `flag`) or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else e.strerror or e
+        raise UserError(f"cannot write into {path}/ ({reason}): choose another {flag}") from None
+    return path
+
+
+@contextlib.contextmanager
+def exclusive(folder, flag="--results"):
+    """Hold the folder for this process alone: a second run writing the same results is refused, not
+    interleaved. The lock goes with the process, however it ends."""
+    lock = open(output_folder(folder, flag) / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{folder}/ is in use by {holder}: wait for it to finish, or use another {flag}") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})"[:300])
+    lock.flush()
+    try:
+        yield
+    finally:
+        lock.close()
 
 
 def write_json(path, obj):
@@ -68,11 +142,65 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path):
+def write_state(path, obj):
+    """Write one of the state files the pipeline reads back, with its format version."""
+    write_json(path, {"format": FORMAT, **obj})
+
+
+# Checks of a state file's values: (predicate, what was expected)
+def number(low=-math.inf, high=math.inf):
+    def ok(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+    return ok, f"a number in [{low:g}, {high:g}]"
+
+
+def integer(low=0):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), " or ".join(map(repr, choices))
+
+
+def list_of(check, length=None):
+    ok, what = check
+    return (
+        lambda v: isinstance(v, list) and (length is None or len(v) == length) and all(map(ok, v)),
+        f"a list of {length or 'any number of'} values, each {what}",
+    )
+
+
+BOOLEAN = ((lambda v: isinstance(v, bool)), "true or false")
+TEXT = ((lambda v: isinstance(v, str)), "text")
+MAPPING = ((lambda v: isinstance(v, dict)), "an object")
+
+
+def read_state(path, fields, remedy, upgrade=None):
+    """A state file the pipeline wrote, checked against what its writer produces: JSON, an object, a format
+    this release knows, each of `fields` (key -> check) present and valid. Anything else is a UserError that
+    names the file, what is wrong and `remedy`. `upgrade` spells out what older releases did not write."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} not found: run `python train.py` first")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise UserError(f"{path} not found: {remedy}")
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}; damaged or edited?): {remedy}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds {type(obj).__name__}, not the object the pipeline writes: {remedy}")
+    version = obj.pop("format", 1)
+    if version not in range(1, FORMAT + 1):
+        raise UserError(f"{path} has format {version!r}; this release reads formats 1 to {FORMAT}: {remedy}")
+    obj = upgrade(obj) if upgrade else obj
+    problems = [
+        f"{key} is missing" if key not in obj else f"{key} is {obj[key]!r}, expected {what}"
+        for key, (ok, what) in fields.items()
+        if key not in obj or not ok(obj[key])
+    ]
+    if problems:
+        raise UserError(f"{path} does not hold what the pipeline writes ({'; '.join(problems)}): {remedy}")
+    return obj
 
 
 def parse_size(text):
@@ -107,9 +235,24 @@ def upgrade_settings(settings):
     return settings
 
 
+# What every reader of a model's settings.json relies on
+MODEL_SETTINGS = {
+    "size": list_of(integer(1), 2),
+    "base_filters": integer(1),
+    "depth": integer(1),
+    "dropout": number(0, 1),
+    "mean": number(),
+    "std": number(0),
+    "val_ids": list_of(TEXT),
+    "tta": one_of("hflip", "none"),
+    "postprocess": one_of("tuned", "fixed"),
+    "presence_weight": number(0),
+}
+
+
 def read_settings(folder):
-    """A model folder's settings.json (upgraded where an older release wrote it)."""
-    return upgrade_settings(read_json(Path(folder) / SETTINGS_FILE))
+    """A model folder's settings.json, checked, and upgraded where an older release wrote it."""
+    return read_state(Path(folder) / SETTINGS_FILE, MODEL_SETTINGS, "retrain with `python train.py`", upgrade_settings)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -10,18 +10,11 @@ load_arrays() reads them back, checked.
 """
 
 import contextlib
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
-import numpy as np
-import tifffile
-from tqdm import tqdm
-
-import synthetic
 from common import (
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
@@ -30,10 +23,19 @@ from common import (
     UserError,
     arg_parser,
     atomic_path,
-    read_json,
+    integer,
+    number,
+    read_state,
     run_cli,
-    write_json,
+    write_state,
 )
+
+import cv2
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+import synthetic
 
 # The arrays data.py writes into the input folder, by name.
 ARRAYS = ("train_images", "train_masks", "train_ids", "train_subjects", "test_images", "test_ids")
@@ -136,11 +138,23 @@ def _newest_mtime(folders):
     return max((e.stat().st_mtime for f in folders for e in os.scandir(f)), default=0.0)
 
 
+MANIFEST_FIELDS = {"train": integer(0), "test": integer(0), "newest_input_mtime": number()}
+
+
+def read_manifest(input_dir):
+    """arrays.json: how many train and test images data.py converted, and from which state of the folders."""
+    return read_state(
+        input_dir / MANIFEST, MANIFEST_FIELDS, f"rebuild the arrays with `python data.py --input {input_dir} --force`"
+    )
+
+
 def _is_current(input_dir, n_train, n_test):
-    manifest = input_dir / MANIFEST
-    if not manifest.exists() or not all((input_dir / f"{a}.npy").exists() for a in ARRAYS):
+    if not (input_dir / MANIFEST).exists() or not all((input_dir / f"{a}.npy").exists() for a in ARRAYS):
         return False
-    built = read_json(manifest)
+    try:
+        built = read_manifest(input_dir)
+    except UserError:  # a damaged manifest: the arrays are rebuilt, which is its remedy anyway
+        return False
     newest = _newest_mtime([input_dir / "train", input_dir / "test"])
     return built == {"train": n_train, "test": n_test, "newest_input_mtime": newest}
 
@@ -194,7 +208,7 @@ def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
             raise UserError(f"fix these input files (nothing was written):{_listing(problems)}")
         for name, array in small.items():
             np.save(tmp[name], array)
-    write_json(
+    write_state(
         input_dir / MANIFEST,
         {"train": len(train_ids), "test": len(test_ids), "newest_input_mtime": _newest_mtime([train_dir, test_dir])},
     )
@@ -229,8 +243,7 @@ def load_arrays(input_dir, names):
         problem = _array_problem(name, arrays[name])
         if problem:
             problems.append(problem)
-    manifest = input_dir / MANIFEST
-    counts = json.loads(manifest.read_text()) if manifest.exists() else {}
+    counts = read_manifest(input_dir) if (input_dir / MANIFEST).exists() else {}
     for prefix in ("train", "test"):
         lengths = {n: len(a) for n, a in arrays.items() if n.startswith(prefix + "_")}
         expected = counts.get(prefix, next(iter(lengths.values()), None))

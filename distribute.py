@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import keras
-
 from common import UserError
+
+import keras
 
 
 def distribute(mode):

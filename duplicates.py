@@ -13,11 +13,22 @@ the pairs with one empty mask.
 
 import csv
 
+from common import (
+    DUPLICATES_FILE,
+    DUPLICATES_HIST_FILE,
+    DUPLICATES_PAIRS_FILE,
+    UserError,
+    add_flags,
+    arg_parser,
+    atomic_path,
+    output_folder,
+    run_cli,
+)
+
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, add_flags, arg_parser, atomic_path, run_cli
 from data import load_arrays
 from figures import overlay_grid, pyplot, save_figure
 from metrics import leaderboard_dice, presence
@@ -175,26 +186,27 @@ def main(argv=None):
     ap.add_argument(
         "--dice", type=float, default=CONFLICT_DICE, help="duplicates whose masks' Dice is below this conflict"
     )
-    ap.add_argument("--show", type=int, default=8, help="conflicting pairs drawn in duplicates_pairs.png")
+    ap.add_argument("--show", type=int, default=8, help=f"conflicting pairs drawn in {DUPLICATES_PAIRS_FILE}")
     add_flags(ap, "input", "results", results=dict(help="where the CSV and figures go"))
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1 or not 0 <= args.dice <= 1 or args.show < 0:
         raise UserError("--threshold must be in (0, 1), --dice in [0, 1], --show at least 0")
 
+    output_folder(args.results, "--results")
     arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
     images, masks, ids = arrays["train_images"], arrays["train_masks"], arrays["train_ids"]
     with tqdm(total=len(ids), desc="comparing frames", unit="img", leave=False) as bar:
         pairs, distances, every = near_pairs(images, arrays["train_subjects"], args.threshold, bar.update)
     stats = pair_stats(masks, pairs, args.dice)
     conflict, one_empty = stats["conflict"], stats["one_empty"]
-    write_pairs_csv(args.results / "duplicates.csv", ids, pairs, distances, stats)
+    write_pairs_csv(args.results / DUPLICATES_FILE, ids, pairs, distances, stats)
     print(
         f"{len(pairs)} near-identical pairs among {len(ids)} frames; {int(conflict.sum())} conflict "
         f"({int(one_empty.sum())} with one mask empty, {int((conflict & ~one_empty).sum())} with Dice < {args.dice})"
     )
     written = [
-        args.results / "duplicates.csv",
-        histogram_png(every, args.threshold, args.results / "duplicates_hist.png"),
+        args.results / DUPLICATES_FILE,
+        histogram_png(every, args.threshold, args.results / DUPLICATES_HIST_FILE),
     ]
     if conflict.any() and args.show:
         written.append(
@@ -204,7 +216,7 @@ def main(argv=None):
                 ids,
                 pairs[conflict],
                 distances[conflict],
-                args.results / "duplicates_pairs.png",
+                args.results / DUPLICATES_PAIRS_FILE,
                 args.show,
             )
         )

@@ -10,14 +10,9 @@ In the cross-validated report, each fold's post-processing is tuned on the other
 """
 
 import math
+import zipfile
 from pathlib import Path
 
-import numpy as np
-
-import data
-import inference
-import postprocess
-from augment import full_size
 from common import (
     EVALUATION_FILE,
     INPUT_DIR,
@@ -26,10 +21,18 @@ from common import (
     UserError,
     add_flags,
     arg_parser,
+    exclusive,
     read_settings,
     run_cli,
     write_json,
 )
+
+import numpy as np
+
+import data
+import inference
+import postprocess
+from augment import full_size
 from figures import cases_png
 from metrics import dice_from_counts, scores
 
@@ -88,13 +91,34 @@ def table(rows):
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
 
 
+OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "index", "fold", "ids")
+
+
+def load_oof(path):
+    """The out-of-fold predictions train.py kept, checked: every array there, one length for all."""
+    remedy = "retrain with `python train.py` (with --folds K for K-fold)"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {remedy}")
+    try:
+        with np.load(path) as stored:
+            oof = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} cannot be read ({e}; damaged?): {remedy}") from None
+    missing = [key for key in OOF_KEYS if key not in oof]
+    lengths = {len(oof[key]) for key in OOF_KEYS if key in oof}
+    if missing or len(lengths) > 1:
+        raise UserError(
+            f"{path} does not hold what train.py writes (missing: {', '.join(missing) or 'none'}; "
+            f"lengths {sorted(lengths)}): {remedy}"
+        )
+    return oof
+
+
 def evaluate_oof(results, input_dir, tta=None):
     """Cross-validated report from results/oof.npz, scored with the run's views and post-processing choice
     unless `tta` says otherwise: (report, images, truth, masks, ids) of the worst cases."""
+    oof = load_oof(Path(results) / OOF_FILE)
     path = Path(results) / OOF_FILE
-    if not path.exists():
-        raise UserError(f"{path} not found: run `python train.py` (with --folds K for K-fold) first")
-    oof = dict(np.load(path))
     settings = read_settings(inference.model_dirs(results)[0])
     tta = tta or settings["tta"]
     arrays = data.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
@@ -152,6 +176,12 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=INPUT_DIR, help="the arrays train.py used")
     add_flags(ap, "results", "tta")
     args = ap.parse_args(argv)
+    with exclusive(args.results):
+        report_on(args)
+
+
+def report_on(args):
+    """The report evaluate.py's flags ask for, printed and written to results/."""
     if args.input is None:
         report, images, truth, masks, ids = evaluate_oof(args.results, args.data, args.tta)
         name = "cross-validated"

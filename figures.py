@@ -5,9 +5,10 @@ import csv
 import os
 from pathlib import Path
 
+from common import UserError, atomic_path
+
 import numpy as np
 
-from common import UserError, atomic_path
 from metrics import leaderboard_dice
 
 # Distinct under the common colour-vision deficiencies: yellow, red and blue differ in lightness too

@@ -6,6 +6,18 @@ train.py (out-of-fold predictions), evaluate.py, submission.py and utils.inspect
 
 from pathlib import Path
 
+from common import (
+    ENSEMBLE_FILE,
+    MODEL_FILE,
+    RESULTS_DIR,
+    SETTINGS_FILE,
+    TEXT,
+    UserError,
+    list_of,
+    read_settings,
+    read_state,
+)
+
 import keras
 import numpy as np
 
@@ -13,15 +25,6 @@ import augment
 import model
 import postprocess
 from augment import full_size
-from common import (
-    ENSEMBLE_FILE,
-    MODEL_FILE,
-    RESULTS_DIR,
-    SETTINGS_FILE,
-    UserError,
-    read_json,
-    read_settings,
-)
 
 CHUNK = 64  # images resized and predicted together: bounds memory at full size
 VIEWS = {"none": (False,), "hflip": (False, True)}  # --tta: which mirror views are averaged
@@ -31,7 +34,14 @@ def model_dirs(results=RESULTS_DIR):
     """The folders whose models are averaged: every fold after `train.py --folds K`, else results/ itself."""
     results = Path(results)
     ensemble = results / ENSEMBLE_FILE
-    return [results / d for d in read_json(ensemble)["models"]] if ensemble.exists() else [results]
+    if not ensemble.exists():
+        return [results]
+    remedy = "retrain with `python train.py`, or delete it to use the model in results/ itself"
+    folders = [results / d for d in read_state(ensemble, {"models": list_of(TEXT)}, remedy)["models"]]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing or not folders:
+        raise UserError(f"{ensemble} lists model folders that are not there ({', '.join(missing) or 'none'}): {remedy}")
+    return folders
 
 
 def load_model(folder):
@@ -67,7 +77,7 @@ def load_models(results=RESULTS_DIR):
     settings."""
     nets, sizes, first = [], set(), None
     for folder in model_dirs(results):
-        settings, net = read_settings(folder), load_model(folder)
+        net, settings = load_model(folder), read_settings(folder)
         if tuple(net.input_shape[1:3]) != tuple(settings["size"]):
             raise UserError(
                 f"{folder / MODEL_FILE} takes {net.input_shape[1]}x{net.input_shape[2]} images but its "

@@ -5,12 +5,13 @@ model folder gets at the end."""
 import sys
 from pathlib import Path
 
+from common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
+
 import keras
 import numpy as np
 
 import postprocess
 from augment import full_size
-from common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
 from figures import cases_png, overlay, training_curves
 from inference import predicted_masks
 from metrics import presence

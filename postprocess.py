@@ -9,14 +9,21 @@ results/postprocess.json; evaluate.py, submission.py and utils apply that file t
 import itertools
 from pathlib import Path
 
+from common import BOOLEAN, POSTPROCESS_FILE, RESULTS_DIR, integer, number, read_state, write_state
+
 import cv2
 import numpy as np
 
 from augment import full_size
-from common import POSTPROCESS_FILE, RESULTS_DIR, read_json, write_json
 from metrics import dice_from_counts
 
 DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
+FIELDS = {
+    "presence_threshold": number(0, 1),
+    "pixel_threshold": number(0, 1),
+    "min_area": integer(0),
+    "keep_largest": BOOLEAN,
+}
 NO_GATE = {**DEFAULT, "presence_threshold": 0.0}  # for a run without a trained presence head
 
 # The grid tune() searches
@@ -69,12 +76,17 @@ def fixed_for(settings):
 def load(results=RESULTS_DIR, **overrides):
     """The tuned spec from results/, defaults where absent, with the overrides that are not None on top."""
     path = Path(results) / POSTPROCESS_FILE
-    spec = {**DEFAULT, **(read_json(path) if path.exists() else {})}
+    if path.exists():
+        remedy = "delete it to use the defaults, or retrain with `python train.py --folds K` to tune it again"
+        stored = read_state(path, FIELDS, remedy)
+        spec = {key: stored[key] for key in DEFAULT}
+    else:
+        spec = dict(DEFAULT)
     return {**spec, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def save(results, spec):
-    write_json(Path(results) / POSTPROCESS_FILE, spec)
+    write_state(Path(results) / POSTPROCESS_FILE, spec)
 
 
 def mask_stats(probs, truth, candidates=CANDIDATES):

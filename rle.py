@@ -1,9 +1,9 @@
 """Kaggle's run-length encoding of masks: 1-based starts and lengths, column-major (top to bottom, then left
 to right), an empty string for an empty mask."""
 
-import numpy as np
-
 from common import IMAGE_HEIGHT, IMAGE_WIDTH
+
+import numpy as np
 
 
 def rle_encode(mask):

@@ -8,10 +8,10 @@ is the first of round(1 / val_fraction) such folds, so one algorithm serves both
 
 import warnings
 
+from common import UserError
+
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-from common import UserError
 
 
 def assign_folds(present, groups, folds, seed, by="subject"):

@@ -11,20 +11,18 @@ tuned on out-of-fold predictions. The CSV is checked by decoding it back.
 
 import csv
 import hashlib
-import os
 import time
 from pathlib import Path
 
+from common import SUBMISSION_FILE, UserError, add_flags, arg_parser, atomic_path, exclusive, output_folder, run_cli
+
 import numpy as np
 from tqdm import tqdm
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; before keras loads it
 
 import data
 import inference
 import model
 import postprocess
-from common import SUBMISSION_FILE, UserError, add_flags, arg_parser, atomic_path, run_cli
 from rle import rle_decode, rle_encode
 
 
@@ -78,6 +76,13 @@ def main(argv=None):
         raise UserError("--batch-size must be at least 1")
     output = args.output or args.results / SUBMISSION_FILE
 
+    output_folder(output.parent, "--output")
+    with exclusive(args.results):
+        write(args, output)
+
+
+def write(args, output):
+    """Predict the test images and write the checked CSV (results/ held by this process)."""
     model.set_precision(args.precision)
     nets, size, settings = inference.load_models(args.results)
     tta = args.tta or settings["tta"]

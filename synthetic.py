@@ -11,12 +11,12 @@ filled outline of that oval. Everything is deterministic for a seed.
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import IMAGE_HEIGHT as H
+from common import IMAGE_WIDTH as W
+
 import cv2
 import numpy as np
 import tifffile
-
-from common import IMAGE_HEIGHT as H
-from common import IMAGE_WIDTH as W
 
 NERVE_FRACTION = 0.4  # Kaggle: 41% of train frames show the nerve
 MARGIN = 40  # the subject's tissue map is larger than a frame, so drifting frames stay filled

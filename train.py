@@ -14,13 +14,28 @@ was in. After the last model, post-processing is chosen on the out-of-fold predi
 """
 
 import contextlib
-import os
 import time
 
-import numpy as np
+from common import (
+    ENSEMBLE_FILE,
+    MODEL_FILE,
+    OOF_FILE,
+    TRAINING_LOG_FILE,
+    UserError,
+    add_flags,
+    arg_parser,
+    atomic_path,
+    exclusive,
+    given_flags,
+    output_folder,
+    parse_size,
+    run_cli,
+    run_record,
+    write_state,
+)
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; before keras loads it
 import keras
+import numpy as np
 
 import augment
 import checkpoint
@@ -32,21 +47,6 @@ import model as unet
 import monitor
 import postprocess
 import splits
-from common import (
-    ENSEMBLE_FILE,
-    MODEL_FILE,
-    OOF_FILE,
-    TRAINING_LOG_FILE,
-    UserError,
-    add_flags,
-    arg_parser,
-    atomic_path,
-    given_flags,
-    parse_size,
-    run_cli,
-    run_record,
-    write_json,
-)
 from distribute import distribute, worker_outputs
 from metrics import presence
 
@@ -108,15 +108,20 @@ def flag_parser():
     return ap
 
 
+def converted(args):
+    """The flags whose text train.py reads into values: --size as (h, w), --flips as a tuple."""
+    args.size = parse_size(args.size)
+    args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
+    return args
+
+
 def parse_args(argv=None):
     """The flags, with the stored ones of the run to --resume or the --baseline preset applied, checked."""
     parser = flag_parser()
-    args = parser.parse_args(argv)
+    args, defaults = (converted(parser.parse_args(a)) for a in (argv, []))
     given = given_flags(parser, argv)
-    args.size = parse_size(args.size)
-    args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
     if args.resume:
-        args = checkpoint.resumed_args(args, given, parser.parse_args([]))
+        args = checkpoint.resumed_args(args, given, defaults)
     elif args.baseline:
         for name, value in BASELINE.items():
             if name not in given:
@@ -278,10 +283,7 @@ def held_out_sets(args, present, subjects):
 def main(argv=None):
     args = parse_args(argv)
     scope, replicas, chief = distribute(args.distribute)
-    if not args.resume:
-        if chief:
-            checkpoint.check_unfinished(args.results, args.force)
-        args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
+    args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
     keras.utils.set_random_seed(args.seed)
     policy = unet.set_precision(args.precision)
     if args.batch_size % replicas:
@@ -291,7 +293,10 @@ def main(argv=None):
             f"data parallel over {replicas} devices: global batch {args.batch_size}, "
             f"{args.batch_size // replicas} per device"
         )
-    with worker_outputs(args, chief):
+    output_folder(args.logs, "--logs")
+    with worker_outputs(args, chief), exclusive(args.results):
+        if chief and not args.resume:
+            checkpoint.check_unfinished(args.results, args.force)
         train_folds(args, scope, policy)
 
 
@@ -307,6 +312,10 @@ def train_folds(args, scope, policy):
     record = run_record(
         args, checkpoint.RESUME_FLAGS - {"results"}, backend=keras.backend.backend(), dtype_policy=policy
     )
+    states = {
+        name: checkpoint.resume_state(args.results / name, args.run, args.results) if args.resume else None
+        for name in dirs
+    }
     checkpoint.write_run(args.results, record, complete=False)
     oof = {"index": [], "fold": []}
     try:
@@ -318,7 +327,7 @@ def train_folds(args, scope, policy):
                 f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}"
             )
             out_dir = args.results / name
-            state = checkpoint.resume_state(out_dir, args.run) if args.resume else None
+            state = states[name]
             if state and state["epoch"] >= args.epochs:
                 print(f"already trained: best val_leaderboard {state['best']:.4f}")
             else:
@@ -362,7 +371,7 @@ def train_folds(args, scope, policy):
     oof["ids"] = arrays["train_ids"][oof["index"]]
     with atomic_path(args.results / OOF_FILE) as tmp:
         np.savez(tmp, **oof)
-    write_json(args.results / ENSEMBLE_FILE, {"models": dirs})
+    write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
     report = evaluate.cross_validate(oof, arrays["train_masks"], args.tta, postprocess.fixed_for(record))
     postprocess.save(args.results, report["postprocess"])

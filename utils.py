@@ -8,13 +8,14 @@
 
 from pathlib import Path
 
+from common import EXAMINE_FILE, INPUT_DIR, INSPECT_FILE, RESULTS_DIR, UserError, read_settings
+
 import numpy as np
 
 import augment
 import data
 import inference
 import postprocess
-from common import INPUT_DIR, RESULTS_DIR, UserError, read_settings
 from figures import overlay_grid, show_or_save
 from metrics import leaderboard_dice, mean_dice
 from rle import rle_decode, rle_encode
@@ -47,7 +48,9 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
         f"{i}  p={p:.2f}  dice={d:.2f}"
         for i, p, d in zip(arrays["train_ids"][pick], present, leaderboard_dice(truth, masks))
     ]
-    return show_or_save(overlay_grid(images, truth, masks, titles, cols), Path(results) / f"inspect_{subset}.png")
+    return show_or_save(
+        overlay_grid(images, truth, masks, titles, cols), Path(results) / INSPECT_FILE.format(subset=subset)
+    )
 
 
 def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4, results=RESULTS_DIR, **options):
@@ -62,6 +65,4 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     masks = augment.resize_masks(arrays["train_masks"][idx], size)
     x, y = augment.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **options)[0]
     titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]
-    return show_or_save(
-        overlay_grid(x[..., 0], y["mask"][..., 0], None, titles, cols), Path(results) / "examine_generator.png"
-    )
+    return show_or_save(overlay_grid(x[..., 0], y["mask"][..., 0], None, titles, cols), Path(results) / EXAMINE_FILE)

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import arg_parser
+from common import EVALUATION_FILE, arg_parser
+
 from data import load_arrays
 from duplicates import nearest_frame_agreement
 
@@ -75,7 +76,7 @@ def cross_validate(work, real, name, folds, train_flags):
     )
     minutes = (time.time() - started) / 60
     run(ROOT / "evaluate.py", "--data", real, "--results", results)
-    return json.loads((results / "evaluation.json").read_text())["metrics"], minutes
+    return json.loads((results / EVALUATION_FILE).read_text())["metrics"], minutes
 
 
 def main():

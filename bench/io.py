@@ -20,13 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import common
+from common import arg_parser
+
 import numpy as np
 
-import common
 import data
 import rle
 import synthetic
-from common import arg_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 KAGGLE_TRAIN, KAGGLE_TEST, FRAMES = 5635, 5508, 120
@@ -102,7 +103,6 @@ def rle_loop(mask):
 
 def submission_time(root, results, n_test):
     """Seconds per test image for submission.py with an untrained default model."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import model
 
     net = model.build_model((96, 128, 1), mean=100.0, std=50.0)
@@ -110,7 +110,16 @@ def submission_time(root, results, n_test):
     net.save(results / common.MODEL_FILE)
     common.write_json(
         results / common.SETTINGS_FILE,
-        {"size": [96, 128], "base_filters": 32, "depth": 4, "dropout": 0.3, "mean": 100.0, "std": 50.0},
+        {
+            "size": [96, 128],
+            "base_filters": 32,
+            "depth": 4,
+            "dropout": 0.3,
+            "mean": 100.0,
+            "std": 50.0,
+            "val_ids": [],
+            "presence_weight": 0.1,
+        },
     )
     seconds, _ = timed_process([ROOT / "submission.py", "--input", root, "--results", results])
     return seconds / n_test

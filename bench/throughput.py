@@ -16,11 +16,10 @@ side): the ceiling the backend's convolution kernels put on any network made of 
 KERAS_BACKEND.
 """
 
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import arg_parser
 
 import keras
 import numpy as np
@@ -29,7 +28,6 @@ import augment
 import model as unet
 import train
 from bench.accuracy import device
-from common import arg_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common  # noqa: F401  (first: it sets TensorFlow's log level and checks KERAS_BACKEND)
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's pytest settings
 SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture(scope="session")

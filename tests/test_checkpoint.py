@@ -2,10 +2,11 @@ import errno
 import json
 from pathlib import Path
 
+import common
+
 import pytest
 
 import checkpoint
-import common
 import train
 
 

@@ -1,9 +1,9 @@
 import argparse
 import json
 
-import pytest
-
 import common
+
+import pytest
 
 
 def test_parse_size():
@@ -59,14 +59,76 @@ def test_run_record_is_json_and_leaves_out_what_is_asked(tmp_path):
 
 
 def test_settings_of_older_releases_keep_their_meaning(tmp_path):
-    (tmp_path / common.SETTINGS_FILE).write_text(json.dumps({"baseline": True, "presence_weight": 0.1}))
+    model = {
+        "size": [32, 48],
+        "base_filters": 4,
+        "depth": 2,
+        "dropout": 0.3,
+        "mean": 90.0,
+        "std": 40.0,
+        "val_ids": ["1_1"],
+    }
+    (tmp_path / common.SETTINGS_FILE).write_text(json.dumps({**model, "baseline": True, "presence_weight": 0.1}))
     old_baseline = common.read_settings(tmp_path)
     assert old_baseline["presence_weight"] == 0.0 and old_baseline["tta"] == "none"
     assert old_baseline["postprocess"] == "fixed" and old_baseline["schedule"] == "plateau"
-    (tmp_path / common.SETTINGS_FILE).write_text(json.dumps({"baseline": False, "schedule": "cosine"}))
-    assert common.read_settings(tmp_path) == {
-        "baseline": False,
-        "schedule": "cosine",
-        "tta": "hflip",
-        "postprocess": "tuned",
-    }
+    (tmp_path / common.SETTINGS_FILE).write_text(
+        json.dumps({**model, "baseline": False, "schedule": "cosine", "presence_weight": 0.1})
+    )
+    old = common.read_settings(tmp_path)
+    assert (old["tta"], old["postprocess"], old["schedule"], old["presence_weight"]) == (
+        "hflip",
+        "tuned",
+        "cosine",
+        0.1,
+    )
+
+
+FIELDS = {"threshold": common.number(0, 1), "count": common.integer(0), "name": common.TEXT}
+
+
+def test_a_state_file_is_read_back_only_as_its_writer_wrote_it(tmp_path):
+    path = tmp_path / "state.json"
+    common.write_state(path, {"threshold": 0.5, "count": 3, "name": "a"})
+    assert json.loads(path.read_text())["format"] == common.FORMAT
+    assert common.read_state(path, FIELDS, "rebuild it") == {"threshold": 0.5, "count": 3, "name": "a"}
+    path.write_text(json.dumps({"threshold": 0.5, "count": 3, "name": "a"}))  # release 1: no format key
+    assert common.read_state(path, FIELDS, "rebuild it")["count"] == 3
+    for content, problem in (
+        ('{"threshold": 0.5', "is not valid JSON"),
+        ("[1, 2]", "holds list"),
+        (json.dumps({"format": 9, "threshold": 0.5, "count": 3, "name": "a"}), "has format 9"),
+        (
+            json.dumps({"threshold": "0.5", "count": 3}),
+            "threshold is '0.5', expected a number in \\[0, 1\\]; name is missing",
+        ),
+        (json.dumps({"threshold": 1.5, "count": True, "name": "a"}), "threshold is 1.5.*count is True"),
+    ):
+        path.write_text(content)
+        with pytest.raises(common.UserError, match=f"{path}.*{problem}.*: rebuild it"):
+            common.read_state(path, FIELDS, "rebuild it")
+    with pytest.raises(common.UserError, match="not found: rebuild it"):
+        common.read_state(tmp_path / "none.json", FIELDS, "rebuild it")
+
+
+def test_an_output_folder_under_a_file_is_one_clear_message(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(common.UserError, match=f"cannot write into {tmp_path}/f/r/ \\({tmp_path}/f is a file\\)"):
+        common.output_folder(tmp_path / "f" / "r", "--results")
+    assert common.output_folder(tmp_path / "a" / "b", "--results").is_dir()
+
+
+def test_a_held_folder_is_refused_to_a_second_holder(tmp_path):
+    import subprocess
+    import sys
+
+    with common.exclusive(tmp_path):
+        other = subprocess.run(
+            [sys.executable, "-c", f"import common; common.exclusive({str(tmp_path)!r}).__enter__()"],
+            capture_output=True,
+            text=True,
+            cwd=common.Path(__file__).parent.parent,
+        )
+        assert "is in use by pid" in other.stderr
+    with common.exclusive(tmp_path):  # released: free again
+        pass

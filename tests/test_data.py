@@ -1,10 +1,11 @@
 import shutil
 
+import common
+
 import numpy as np
 import pytest
 import tifffile
 
-import common
 import data
 from conftest import ROOT, run_script
 
@@ -167,7 +168,7 @@ def test_arrays_from_another_run_are_refused(tmp_path, replace, problem):
 def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
     names = write_arrays(tmp_path)
     assert len(data.load_arrays(tmp_path, names)["train_images"]) == 3
-    (tmp_path / common.MANIFEST).write_text('{"train": 5, "test": 2}')
+    (tmp_path / common.MANIFEST).write_text('{"train": 5, "test": 2, "newest_input_mtime": 0.0}')
     with pytest.raises(common.UserError, match="train_images.npy holds 3 train images, expected 5"):
         data.load_arrays(tmp_path, names)
     (tmp_path / common.MANIFEST).unlink()

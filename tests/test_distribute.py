@@ -5,10 +5,11 @@ import subprocess
 import sys
 import time
 
+import common
+
 import numpy as np
 import pytest
 
-import common
 import distribute
 import train
 from conftest import ROOT, run_script, training_log

@@ -64,13 +64,13 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
         "drop",
     )
     assert train.returncode == 0, train.stderr[-3000:]
-    assert json.loads((results / "ensemble.json").read_text()) == {"models": ["fold0", "fold1", "fold2"]}
+    assert json.loads((results / "ensemble.json").read_text()) == {"format": 2, "models": ["fold0", "fold1", "fold2"]}
     oof = np.load(results / "oof.npz")
     assert sorted(oof["index"].tolist()) == list(range(48))  # every image predicted once, out of fold
     val_ids = [json.loads((results / f"fold{k}" / "settings.json").read_text())["val_ids"] for k in range(3)]
     fold_subjects = [{i.split("_")[0] for i in ids} for ids in val_ids]
     assert all(len(s) == 1 for s in fold_subjects) and set.union(*fold_subjects) == {"1", "2", "3"}
-    assert set(json.loads((results / "postprocess.json").read_text())) == set(postprocess.DEFAULT)
+    assert set(json.loads((results / "postprocess.json").read_text())) == {"format", *postprocess.DEFAULT}
     assert "all folds" in train.stdout and "--conflicts drop: 0 frames" in train.stdout
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)

@@ -80,6 +80,6 @@ def test_a_run_without_a_presence_head_is_never_gated():
 def test_the_tuned_spec_is_saved_and_loaded_with_overrides(tmp_path):
     spec = {**postprocess.DEFAULT, "min_area": 1500}
     postprocess.save(tmp_path, spec)
-    assert json.loads((tmp_path / "postprocess.json").read_text()) == spec
+    assert json.loads((tmp_path / "postprocess.json").read_text()) == {"format": 2, **spec}
     assert postprocess.load(tmp_path, pixel_threshold=0.3, presence_threshold=None) == {**spec, "pixel_threshold": 0.3}
     assert postprocess.load(tmp_path / "nothing") == postprocess.DEFAULT

@@ -1,8 +1,9 @@
+from common import UserError
+
 import numpy as np
 import pytest
 
 import splits
-from common import UserError
 
 
 def _subjects(seed=0, n=30):
