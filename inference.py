@@ -128,7 +128,8 @@ def predict_views(nets, images, tta="hflip", batch_size=32):
 
 def mean_of_views(views):
     """The average (probabilities, presence) of predict_views' pairs."""
-    return np.mean([p for p, _ in views], axis=0), np.mean([q for _, q in views], axis=0)
+    # in float32 whatever the views' dtype: out-of-fold maps are stored as float16
+    return tuple(np.mean([view[i] for view in views], axis=0, dtype=np.float32) for i in (0, 1))
 
 
 def predict(nets, images, tta="hflip", batch_size=32):

@@ -108,7 +108,7 @@ def submission_time(root, results, n_test):
     net = model.build_model((96, 128, 1), mean=100.0, std=50.0)
     results.mkdir(parents=True, exist_ok=True)
     net.save(results / common.MODEL_FILE)
-    common.write_json(
+    common.write_state(
         results / common.SETTINGS_FILE,
         {
             "size": [96, 128],
