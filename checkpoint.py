@@ -66,10 +66,13 @@ def read_run(results):
     if not path.exists():
         return None
     remedy = f"start over with `python train.py --results {results} --force` (the run cannot be resumed)"
-    run = read_state(
-        path, {"settings": MAPPING, "complete": BOOLEAN}, remedy, lambda run: {"settings": run.pop("args", None), **run}
-    )  # release 1 called it "args"
+    run = read_state(path, {"settings": MAPPING, "complete": BOOLEAN}, remedy, _release_1_run)
     return upgrade_settings(run["settings"]), run["complete"]
+
+
+def _release_1_run(run):
+    """Release 1 stored the run's flags as "args"."""
+    return {"settings": run.pop("args"), **run} if "args" in run else run
 
 
 def check_unfinished(results, force):
@@ -114,13 +117,17 @@ def resumed_args(args, given, defaults):
 
 
 def _same_kind(stored, default):
-    """Whether a stored flag has the type its default has (a whole number passes for a real one)."""
+    """Whether a stored flag has its default's type: a whole number passes for a real one, a list for a
+    tuple, text for a path; a flag without a default takes anything."""
     if default is None or stored is None:
         return True
-    kind = (int, float) if isinstance(default, float) else type(default) if not isinstance(default, Path) else str
-    return isinstance(stored, list if isinstance(default, tuple) else kind) and isinstance(stored, bool) == isinstance(
-        default, bool
-    )
+    if isinstance(default, bool) or isinstance(stored, bool):
+        return type(stored) is type(default)
+    if isinstance(default, float):
+        return isinstance(stored, (int, float))
+    if isinstance(default, (tuple, Path)):
+        return isinstance(stored, list if isinstance(default, tuple) else str)
+    return isinstance(stored, type(default))
 
 
 class LeaderboardCheckpoint(keras.callbacks.Callback):
