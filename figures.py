@@ -109,7 +109,8 @@ def training_curves(log_csv, path):
         axes[1].plot(epoch, column[k], "-o", markersize=3, label=k)
     if "learning_rate" in column:
         axes[2].plot(epoch, column["learning_rate"], "-o", markersize=3)
-        axes[2].set_yscale("log")
+        if (column["learning_rate"] > 0).all():  # a cosine decay ends at 0, which a log scale cannot show
+            axes[2].set_yscale("log")
     for ax, title in zip(axes, ("losses", "validation scores", "learning rate")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
