@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's pytest settings
 SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
+# depth 2: half the graph to trace, which is most of a tiny run's time
+TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +60,7 @@ def trained(tiny_input, tmp_path_factory):
         logs,
         "--epochs",
         2,
-        "--size",
-        "32x48",
-        "--base-filters",
-        4,
-        "--depth",
-        2,
-        "--batch-size",
-        8,
-        "--val-fraction",
-        0.3,
+        *TINY,
         "--run",
         "e2e",
     )
@@ -84,10 +77,6 @@ def assert_picture(path, min_height=100, min_width=100):
     assert picture[..., :3].std() > 0.05, f"{path} is blank"
 
 
-# depth 2: half the graph to trace, which is most of a tiny run's time
-TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
-
-
 def training_log(results):
     """(header, rows) of a model folder's training log."""
     import csv
@@ -96,3 +85,16 @@ def training_log(results):
 
     rows = list(csv.reader(open(results / "training_log.csv")))
     return rows[0], np.array(rows[1:], float)
+
+
+def stats_case():
+    """(probabilities at 42x58, full-size truth, presence) of two nerve images found well and two empty images
+    with small false detections (about 400 pixels at full size) and low presence."""
+    import numpy as np
+
+    probs = np.zeros((4, 42, 58), np.float32)
+    truth = np.zeros((4, 420, 580), np.uint8)
+    truth[:2, 100:200, 100:250] = 1
+    probs[:2, 10:20, 10:25] = 0.9
+    probs[2:, 30:32, 40:42] = 0.8
+    return probs, truth, np.array([0.9, 0.8, 0.3, 0.2])

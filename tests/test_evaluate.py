@@ -5,34 +5,30 @@ import pytest
 
 import evaluate
 import postprocess
-from conftest import ROOT, assert_picture, run_script
+from conftest import ROOT, TINY, assert_picture, run_script, stats_case
 
 
-def _stats_case():
-    """Two nerve images found well, two empty images with small false detections and low presence."""
-    probs = np.zeros((4, 42, 58), np.float32)
-    truth = np.zeros((4, 420, 580), np.uint8)
-    truth[:2, 100:200, 100:250] = 1
-    probs[:2, 10:20, 10:25] = 0.9
-    probs[2:, 30:32, 40:42] = 0.8  # ~400 false pixels at full size
-    present = np.array([0.9, 0.8, 0.3, 0.2])
-    return probs, truth, present
-
-
-def test_cross_validation_tunes_each_fold_on_the_others_only():
-    probs, truth, present = _stats_case()
+def out_of_fold(index):
+    """The two-fold out-of-fold predictions of stats_case's four images, stored in `index` order."""
+    probs, truth, present = stats_case()
     oof = {
         "probs": probs,
         "probs_flip": probs,
         "present": present,
         "present_flip": present,
         "fold": np.array([0, 1, 0, 1]),
-        "index": np.array([1, 3, 2, 0]),
+        "index": np.asarray(index),
     }
+    return oof, truth
+
+
+def test_cross_validation_tunes_each_fold_on_the_others_only():
+    oof, truth = out_of_fold([1, 3, 2, 0])
     report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]])  # the masks in data.py's order
-    stats = postprocess.mask_stats(probs, truth)
+    stats = postprocess.mask_stats(oof["probs"], truth)
     for k in (0, 1):
-        assert report["fold_postprocess"][k] == postprocess.tune(stats, present, np.flatnonzero(oof["fold"] != k))
+        others = np.flatnonzero(oof["fold"] != k)
+        assert report["fold_postprocess"][k] == postprocess.tune(stats, oof["present"], others)
     assert set(report["rows"]) == {"fold 0", "fold 1", "all folds"}
     assert "dice_nonempty" in evaluate.table(report["rows"]).splitlines()[0]
 
@@ -52,14 +48,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
         3,
         "--epochs",
         1,
-        "--size",
-        "32x48",
-        "--base-filters",
-        4,
-        "--depth",
-        2,
-        "--batch-size",
-        8,
+        *TINY,
         "--conflicts",
         "drop",
     )
@@ -103,15 +92,7 @@ def test_non_finite_numbers_become_null_for_json():
 
 
 def test_a_fixed_spec_is_scored_without_gate_or_tuning():
-    probs, truth, present = _stats_case()
-    oof = {
-        "probs": probs,
-        "probs_flip": probs,
-        "present": present,
-        "present_flip": present,
-        "fold": np.array([0, 1, 0, 1]),
-        "index": np.arange(4),
-    }
+    oof, truth = out_of_fold(np.arange(4))
     report = evaluate.cross_validate(oof, truth, tta="none", fixed=postprocess.NO_GATE)
     plain = postprocess.NO_GATE
     assert report["postprocess"] == plain and all(s == plain for s in report["fold_postprocess"].values())

@@ -4,6 +4,7 @@ import numpy as np
 
 import postprocess
 from augment import full_size
+from conftest import stats_case
 from metrics import dice_from_counts, pixel_counts
 
 
@@ -39,18 +40,8 @@ def test_the_gate_is_one_rule_for_masks_and_for_tuning():
             np.testing.assert_array_equal(got, want)
 
 
-def _stats_case():
-    """Two nerve images found well, two empty images with small false detections and low presence."""
-    probs = np.zeros((4, 42, 58), np.float32)
-    truth = np.zeros((4, 420, 580), np.uint8)
-    truth[:2, 100:200, 100:250] = 1
-    probs[:2, 10:20, 10:25] = 0.9
-    probs[2:, 30:32, 40:42] = 0.8  # ~400 false pixels at full size
-    return probs, truth, np.array([0.9, 0.8, 0.3, 0.2])
-
-
 def test_tuning_learns_to_gate_false_detections():
-    probs, truth, present = _stats_case()
+    probs, truth, present = stats_case()
     stats = postprocess.mask_stats(probs, truth)
     spec = postprocess.tune(stats, present, np.arange(4))
     tp, fp, fn = postprocess.counts_under(stats, present, spec, np.arange(4))
@@ -60,7 +51,7 @@ def test_tuning_learns_to_gate_false_detections():
 
 
 def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec():
-    probs, truth, present = _stats_case()
+    probs, truth, present = stats_case()
     stats = postprocess.mask_stats(probs, truth)
     fold = np.array([0, 1, 0, 1])
     specs, final = postprocess.cross_fit(stats, present, fold)
