@@ -43,6 +43,7 @@ ARRAYS = ("train_images", "train_masks", "train_ids", "train_subjects", "test_im
 TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")
 TEST_NAME = re.compile(r"(\d+)\.tif")
 MAX_LISTED = 20  # problems listed in one error message
+WORKERS = min(8, os.cpu_count() or 1)  # decoding threads: OpenCV's TIFF decoder releases the GIL
 
 
 def _listing(problems):
@@ -149,20 +150,19 @@ def read_manifest(input_dir):
 
 
 def _is_current(input_dir, n_train, n_test):
-    if not (input_dir / MANIFEST).exists() or not all((input_dir / f"{a}.npy").exists() for a in ARRAYS):
+    if not all((input_dir / f"{a}.npy").exists() for a in ARRAYS):
         return False
     try:
         built = read_manifest(input_dir)
-    except UserError:  # a damaged manifest: the arrays are rebuilt, which is its remedy anyway
+    except UserError:  # a missing or damaged manifest: the arrays are rebuilt, which is its remedy anyway
         return False
     newest = _newest_mtime([input_dir / "train", input_dir / "test"])
     return built == {"train": n_train, "test": n_test, "newest_input_mtime": newest}
 
 
-def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=None):
+def convert(input_dir=INPUT_DIR, force=False, check_only=False, workers=WORKERS):
     """Validate input_dir/train and input_dir/test and write the arrays; return a one-line summary."""
     input_dir = Path(input_dir)
-    workers = workers or min(8, os.cpu_count() or 1)
     train_ids, train_problems = scan_train(input_dir / "train")
     test_ids, test_problems = scan_test(input_dir / "test")
     problems = train_problems + test_problems
@@ -263,7 +263,7 @@ def main():
     ap.add_argument("--input", type=Path, default=INPUT_DIR, help="folder with train/ and test/")
     ap.add_argument("--force", action="store_true", help="rebuild the arrays even if they are up to date")
     ap.add_argument("--check", action="store_true", help="report every problem in the input folders; write nothing")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    ap.add_argument("--workers", type=int, default=WORKERS, help="decoding threads")
     syn = ap.add_argument_group("synthetic data")
     syn.add_argument("--synthetic", action="store_true", help="first write a synthetic Kaggle-layout dataset")
     syn.add_argument("--subjects", type=int, default=8, help="synthetic train subjects")

@@ -21,6 +21,7 @@ from common import (
     UserError,
     add_flags,
     arg_parser,
+    atomic_path,
     exclusive,
     read_settings,
     run_cli,
@@ -94,6 +95,15 @@ def table(rows):
 OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "index", "fold", "ids")
 
 
+def save_oof(path, oof):
+    """Write the out-of-fold predictions (OOF_KEYS) atomically, the probability maps as float16 (they are
+    the largest file of a run); return them as stored, so scores computed from it match a later load."""
+    oof = {**oof, "probs": oof["probs"].astype(np.float16), "probs_flip": oof["probs_flip"].astype(np.float16)}
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **{key: oof[key] for key in OOF_KEYS})
+    return oof
+
+
 def load_oof(path):
     """The out-of-fold predictions train.py kept, checked: every array there, one length for all."""
     remedy = "retrain with `python train.py` (with --folds K for K-fold)"
@@ -117,8 +127,8 @@ def load_oof(path):
 def evaluate_oof(results, input_dir, tta=None):
     """Cross-validated report from results/oof.npz, scored with the run's views and post-processing choice
     unless `tta` says otherwise: (report, images, truth, masks, ids) of the worst cases."""
-    oof = load_oof(Path(results) / OOF_FILE)
     path = Path(results) / OOF_FILE
+    oof = load_oof(path)
     settings = read_settings(inference.model_dirs(results)[0])
     tta = tta or settings["tta"]
     arrays = data.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))

@@ -24,7 +24,6 @@ from common import (
     UserError,
     add_flags,
     arg_parser,
-    atomic_path,
     exclusive,
     given_flags,
     output_folder,
@@ -367,10 +366,7 @@ def train_folds(args, scope, policy):
             f"{e}\nCompleted epochs are saved: continue with `python train.py --results {args.results} --resume`"
         ) from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
-    oof["probs"], oof["probs_flip"] = oof["probs"].astype(np.float16), oof["probs_flip"].astype(np.float16)
-    oof["ids"] = arrays["train_ids"][oof["index"]]
-    with atomic_path(args.results / OOF_FILE) as tmp:
-        np.savez(tmp, **oof)
+    oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
     report = evaluate.cross_validate(oof, arrays["train_masks"], args.tta, postprocess.fixed_for(record))

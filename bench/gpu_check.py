@@ -37,7 +37,7 @@ WHEELS = ("keras==3.15.1", "namex==0.1.0", "optree==0.20.0")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 FIGURE = re.compile(r"^([a-z][a-z0-9_]*): ([-+0-9.e]+|nan|True|False)$")  # a benchmark's `name: value` lines
 DEVICE = re.compile(r"^device: (.+)$")
-TRAIN_SHARE = 0.8  # of the images each fold trains on (5 folds)
+TRAIN_SHARE = 0.8  # of the images each of 5 folds trains on
 FOLD_OVERHEAD_S = 60  # per fold: compiling, out-of-fold predictions, pictures (measured rate excludes them)
 
 # (throughput grid flags, accuracy flags, images and folds of the accuracy set) per mode
@@ -162,7 +162,7 @@ def step(name, args, env, out, timeout):
 
 
 def plan_epochs(figures, seconds, images, folds, on_gpu):
-    """The most epochs up to train.py's 30 whose 5-fold run fits `seconds`, from the measured rate of the
+    """The most epochs up to train.py's 30 whose K-fold run fits `seconds`, from the measured rate of the
     default size, batch and precision (mixed fp16 on a GPU, else fp32); and that epoch's estimated seconds."""
     size = "96x128" if on_gpu else "32x48"
     rate = float(figures.get(f"train_images_per_s_{size}_{'fp16' if on_gpu else 'fp32'}_b4", "nan"))
@@ -196,7 +196,7 @@ def main():
     on_gpu = "cpu" not in figures.get("device", "cpu").lower()
     left = args.budget - (time.time() - started) - 60  # a minute for the data, evaluate.py and the figures
     epochs, epoch_s = plan_epochs(figures, left, images, folds, on_gpu)
-    reduced = f"reduced from 30: 30 epochs would take {5 * (FOLD_OVERHEAD_S + 30 * epoch_s) / 60:.0f} min"
+    reduced = f"reduced from 30: 30 epochs would take {folds * (FOLD_OVERHEAD_S + 30 * epoch_s) / 60:.0f} min"
     print(
         f"plan: {epochs} epochs x {folds} folds in {left:.0f} s (an epoch ~{epoch_s:.1f} s)"
         f"{'' if epochs == 30 or args.dry_run else '; ' + reduced}",
