@@ -7,13 +7,13 @@ same way. Every batch is a function of (seed, epoch, batch index) alone, so resu
 on which worker made it.
 """
 
-from common import IMAGE_HEIGHT, IMAGE_WIDTH
+from common import IMAGE_WIDTH
 
 import cv2
 import keras
 import numpy as np
 
-from metrics import presence
+import deploy
 
 ROTATION_DEG = 10.0
 SHIFT_PX = 20.0  # at the original 580-pixel width; scaled to the training size
@@ -21,24 +21,22 @@ FLIPS = ("horizontal",)  # left/right necks mirror each other; a vertical flip w
 
 
 def resize_images(images, size, scale=1):
-    """(n, H, W) uint8 images (times scale) -> (n, h, w) uint8 at size (h, w), area-averaged, one image at
-    a time: a memory-mapped input is never copied whole."""
-    h, w = size
-    return (
-        np.stack([cv2.resize(np.asarray(im) * np.uint8(scale), (w, h), interpolation=cv2.INTER_AREA) for im in images])
-        if len(images)
-        else np.zeros((0, h, w), np.uint8)
-    )
+    """(n, H, W) uint8 images (times scale) -> (n, h, w) uint8 at size (h, w), area-averaged (deploy.resize), one
+    image at a time: a memory-mapped input is never copied whole."""
+    if not len(images):
+        return np.zeros((0, *size), np.uint8)
+    return np.stack([deploy.resize(np.asarray(im) * np.uint8(scale), size) for im in images])
 
 
-def resize_masks(masks, size):
-    """(n, H, W) 0/1 masks -> (n, h, w) 0/1 masks: a pixel is nerve if most of its area is."""
-    return (resize_images(masks, size, scale=255) >= 128).astype(np.uint8)
-
-
-def full_size(prob, shape=(IMAGE_HEIGHT, IMAGE_WIDTH)):
-    """A probability map resized to an image's (height, width), before thresholding, so edges stay smooth."""
-    return cv2.resize(np.asarray(prob, np.float32), shape[::-1], interpolation=cv2.INTER_LINEAR)
+def resize_masks(masks, size, structures=1):
+    """(n, H, W) label maps -> (n, h, w) label maps: a pixel takes a structure's label if most of its area
+    has it (so two structures never both qualify)."""
+    labels = np.zeros((len(masks), *size), np.uint8)
+    for i, mask in enumerate(masks):
+        mask = np.asarray(mask)
+        for k in range(1, structures + 1):
+            labels[i][resize_images([mask == k], size, scale=255)[0] >= 128] = k
+    return labels
 
 
 def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX):
@@ -78,11 +76,16 @@ def augment_pair(image, mask, rng, flips=FLIPS, elastic=0.0, elastic_sigma=8.0):
     return image, mask
 
 
-def as_batch(images, masks):
-    """Model inputs and targets from uint8 arrays: (n, h, w, 1) float32 and {mask, present}."""
+def one_hot(masks, structures):
+    """(n, h, w) label maps -> (n, h, w, K) 0/1 float32, one channel per structure."""
+    return (np.asarray(masks)[..., None] == np.arange(1, structures + 1, dtype=np.uint8)).astype(np.float32)
+
+
+def as_batch(images, masks, structures=1):
+    """Model inputs and targets from uint8 arrays: (n, h, w, 1) float32 and {mask (n, h, w, K), present (n, K)}."""
     x = images[..., None].astype(np.float32)
-    y = masks[..., None].astype(np.float32)
-    return x, {"mask": y, "present": presence(masks).astype(np.float32)[:, None]}
+    y = one_hot(masks, structures)
+    return x, {"mask": y, "present": y.reshape(len(y), -1, structures).max(axis=1)}
 
 
 class AugmentedBatches(keras.utils.PyDataset):
@@ -105,11 +108,12 @@ class AugmentedBatches(keras.utils.PyDataset):
         workers=2,
         epoch=0,
         multiple=1,
+        structures=1,
     ):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
-        self.flips, self.elastic = tuple(flips), elastic
+        self.flips, self.elastic, self.structures = tuple(flips), elastic, structures
         self.epoch = epoch  # batches depend on (seed, epoch, index) only: a resumed run sees the same ones
         # with data parallelism on jax every batch must split evenly over the devices: the last batch of
         # an epoch is cut to a multiple of them (shuffled, so other images are left out each epoch)
@@ -130,7 +134,7 @@ class AugmentedBatches(keras.utils.PyDataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             pairs = [augment_pair(im, m, rng, self.flips, self.elastic) for im, m in zip(images, masks)]
             images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-        return as_batch(images, masks)
+        return as_batch(images, masks, self.structures)
 
     def on_epoch_end(self):
         self.epoch += 1

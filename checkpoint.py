@@ -36,21 +36,22 @@ import keras
 import numpy as np
 
 from inference import predicted_masks
-from metrics import leaderboard_dice
+from metrics import structure_dice
 
 MOVABLE_FLAGS = {"input", "logs", "workers"}  # may differ from the stored run on --resume
 RESUME_FLAGS = {"results", "resume", "force"}  # say which run to continue, not how
 
 
-def save_model(net, path):
-    """Save atomically. Synchronized batch norm only matters while a tf.distribute strategy trains; saved
-    without it, the model loads under every backend."""
+def save_model(net, path, optimizer=False):
+    """Save atomically: the network alone, which plain Keras loads without the project's code (no custom losses
+    in its compile settings), or with `optimizer` its compiled state too, for --resume. Synchronized batch norm
+    only matters while a tf.distribute strategy trains; saved without it, the model loads under every backend."""
     synchronized = [layer for layer in net.layers if getattr(layer, "synchronized", False)]
     for layer in synchronized:
         layer.synchronized = False
     try:
         with atomic_path(path) as tmp:
-            net.save(tmp)
+            (net if optimizer else keras.Model(net.input, net.output, name=net.name)).save(tmp)
     finally:
         for layer in synchronized:
             layer.synchronized = True
@@ -109,7 +110,7 @@ def resumed_args(args, given, defaults):
         )
     flags.update({k: getattr(args, k) for k in given & MOVABLE_FLAGS}, results=args.results, resume=True)
     flags.update(
-        size=tuple(flags["size"]),
+        size=flags["size"] and tuple(flags["size"]),
         flips=tuple(flags["flips"]),
         **{k: Path(flags[k]) for k in ("input", "results", "logs")},
     )
@@ -131,18 +132,25 @@ def _same_kind(stored, default):
 
 
 class LeaderboardCheckpoint(keras.callbacks.Callback):
-    """Adds val_leaderboard to the logs each epoch and saves the model and its settings whenever it improves."""
+    """Adds val_leaderboard (the mean over structures of each one's leaderboard score; with several structures
+    each one's too, as val_leaderboard_{name}) to the logs each epoch, and saves the model and its settings
+    whenever it improves."""
 
     def __init__(self, val_images, val_masks, folder, settings, batch_size, spec, best=-np.inf):
         super().__init__()
         self.x, self.masks = val_images[..., None].astype(np.float32), val_masks
-        self.folder, self.settings, self.batch_size, self.spec = Path(folder), settings, batch_size, spec
+        self.folder, self.settings, self.batch_size = Path(folder), settings, batch_size
+        self.structures = settings["structures"]
+        self.specs = [spec] * len(self.structures)
         self.best = best
 
     def on_epoch_end(self, epoch, logs=None):
-        masks = predicted_masks(self.model, self.x, self.spec, self.batch_size)
-        score = float(leaderboard_dice(self.masks, masks).mean())
+        masks = predicted_masks(self.model, self.x, self.specs, self.batch_size)
+        per_structure = structure_dice(self.masks, masks).mean(axis=0)
+        score = float(per_structure.mean())
         logs["val_leaderboard"] = score
+        if len(self.structures) > 1:
+            logs.update({f"val_leaderboard_{n}": float(v) for n, v in zip(self.structures, per_structure)})
         if score > self.best:
             self.best = score
             logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
@@ -182,7 +190,7 @@ class ResumePoint(keras.callbacks.Callback):
         self.folder, self.run, self.leaderboard, self.plateau = Path(folder), run, leaderboard, plateau
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model, self.folder / LAST_FILE)
+        save_model(self.model, self.folder / LAST_FILE, optimizer=True)
         write_state(
             self.folder / STATE_FILE,
             {

@@ -42,14 +42,32 @@ DUPLICATES_HIST_FILE = "duplicates_hist.png"  # results/: their distance histogr
 DUPLICATES_PAIRS_FILE = "duplicates_pairs.png"  # results/: the closest conflicting pairs side by side
 INSPECT_FILE = "inspect_{subset}.png"  # results/: utils.inspect_set's picture where no window can open
 EXAMINE_FILE = "examine_generator.png"  # results/: utils.examine_generator's picture likewise
+PREDICTIONS_DIR = "predictions"  # results/: predict.py's outputs, unless --output names another folder
+MASK_FILE = "{name}_mask.png"  # there: an image's mask (0/255, or labels 1..K for several structures)
+OVERLAY_FILE = "{name}_overlay.png"  # there: the image with each structure outlined and its presence
+OVERLAY_VIDEO_FILE = "{name}_overlay.mp4"  # there: a video or cine loop drawn likewise, frame by frame
+FRAMES_FILE = "{name}_frames.csv"  # there: per frame, each structure's presence, area, centroid, box
+SUMMARY_FILE = "predictions.{ext}"  # there: per still image the same, as csv and json
+EXPORT_DIR = "export"  # results/: export.py's artefacts, a folder per format
+DEPLOY_FILE = "deploy.json"  # beside them: input size, structures, tuned post-processing, views
 
 
 FORMAT = 2  # of the state files below; a file without a "format" key was written by release 1
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 
 
+MAX_LISTED = 20  # problems listed in one error message
+
+
 class UserError(Exception):
     """A problem the user can fix: printed as one message, without a traceback."""
+
+
+def listing(problems):
+    """Problems as indented lines for an error message, at most MAX_LISTED of them."""
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"\n  {shown}{more}"
 
 
 def run_cli(main):
@@ -176,6 +194,15 @@ TEXT = ((lambda v: isinstance(v, str)), "text")
 MAPPING = ((lambda v: isinstance(v, dict)), "an object")
 
 
+def field_problems(obj, fields):
+    """What is wrong with the values of a state file's object: each of `fields` (key -> check) missing or invalid."""
+    return [
+        f"{key} is missing" if key not in obj else f"{key} is {obj[key]!r}, expected {what}"
+        for key, (ok, what) in fields.items()
+        if key not in obj or not ok(obj[key])
+    ]
+
+
 def read_state(path, fields, remedy, upgrade=None):
     """A state file the pipeline wrote, checked against what its writer produces: JSON, an object, a format
     this release knows, each of `fields` (key -> check) present and valid. Anything else is a UserError that
@@ -193,11 +220,7 @@ def read_state(path, fields, remedy, upgrade=None):
     if version not in range(1, FORMAT + 1):
         raise UserError(f"{path} has format {version!r}; this release reads formats 1 to {FORMAT}: {remedy}")
     obj = upgrade(obj) if upgrade else obj
-    problems = [
-        f"{key} is missing" if key not in obj else f"{key} is {obj[key]!r}, expected {what}"
-        for key, (ok, what) in fields.items()
-        if key not in obj or not ok(obj[key])
-    ]
+    problems = field_problems(obj, fields)
     if problems:
         raise UserError(f"{path} does not hold what the pipeline writes ({'; '.join(problems)}): {remedy}")
     return obj
@@ -228,6 +251,7 @@ def run_record(args, leave_out=(), **facts):
 def upgrade_settings(settings):
     """A run record written by an older release, with the meaning of the keys it did not write spelled out."""
     settings = {"schedule": "plateau", **settings}  # before --schedule: a constant rate, lowered on plateaus
+    settings = {"structures": ["nerve"], **settings}  # before other datasets: the Kaggle nerve alone
     if "postprocess" not in settings:  # before --baseline became a preset of the flags it implies
         settings.update(tta="hflip", postprocess="tuned")
         if settings.get("baseline"):
@@ -247,6 +271,7 @@ MODEL_SETTINGS = {
     "tta": one_of("hflip", "none"),
     "postprocess": one_of("tuned", "fixed"),
     "presence_weight": number(0),
+    "structures": list_of(TEXT),
 }
 
 

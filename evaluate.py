@@ -1,21 +1,24 @@
 """Score predictions against labelled masks.
 
     python evaluate.py                  # cross-validated: the out-of-fold predictions train.py kept
-    python evaluate.py --input DIR      # the trained model(s) on a labelled Kaggle-layout folder
+    python evaluate.py --input DIR      # the trained model(s) on a labelled folder, any layout data.py reads
 
-Reports mean Dice on images with a nerve, the leaderboard score (mean per-image Dice, 1 when truth and
+Reports, per structure, mean Dice on images that show it, the leaderboard score (mean per-image Dice, 1 when truth and
 prediction are both empty), presence accuracy and ROC AUC, IoU, pixel precision and recall, and false
 positive / negative pixel counts, as a table and results/evaluation.json, with a PNG of the worst cases.
 In the cross-validated report, each fold's post-processing is tuned on the other folds only.
 """
 
+import contextlib
 import math
+import tempfile
 import zipfile
 from pathlib import Path
 
 from common import (
     EVALUATION_FILE,
     INPUT_DIR,
+    MANIFEST,
     OOF_FILE,
     WORST_CASES_FILE,
     UserError,
@@ -31,16 +34,18 @@ from common import (
 import numpy as np
 
 import data
+import deploy
 import inference
+import layouts
 import postprocess
-from augment import full_size
+from deploy import full_size
 from figures import cases_png
 from metrics import dice_from_counts, scores
 
 WORST = 8  # cases shown in the worst-cases PNG
 COLUMNS = [
     ("images", "{:d}"),
-    ("with_nerve", "{:d}"),
+    ("with_structure", "{:d}"),
     ("dice_nonempty", "{:.4f}"),
     ("leaderboard", "{:.4f}"),
     ("presence_accuracy", "{:.4f}"),
@@ -61,33 +66,41 @@ def oof_views(oof, tta):
     return inference.mean_of_views(views)
 
 
-def cross_validate(oof, masks, tta="hflip", fixed=None):
-    """Per-fold and overall scores of out-of-fold predictions against masks[oof["index"]], each fold
-    post-processed with the spec tuned on the other folds (or `fixed`), and the spec tuned on all of them."""
+def cross_validate(oof, masks, structures, tta="hflip", fixed=None):
+    """Per-fold and overall scores of each structure's out-of-fold predictions against the label maps
+    masks[oof["index"]], each fold post-processed with the spec tuned on the other folds (or `fixed`), and the
+    specs tuned on all of them."""
     probs, present = oof_views(oof, tta)
-    stats = postprocess.mask_stats(probs, (masks[i] for i in oof["index"]))
-    fold_specs, final = postprocess.cross_fit(stats, present, oof["fold"], fixed)
-    tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
-    rows = {}
-    for k, spec in fold_specs.items():
-        idx = np.flatnonzero(oof["fold"] == k)
-        tp[idx], fp[idx], fn[idx] = postprocess.counts_under(stats, present, spec, idx)
-        rows[f"fold {k}"] = scores(tp[idx], fp[idx], fn[idx], present[idx])
-    rows["all folds"] = scores(tp, fp, fn, present)
-    return {
-        "rows": rows,
-        "fold_postprocess": fold_specs,
-        "postprocess": final,
-        "dice": dice_from_counts(tp, fp, fn),
-        "present": present,
-        "probs": probs,
-    }
+    report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs}
+    dice = np.zeros(present.shape)
+    for s, name in enumerate(structures):
+        truth = (np.asarray(masks[i]) == s + 1 for i in oof["index"])
+        stats = postprocess.mask_stats(probs[..., s], truth)
+        fold_specs, final = postprocess.cross_fit(stats, present[:, s], oof["fold"], fixed)
+        tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
+        rows = {}
+        for k, spec in fold_specs.items():
+            idx = np.flatnonzero(oof["fold"] == k)
+            tp[idx], fp[idx], fn[idx] = postprocess.counts_under(stats, present[:, s], spec, idx)
+            rows[f"fold {k}"] = scores(tp[idx], fp[idx], fn[idx], present[idx, s])
+        rows["all folds"] = scores(tp, fp, fn, present[:, s])
+        report["rows"][name], report["postprocess"][name] = rows, final
+        report["fold_postprocess"][name] = fold_specs
+        dice[:, s] = dice_from_counts(tp, fp, fn)
+    report["dice"] = dice.mean(axis=1)
+    return report
 
 
 def table(rows):
-    """A plain-text table of scores, one row per set."""
+    """A plain-text table of scores, one row per set of each structure ({structure: {set: scores}}); the
+    structure's name leads each row where there are several."""
     header = ["set"] + [c for c, _ in COLUMNS]
-    body = [[name] + [fmt.format(r[c]) for c, fmt in COLUMNS] for name, r in rows.items()]
+    named = len(rows) > 1
+    body = [
+        [f"{structure} {name}" if named else name] + [fmt.format(r[c]) for c, fmt in COLUMNS]
+        for structure, sets in rows.items()
+        for name, r in sets.items()
+    ]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
 
@@ -105,7 +118,8 @@ def save_oof(path, oof):
 
 
 def load_oof(path):
-    """The out-of-fold predictions train.py kept, checked: every array there, one length for all."""
+    """The out-of-fold predictions train.py kept, checked: every array there, one length for all; those of an
+    earlier release (one structure, without its axis) get it."""
     remedy = "retrain with `python train.py` (with --folds K for K-fold)"
     if not path.is_file():
         raise UserError(f"{path} not found: {remedy}")
@@ -121,51 +135,94 @@ def load_oof(path):
             f"{path} does not hold what train.py writes (missing: {', '.join(missing) or 'none'}; "
             f"lengths {sorted(lengths)}): {remedy}"
         )
+    for key in ("probs", "probs_flip"):
+        oof[key] = oof[key][..., None] if oof[key].ndim == 3 else oof[key]
+    for key in ("present", "present_flip"):
+        oof[key] = oof[key].reshape(len(oof[key]), -1)
     return oof
+
+
+def _worst(report, images, truth, ids, masks_of):
+    """The WORST lowest-scored cases: (images, truth, predicted label maps, ids)."""
+    worst = np.argsort(report["dice"], kind="stable")[:WORST]
+    return images(worst), truth(worst), [masks_of(i) for i in worst], ids[worst]
 
 
 def evaluate_oof(results, input_dir, tta=None):
     """Cross-validated report from results/oof.npz, scored with the run's views and post-processing choice
-    unless `tta` says otherwise: (report, images, truth, masks, ids) of the worst cases."""
+    unless `tta` says otherwise: (report, and images, truth, masks, ids of the worst cases)."""
     path = Path(results) / OOF_FILE
     oof = load_oof(path)
     settings = read_settings(inference.model_dirs(results)[0])
-    tta = tta or settings["tta"]
+    tta, names = tta or settings["tta"], settings["structures"]
     arrays = data.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
-    report = {**cross_validate(oof, arrays["train_masks"], tta, postprocess.fixed_for(settings)), "tta": tta}
-    worst = np.argsort(report["dice"], kind="stable")[:WORST]
-    masks = [
-        postprocess.apply(
-            full_size(report["probs"][i])[None],
-            report["present"][i : i + 1],
-            report["fold_postprocess"][int(oof["fold"][i])],
-        )[0]
-        for i in worst
-    ]
-    return report, arrays["train_images"][index[worst]], arrays["train_masks"][index[worst]], masks, oof["ids"][worst]
+    fixed = postprocess.fixed_for(settings)
+    report = {**cross_validate(oof, arrays["train_masks"], names, tta, fixed), "tta": tta, "structures": names}
+    folds = report["fold_postprocess"]
+
+    def masks_of(i):
+        full = full_size(report["probs"][i], arrays["train_masks"].shape[1:])
+        specs = [folds[name][int(oof["fold"][i])] for name in names]
+        return deploy.label_map(deploy.apply_each(full[None], report["present"][i : i + 1], specs), full)[0]
+
+    return report, *_worst(
+        report,
+        lambda w: arrays["train_images"][index[w]],
+        lambda w: arrays["train_masks"][index[w]],
+        oof["ids"],
+        masks_of,
+    )
 
 
 def evaluate_folder(results, folder, tta=None, batch_size=32):
-    """The trained model(s) with their post-processing on a labelled folder (Kaggle layout or arrays)."""
+    """The trained model(s) with their post-processing on a labelled folder: any layout data.py reads (its
+    arrays made in a temporary folder), or the arrays data.py wrote."""
     folder = Path(folder)
-    if not (folder / "train_images.npy").exists() and (folder / "train").is_dir():
-        print(data.convert(folder))
-    arrays = data.load_arrays(folder, ("train_images", "train_masks", "train_ids"))
     nets, size, settings = inference.load_models(results)
+    names = settings["structures"]
+    with contextlib.ExitStack() as stack:
+        if not (folder / "train_images.npy").exists():
+            arrays_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evaluate-")))
+            # folder pairs without names of their own: labels 1..K are the models' structures
+            unnamed = layouts.detect(folder) == "folders" and not (folder / layouts.CLASSES_FILE).exists()
+            print(data.convert(folder, output_dir=arrays_dir, classes=",".join(names) if unnamed else None))
+        else:
+            arrays_dir = folder
+        return _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size)
+
+
+def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size):
+    arrays = data.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids"))
+    names = settings["structures"]
+    found = data.structures(arrays_dir) if (arrays_dir / MANIFEST).exists() else names
+    if found != names:
+        raise UserError(
+            f"{folder} labels {', '.join(found)} but the models in {results}/ predict {', '.join(names)}: "
+            "name the classes as in training (data.py --classes)"
+        )
     tta = tta or settings["tta"]
-    spec = postprocess.load(results)
+    specs = postprocess.load(results, names)
     images, truth = arrays["train_images"], arrays["train_masks"]
     chunks = list(inference.predict_chunks(nets, size, images, tta, batch_size))
     probs, present = np.concatenate([p for p, _ in chunks]), np.concatenate([q for _, q in chunks])
-    stats = postprocess.mask_stats(probs, truth, [(spec["pixel_threshold"], spec["keep_largest"])])
-    tp, fp, fn = postprocess.counts_under(stats, present, spec, np.arange(len(probs)))
-    worst = np.argsort(dice_from_counts(tp, fp, fn), kind="stable")[:WORST]
-    masks = postprocess.apply(np.stack([full_size(probs[i]) for i in worst]), present[worst], spec)
-    report = {"rows": {folder.name or str(folder): scores(tp, fp, fn, present)}, "postprocess": spec, "tta": tta}
-    return report, images[worst], truth[worst], list(masks), arrays["train_ids"][worst]
+    rows, dice = {}, np.zeros(present.shape)
+    for s, (name, spec) in enumerate(zip(names, specs)):
+        candidates = [(spec["pixel_threshold"], spec["keep_largest"])]
+        stats = postprocess.mask_stats(probs[..., s], (np.asarray(t) == s + 1 for t in truth), candidates)
+        tp, fp, fn = postprocess.counts_under(stats, present[:, s], spec, np.arange(len(probs)))
+        rows[name] = {folder.name or str(folder): scores(tp, fp, fn, present[:, s])}
+        dice[:, s] = dice_from_counts(tp, fp, fn)
+    report = {"rows": rows, "postprocess": dict(zip(names, specs)), "tta": tta, "structures": names}
+    report["dice"] = dice.mean(axis=1)
+
+    def masks_of(i):
+        full = full_size(probs[i], truth.shape[1:])
+        return deploy.label_map(deploy.apply_each(full[None], present[i : i + 1], specs), full)[0]
+
+    return report, *_worst(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)
 
 
 def finite(obj):
@@ -181,7 +238,7 @@ def finite(obj):
 
 def main(argv=None):
     ap = arg_parser(__doc__)
-    labelled = "a labelled folder (Kaggle layout, or the arrays data.py wrote) to predict and score"
+    labelled = "a labelled folder (any layout data.py reads, or the arrays it wrote) to predict and score"
     ap.add_argument("--input", type=Path, help=f"{labelled}; unset: the cross-validated out-of-fold predictions")
     ap.add_argument("--data", type=Path, default=INPUT_DIR, help="the arrays train.py used")
     add_flags(ap, "results", "tta")
@@ -199,11 +256,17 @@ def report_on(args):
         report, images, truth, masks, ids = evaluate_folder(args.results, args.input, args.tta)
         name = args.input.name
     print(table(report["rows"]))
-    out = {"evaluated": name, "tta": report["tta"], "metrics": report["rows"], "postprocess": report["postprocess"]}
+    out = {
+        "evaluated": name,
+        "tta": report["tta"],
+        "structures": report["structures"],
+        "metrics": report["rows"],
+        "postprocess": report["postprocess"],
+    }
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]
     write_json(args.results / EVALUATION_FILE, finite(out))  # strict JSON: no NaN for an AUC without negatives
-    png = cases_png(images, truth, masks, ids, args.results / WORST_CASES_FILE)
+    png = cases_png(images, truth, masks, ids, args.results / WORST_CASES_FILE, report["structures"])
     print(f"wrote {args.results / EVALUATION_FILE} and {png}")
 
 

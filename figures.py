@@ -1,5 +1,7 @@
-"""Pictures: masks tinted over images (true positive, false positive, false negative), grids of them, and
-training curves. Every picture is written atomically, or shown in a window where a display allows."""
+"""Pictures: masks tinted over images, grids of them, and training curves. One structure: true positive,
+false positive and false negative pixels tinted. Several: each structure in its colour, its predicted pixels
+filled and its true outline drawn. Every picture is written atomically, or shown in a window where a display
+allows."""
 
 import csv
 import os
@@ -7,23 +9,49 @@ from pathlib import Path
 
 from common import UserError, atomic_path
 
+import cv2
 import numpy as np
 
-from metrics import leaderboard_dice
+from metrics import structure_dice
 
 # Distinct under the common colour-vision deficiencies: yellow, red and blue differ in lightness too
 TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (255, 215, 0), (230, 30, 30), (30, 130, 255)
 OVERLAY_ALPHA = 0.5
+# Okabe-Ito colours, one per structure: orange, sky blue, bluish green, yellow, blue, vermillion, purple
+STRUCTURE_COLOURS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0)]
+STRUCTURE_COLOURS.append((204, 121, 167))
 
 
-def overlay(image, truth, prediction=None):
-    """RGB uint8 of a gray image with true-positive, false-positive and false-negative pixels tinted;
-    without a prediction, the truth mask alone in the true-positive colour."""
+def structure_colour(k):
+    """The colour of structure k (0-based)."""
+    return STRUCTURE_COLOURS[k % len(STRUCTURE_COLOURS)]
+
+
+def _tint(rgb, pixels, colour, alpha=OVERLAY_ALPHA):
+    rgb[pixels] = (1 - alpha) * rgb[pixels] + alpha * np.array(colour, np.float32)
+
+
+def overlay(image, truth, prediction=None, structures=1):
+    """RGB uint8 of a gray image with label maps drawn over it. One structure: true-positive, false-positive
+    and false-negative pixels tinted (without a prediction, the truth alone in the true-positive colour).
+    Several: each structure's predicted pixels filled and its true outline drawn, in its colour."""
     rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
-    t = np.asarray(truth) != 0
-    p = t if prediction is None else np.asarray(prediction) != 0
-    for pixels, colour in ((t & p, TRUE_POSITIVE), (p & ~t, FALSE_POSITIVE), (t & ~p, FALSE_NEGATIVE)):
-        rgb[pixels] = (1 - OVERLAY_ALPHA) * rgb[pixels] + OVERLAY_ALPHA * np.array(colour, np.float32)
+    truth = np.asarray(truth)
+    if structures == 1:
+        t = truth != 0
+        p = t if prediction is None else np.asarray(prediction) != 0
+        for pixels, colour in ((t & p, TRUE_POSITIVE), (p & ~t, FALSE_POSITIVE), (t & ~p, FALSE_NEGATIVE)):
+            _tint(rgb, pixels, colour)
+        return rgb.astype(np.uint8)
+    width = max(1, round(max(truth.shape) / 150))  # an outline a person sees at any image size
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    for k in range(structures):
+        colour = structure_colour(k)
+        if prediction is not None:
+            _tint(rgb, np.asarray(prediction) == k + 1, colour)
+        t = (truth == k + 1).astype(np.uint8)
+        edge = cv2.morphologyEx(t, cv2.MORPH_GRADIENT, kernel) > 0 if prediction is not None else t > 0
+        _tint(rgb, edge, colour, 1.0 if prediction is not None else OVERLAY_ALPHA)
     return rgb.astype(np.uint8)
 
 
@@ -56,21 +84,25 @@ def show_or_save(fig, path):
     return save_figure(fig, path)
 
 
-def overlay_grid(images, truths, predictions, titles, cols):
-    """A figure of images with their masks tinted by overlay(); predictions may be None (truth only)."""
+def overlay_grid(images, truths, predictions, titles, cols, names=("nerve",)):
+    """A figure of images with their label maps drawn by overlay(); predictions may be None (truth only).
+    `names`: the structures, for the legend."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
     predictions = [None] * len(images) if predictions is None else predictions
     rows = max(1, -(-len(images) // cols))
-    h, w = np.shape(images)[1:3]
+    h, w = np.shape(images[0])[:2] if len(images) else (1, 1)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 * h / w + 0.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, truth, prediction, title in zip(axes.ravel(), images, truths, predictions, titles):
-        ax.imshow(overlay(image, truth, prediction))
+        ax.imshow(overlay(image, truth, prediction, len(names)))
         ax.set_title(title, fontsize=8)
-    if all(p is None for p in predictions):
+    if len(names) > 1:
+        marks = "predicted: filled, truth: outline" if any(p is not None for p in predictions) else "truth"
+        legend = [(f"{name} ({marks})" if k == 0 else name, structure_colour(k)) for k, name in enumerate(names)]
+    elif all(p is None for p in predictions):
         legend = [("mask", TRUE_POSITIVE)]
     else:
         legend = [
@@ -84,10 +116,21 @@ def overlay_grid(images, truths, predictions, titles, cols):
     return fig
 
 
-def cases_png(images, truth, masks, ids, path):
-    """A PNG of the given cases titled with their Dice, with true/false positive and false negative pixels tinted."""
-    titles = [f"{i}  dice={d:.2f}" for i, d in zip(ids, leaderboard_dice(truth, masks))]
-    return save_figure(overlay_grid(np.asarray(images), truth, masks, titles, cols=4), path)
+def label_dice(truth, predicted, structures):
+    """Per-image Dice of two lists of label maps, averaged over the structures."""
+    return np.array(
+        [
+            structure_dice(t[None], np.stack([p == k for k in range(1, structures + 1)], axis=-1)[None]).mean()
+            for t, p in zip(truth, predicted)
+        ]
+    )
+
+
+def cases_png(images, truth, masks, ids, path, names=("nerve",)):
+    """A PNG of the given cases (label maps of the truth and the prediction) titled with their Dice, drawn
+    by overlay()."""
+    titles = [f"{i}  dice={d:.2f}" for i, d in zip(ids, label_dice(truth, masks, len(names)))]
+    return save_figure(overlay_grid(list(images), truth, masks, titles, 4, names), path)
 
 
 def training_curves(log_csv, path):
@@ -99,7 +142,8 @@ def training_curves(log_csv, path):
     epoch = np.array([int(r["epoch"]) + 1 for r in rows])
     column = {k: np.array([float(r[k]) for r in rows]) for k in rows[0] if k != "epoch"}
     losses = [k for k in column if k.endswith("loss") and not k.startswith("val_")]
-    scores = [k for k in ("val_leaderboard", "val_mask_dice_coef", "val_present_accuracy") if k in column]
+    scores = [k for k in column if k.startswith("val_leaderboard")]
+    scores += [k for k in ("val_mask_dice_coef", "val_present_accuracy") if k in column]
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for i, k in enumerate(losses):  # training dashed, validation solid, one colour per loss
         axes[0].plot(epoch, column[k], "--", color=f"C{i}", label=k)
@@ -118,3 +162,21 @@ def training_curves(log_csv, path):
             ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, Path(path))
+
+
+def annotated(image, labels, present, names):
+    """RGB uint8 of a gray image with each structure's predicted outline in its colour and, in the corner,
+    each structure's name and presence probability: readable at a glance, frame by frame (OpenCV only)."""
+    rgb = np.repeat(np.asarray(image)[..., None], 3, axis=2)
+    thickness = max(1, round(max(rgb.shape[:2]) / 250))
+    scale = max(0.4, max(rgb.shape[:2]) / 900)
+    for k, name in enumerate(names):
+        colour = structure_colour(k)
+        region = (np.asarray(labels) == k + 1).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(rgb, contours, -1, colour, thickness, cv2.LINE_AA)
+        text = f"{name} {float(present[k]):.2f}" + ("" if region.any() else " (none)")
+        origin = (8, round((k + 1) * 26 * scale + 4))
+        cv2.putText(rgb, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(rgb, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return rgb

@@ -1,5 +1,6 @@
 """Prediction: the trained models of a run, averaged over the fold ensemble and the mirror view, chunk by chunk,
-at the models' input size and back at each image's own size.
+at the models' input size and back at each image's own size; the same average as one Keras model for export,
+and the runtimes that run an exported one.
 
 train.py (out-of-fold predictions), evaluate.py, submission.py and utils.inspect_set all predict through here.
 """
@@ -20,11 +21,12 @@ from common import (
 
 import keras
 import numpy as np
+from keras import ops
 
 import augment
+import deploy
 import model
-import postprocess
-from augment import full_size
+from deploy import full_size
 
 CHUNK = 64  # images resized and predicted together: bounds memory at full size
 VIEWS = {"none": (False,), "hflip": (False, True)}  # --tta: which mirror views are averaged
@@ -58,7 +60,8 @@ def load_model(folder):
 def in_current_precision(net, settings):
     """The model itself, or the same weights in a network built under the global dtype policy
     (a saved model keeps the precision it was trained in)."""
-    if net.dtype_policy.name == keras.mixed_precision.dtype_policy().name:
+    # the layers' policy: a functional model's own says float32 whatever its layers compute in
+    if net.get_layer("bottoma_conv").dtype_policy.name == keras.mixed_precision.dtype_policy().name:
         return net
     rebuilt = model.build_model(
         (*settings["size"], 1),
@@ -67,6 +70,7 @@ def in_current_precision(net, settings):
         settings["dropout"],
         settings["mean"],
         settings["std"],
+        structures=len(settings["structures"]),
     )
     rebuilt.set_weights(net.get_weights())
     return rebuilt
@@ -75,20 +79,22 @@ def in_current_precision(net, settings):
 def load_models(results=RESULTS_DIR):
     """(models, input size, the first model's settings) of every model to average, checked against their
     settings."""
-    nets, sizes, first = [], set(), None
+    nets, kinds, first = [], set(), None
     for folder in model_dirs(results):
         net, settings = load_model(folder), read_settings(folder)
-        if tuple(net.input_shape[1:3]) != tuple(settings["size"]):
+        structures = net.output["mask"].shape[-1]
+        if tuple(net.input_shape[1:3]) != tuple(settings["size"]) or structures != len(settings["structures"]):
             raise UserError(
-                f"{folder / MODEL_FILE} takes {net.input_shape[1]}x{net.input_shape[2]} images but its "
-                f"{SETTINGS_FILE} says {settings['size'][0]}x{settings['size'][1]}: retrain"
+                f"{folder / MODEL_FILE} takes {net.input_shape[1]}x{net.input_shape[2]} images and predicts "
+                f"{structures} structure(s) but its {SETTINGS_FILE} says {settings['size'][0]}x{settings['size'][1]} "
+                f"and {', '.join(settings['structures'])}: retrain"
             )
         nets.append(in_current_precision(net, settings))
-        sizes.add(tuple(settings["size"]))
+        kinds.add((tuple(settings["size"]), tuple(settings["structures"])))
         first = first or settings
-    if len(sizes) > 1:
-        raise UserError(f"the models in {results}/ were trained at different sizes {sorted(sizes)}: retrain")
-    return nets, sizes.pop(), first
+    if len(kinds) > 1:
+        raise UserError(f"the models in {results}/ differ in input size or structures {sorted(kinds)}: retrain")
+    return nets, kinds.pop()[0], first
 
 
 def data_parallel_devices():
@@ -107,22 +113,22 @@ def network_outputs(net, x, batch_size=32):
     return {name: value[: len(value) - pad] for name, value in out.items()}
 
 
-def predicted_masks(net, x, spec, batch_size=32):
-    """One model's post-processed masks of a batch already at its input size (no mirror view)."""
+def predicted_masks(net, x, specs, batch_size=32):
+    """One model's post-processed masks (n, h, w, K) of a batch already at its input size (no mirror view)."""
     out = network_outputs(net, x, batch_size)
-    return postprocess.apply(out["mask"][..., 0], out["present"], spec)
+    return deploy.apply_each(out["mask"], out["present"], specs)
 
 
 def predict_views(nets, images, tta="hflip", batch_size=32):
-    """Each model's and each view's (mask probabilities (n, h, w), presence (n,)) of images at the models'
+    """Each model's and each view's (mask probabilities (n, h, w, K), presence (n, K)) of images at the models'
     size, the mirror view's mirrored back: a list, one pair per model and view."""
     x = np.asarray(images)[..., None].astype(np.float32)
     views = []
     for net in nets:
         for flip in VIEWS[tta]:
             out = network_outputs(net, x[:, :, ::-1] if flip else x, batch_size)
-            probs = out["mask"][..., 0]
-            views.append((probs[:, :, ::-1] if flip else probs, out["present"].reshape(-1)))
+            probs = out["mask"]
+            views.append((probs[:, :, ::-1] if flip else probs, out["present"].reshape(len(probs), -1)))
     return views
 
 
@@ -133,16 +139,81 @@ def mean_of_views(views):
 
 
 def predict(nets, images, tta="hflip", batch_size=32):
-    """Mean (mask probabilities (n, h, w), presence (n,)) over the models and views, at the models' size."""
+    """Mean (mask probabilities (n, h, w, K), presence (n, K)) over the models and views, at the models' size."""
     return mean_of_views(predict_views(nets, images, tta, batch_size))
 
 
-def predict_chunks(nets, size, images, tta="hflip", batch_size=32, at_full_size=False):
-    """Yield (probabilities (n, h, w), presence (n,)) of full-size uint8 images, CHUNK at a time: at the models'
-    size, or with at_full_size resized back to the images' own."""
+def predict_chunks(nets, size, images, tta="hflip", batch_size=32, at_full_size=False, sizes=None):
+    """Yield (probabilities (n, h, w, K), presence (n, K)) of full-size uint8 images, CHUNK at a time: at the
+    models' size, or with at_full_size resized back to the images' own (`sizes`, (n, 2), where the arrays
+    hold them at another)."""
     for start in range(0, len(images), CHUNK):
         chunk = images[start : start + CHUNK]
         probs, present = predict(nets, augment.resize_images(chunk, size), tta, batch_size)
         if at_full_size:
-            probs = np.stack([full_size(p, np.shape(image)) for p, image in zip(probs, chunk)])
+            shapes = sizes[start : start + CHUNK] if sizes is not None else [np.shape(image) for image in chunk]
+            probs = [full_size(p, tuple(shape)) for p, shape in zip(probs, shapes)]
+            probs = np.stack(probs) if len({p.shape for p in probs}) <= 1 else probs
         yield probs, present
+
+
+class Serving(keras.Model):
+    """Every model and view averaged, as one model: raw pixels (n, h, w, 1) in, {mask, present} out."""
+
+    def __init__(self, nets, tta):
+        super().__init__(name="serving")
+        self.nets, self.flips = nets, VIEWS[tta]
+        self(np.zeros((1, *nets[0].input_shape[1:]), np.float32))  # built, as export requires
+
+    def call(self, image):
+        masks, presents = [], []
+        for net in self.nets:
+            for flip in self.flips:
+                out = net(ops.flip(image, axis=2) if flip else image)
+                masks.append(ops.flip(out["mask"], axis=2) if flip else out["mask"])
+                presents.append(out["present"])
+        return {"mask": ops.mean(ops.stack(masks), axis=0), "present": ops.mean(ops.stack(presents), axis=0)}
+
+
+def runner(kind, path):
+    """A function (n, h, w, 1) float32 -> (mask probabilities, presence) running an artefact with its own runtime."""
+    if kind == "savedmodel":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))  # kept: its functions refer to its variables
+        return lambda x: mask_and_presence(loaded.serve(x))
+    if kind == "openvino":  # the ONNX file, compiled by OpenVINO in float32 (its bf16 default changes masks)
+        try:
+            import openvino
+        except ImportError:
+            raise UserError("the openvino runtime is not installed: `pip install openvino`") from None
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return lambda x: mask_and_presence(dict(compiled(x)))
+    if kind == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        return lambda x: mask_and_presence(dict(zip(outputs, session.run(None, {name: x}))))
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(path))
+    interpreter.allocate_tensors()
+    given, wanted = interpreter.get_input_details()[0], interpreter.get_output_details()
+
+    def run(x):
+        results = []
+        for one in x:  # LiteRT's signature has a batch of one
+            interpreter.set_tensor(given["index"], one[None])
+            interpreter.invoke()
+            results.append({d["name"]: interpreter.get_tensor(d["index"]) for d in wanted})
+        return tuple(np.concatenate(parts) for parts in zip(*(mask_and_presence(r) for r in results)))
+
+    return run
+
+
+def mask_and_presence(outputs):
+    """(mask, present) from a runtime's named outputs, told apart by rank (LiteRT renames them)."""
+    arrays = [np.asarray(v) for v in outputs.values()]
+    return next(a for a in arrays if a.ndim == 4), next(a for a in arrays if a.ndim == 2)

@@ -30,6 +30,13 @@ def leaderboard_dice(truth, masks):
     return dice_from_counts(*pixel_counts(truth, masks))
 
 
+def structure_dice(truth, masks):
+    """Per-image, per-structure leaderboard Dice (n, K) of label maps truth (n, ...) against 0/1 masks
+    (n, ..., K)."""
+    truth = np.asarray(truth)
+    return np.stack([leaderboard_dice(truth == k + 1, masks[..., k]) for k in range(masks.shape[-1])], axis=-1)
+
+
 def mean_dice(truth, masks):
     """The leaderboard score: mean per-image Dice over a set of masks."""
     return float(leaderboard_dice(truth, masks).mean())
@@ -52,7 +59,7 @@ def scores(tp, fp, fn, present):
 
     return {
         "images": int(len(tp)),
-        "with_nerve": int(with_structure.sum()),
+        "with_structure": int(with_structure.sum()),
         "dice_nonempty": over_positives(dice),
         "leaderboard": float(dice.mean()),
         "presence_accuracy": float((predicted == with_structure).mean()),

@@ -1,8 +1,9 @@
 """The two-headed U-Net, its losses and metrics, written with keras.ops for any Keras backend.
 
-Outputs: `mask` (sigmoid, HxWx1), the nerve's pixels; `present` (sigmoid, one per image), whether
-the image shows a nerve at all, read from the bottleneck through global pooling so that any input
-size divisible by 2**depth works.
+Outputs: `mask` (sigmoid, HxWxK), each structure's pixels; `present` (sigmoid, K per image), whether
+the image shows each structure at all, read from the bottleneck through global pooling so that any input
+size divisible by 2**depth works. One structure (K = 1, the Kaggle nerve) is the original network.
+Losses average over the structures, each scored on its own channel.
 """
 
 import keras
@@ -11,6 +12,7 @@ from keras import layers, ops
 SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
 BN_MOMENTUM = 0.9  # Keras' 0.99 leaves inference statistics stale for the first few hundred steps
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+STANDARDISE_EPSILON = 1e-6  # added to each image's variance: a blank image's std counts as 1e-3
 
 
 def has_accelerator():
@@ -52,8 +54,8 @@ def set_precision(choice="auto"):
 
 @keras.saving.register_keras_serializable(package="nerve")
 class PerImageStandardization(layers.Layer):
-    """Each image to zero mean and unit variance: a subject's gain and contrast settings then do not
-    shift the features that batch norm's moving statistics were fitted to."""
+    """What build_model's standardisation was until release 2: kept registered so that the models saved by
+    those releases still load. New models use a built-in layer, so that plain Keras loads them."""
 
     def call(self, x):
         mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
@@ -82,7 +84,14 @@ def double_conv(x, filters, name, synchronized):
 
 
 def build_model(
-    input_shape=(96, 128, 1), base_filters=32, depth=4, dropout=0.3, mean=0.0, std=1.0, synchronized_bn=False
+    input_shape=(96, 128, 1),
+    base_filters=32,
+    depth=4,
+    dropout=0.3,
+    mean=0.0,
+    std=1.0,
+    synchronized_bn=False,
+    structures=1,
 ):
     """A U-Net with a mask head and a presence head; inputs are raw 0-255 pixel values.
 
@@ -96,7 +105,11 @@ def build_model(
     inputs = keras.Input(input_shape, name="image")
     # input statistics in float32 whatever the policy: bf16 would round the pixel values
     x = layers.Rescaling(1.0 / std, offset=-mean / std, dtype="float32", name="normalise")(inputs)
-    x = PerImageStandardization(dtype="float32", name="standardise")(x)
+    # each image to zero mean and unit variance: a subject's gain and contrast settings then do not shift the
+    # features batch norm's moving statistics were fitted to (a built-in layer: plain Keras loads the model)
+    x = layers.LayerNormalization(
+        axis=(1, 2, 3), center=False, scale=False, epsilon=STANDARDISE_EPSILON, dtype="float32", name="standardise"
+    )(x)
 
     skips = []
     for level in range(depth):
@@ -113,24 +126,24 @@ def build_model(
         x = layers.Conv2DTranspose(filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level}_tconv")(x)
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
         x = double_conv(x, filters, f"up{level}", synchronized_bn)
-    mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+    mask = layers.Conv2D(structures, 1, activation="sigmoid", dtype="float32", name="mask")(x)
 
     # presence: 1x1 convolutions in place of dense layers, then pooled to one value per image
     p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence", synchronized_bn)
     p = layers.Dropout(dropout, name="presence_dropout")(p)
-    p = layers.Conv2D(1, 1, kernel_initializer="he_normal", name="presence_logit")(p)
+    p = layers.Conv2D(structures, 1, kernel_initializer="he_normal", name="presence_logit")(p)
     p = layers.GlobalMaxPooling2D(name="presence_pool")(p)
     present = layers.Activation("sigmoid", dtype="float32", name="present")(p)
     return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
 
 
 def soft_dice_per_image(y_true, y_pred):
-    """Smoothed soft Dice of each image in a batch (probabilities, not thresholded masks)."""
+    """Smoothed soft Dice of each image in a batch (probabilities, not thresholded masks) of (n, h, w, K),
+    the mean over its K structures."""
     y_true = ops.cast(y_true, y_pred.dtype)
-    axes = tuple(range(1, len(y_pred.shape)))
-    inter = ops.sum(y_true * y_pred, axis=axes)
-    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    return (2.0 * inter + SMOOTH) / (total + SMOOTH)
+    inter = ops.sum(y_true * y_pred, axis=(1, 2))
+    total = ops.sum(y_true, axis=(1, 2)) + ops.sum(y_pred, axis=(1, 2))
+    return ops.mean((2.0 * inter + SMOOTH) / (total + SMOOTH), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="nerve")
@@ -145,17 +158,22 @@ def batch_dice_loss(y_true, y_pred):
     image: Keras averages per-image losses, so under a tf.distribute strategy each replica's share of the
     batch is scored and the shares averaged (jax's sharded arrays score the global batch)."""
     y_true = ops.cast(y_true, y_pred.dtype)
-    inter = ops.sum(y_true * y_pred)
-    loss = 1.0 - (2.0 * inter + SMOOTH) / (ops.sum(y_true) + ops.sum(y_pred) + SMOOTH)
-    return loss * ops.ones_like(y_pred[:, 0, 0, 0])
+    axes = (0, 1, 2)  # per structure
+    inter = ops.sum(y_true * y_pred, axis=axes)
+    dice = (2.0 * inter + SMOOTH) / (ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) + SMOOTH)
+    return (1.0 - ops.mean(dice)) * ops.ones_like(y_pred[:, 0, 0, 0])
 
 
 @keras.saving.register_keras_serializable(package="nerve")
 def lovasz_hinge_loss(y_true, y_pred):
     """Lovasz hinge per image (Berman et al., 2018): a convex surrogate of 1 - IoU on the logits, whose
-    gradient weights each pixel's hinge error by how much it moves the image's IoU."""
-    y_true = ops.cast(ops.reshape(y_true, (ops.shape(y_true)[0], -1)), "float32")
-    p = ops.clip(ops.reshape(ops.cast(y_pred, "float32"), (ops.shape(y_pred)[0], -1)), 1e-6, 1 - 1e-6)
+    gradient weights each pixel's hinge error by how much it moves the image's IoU (per structure, averaged)."""
+    n, structures = ops.shape(y_pred)[0], ops.shape(y_pred)[-1]
+
+    def rows(t):  # one row per image and structure
+        return ops.reshape(ops.transpose(ops.cast(t, "float32"), (0, 3, 1, 2)), (n * structures, -1))
+
+    y_true, p = rows(y_true), ops.clip(rows(y_pred), 1e-6, 1 - 1e-6)
     errors = 1.0 - (ops.log(p) - ops.log(1.0 - p)) * (2.0 * y_true - 1.0)
     order = ops.argsort(-errors, axis=-1)
     errors = ops.take_along_axis(errors, order, axis=-1)
@@ -163,7 +181,7 @@ def lovasz_hinge_loss(y_true, y_pred):
     positives = ops.sum(truth, axis=-1, keepdims=True)
     jaccard = 1.0 - (positives - ops.cumsum(truth, axis=-1)) / (positives + ops.cumsum(1.0 - truth, axis=-1))
     weights = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
-    return ops.sum(ops.relu(errors) * weights, axis=-1)
+    return ops.mean(ops.reshape(ops.sum(ops.relu(errors) * weights, axis=-1), (n, structures)), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="nerve")

@@ -10,10 +10,10 @@ from common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
 import keras
 import numpy as np
 
-import postprocess
-from augment import full_size
+import deploy
+from deploy import full_size
 from figures import cases_png, overlay, training_curves
-from inference import predicted_masks
+from inference import network_outputs
 from metrics import presence
 
 TENSORBOARD_IMAGES = 8  # validation images shown in TensorBoard each epoch
@@ -48,20 +48,23 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class ValidationImages(keras.callbacks.Callback):
-    """Each epoch, a fixed set of validation images in TensorBoard with true-positive, false-positive and
-    false-negative pixels tinted (yellow, red, blue)."""
+    """Each epoch, a fixed set of validation images in TensorBoard drawn by figures.overlay (one structure:
+    true-positive, false-positive and false-negative pixels tinted yellow, red, blue; several: one colour each)."""
 
-    def __init__(self, images, masks, log_dir, spec):
+    def __init__(self, images, masks, log_dir, spec, structures):
         super().__init__()
         import tensorflow as tf
 
         self.summary = tf.summary
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
-        self.images, self.masks, self.spec = images, masks, spec
+        self.images, self.masks, self.specs = images, masks, [spec] * structures
 
     def on_epoch_end(self, epoch, logs=None):
-        predicted = predicted_masks(self.model, self.images[..., None].astype(np.float32), self.spec)
-        tiles = np.stack([overlay(*case) for case in zip(self.images, self.masks, predicted)])
+        x = self.images[..., None].astype(np.float32)
+        out = network_outputs(self.model, x)
+        predicted = deploy.label_map(deploy.apply_each(out["mask"], out["present"], self.specs), out["mask"])
+        structures = len(self.specs)
+        tiles = np.stack([overlay(*case, structures) for case in zip(self.images, self.masks, predicted)])
         with self.writer.as_default():
             self.summary.image("validation_overlays", tiles, step=epoch, max_outputs=len(tiles))
         self.writer.flush()
@@ -77,7 +80,7 @@ def example_indices(present, n):
     return np.sort(np.concatenate(spread)) if spread else np.zeros(0, int)
 
 
-def tensorboard_callbacks(log_dir, val_images, val_masks, spec):
+def tensorboard_callbacks(log_dir, val_images, val_masks, spec, structures=1):
     """Keras' TensorBoard callback and validation images; both write through TensorFlow, which other
     backends may lack."""
     try:
@@ -88,20 +91,25 @@ def tensorboard_callbacks(log_dir, val_images, val_masks, spec):
     pick = example_indices(presence(val_masks), TENSORBOARD_IMAGES)
     return [
         keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1),
-        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec),
+        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec, structures),
     ]
 
 
-def model_pictures(folder, arrays, index, has_structure, probs, present, spec):
+def model_pictures(folder, arrays, index, has_structure, probs, present, spec, names):
     """curves.png from the training log, and val_overlays.png: a fixed set of the validation images
     arrays[...][index] at full size with the best model's masks (probs and present: its predictions of all of
-    them, at the training size; has_structure: which of them show one)."""
+    them, at the training size; has_structure: which of them show one; names: the structures)."""
     folder = Path(folder)
     training_curves(folder / TRAINING_LOG_FILE, folder / CURVES_FILE)
     pick = example_indices(has_structure, REPORT_IMAGES)
     truth = arrays["train_masks"][index[pick]]
     full = np.stack([full_size(probs[i], mask.shape) for i, mask in zip(pick, truth)])
-    masks = postprocess.apply(full, present[pick], spec)
+    masks = deploy.apply_each(full, present[pick], [spec] * len(names))
     return cases_png(
-        arrays["train_images"][index[pick]], truth, masks, arrays["train_ids"][index[pick]], folder / VAL_OVERLAYS_FILE
+        arrays["train_images"][index[pick]],
+        truth,
+        deploy.label_map(masks, full),
+        arrays["train_ids"][index[pick]],
+        folder / VAL_OVERLAYS_FILE,
+        names,
     )

@@ -2,22 +2,33 @@
 
 A spec has four knobs: the pixel threshold, whether to keep only the largest component, and the gate,
 which empties a mask whose presence probability is under `presence_threshold` or whose area (at full size)
-is under `min_area`. train.py tunes the spec on the out-of-fold predictions of a K-fold run and saves it to
-results/postprocess.json; evaluate.py, submission.py and utils apply that file through load() and apply().
+is under `min_area`. Each structure has its own spec. train.py tunes them on the out-of-fold predictions of
+a K-fold run and saves them to results/postprocess.json; evaluate.py, submission.py and utils apply that file
+through load() and deploy.apply_each(), the one implementation an exported model's application calls too.
 """
 
 import itertools
 from pathlib import Path
 
-from common import BOOLEAN, POSTPROCESS_FILE, RESULTS_DIR, integer, number, read_state, write_state
+from common import (
+    BOOLEAN,
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    MAPPING,
+    POSTPROCESS_FILE,
+    UserError,
+    field_problems,
+    integer,
+    number,
+    read_state,
+    write_state,
+)
 
-import cv2
 import numpy as np
 
-from augment import full_size
+from deploy import DEFAULT, binary_mask, full_size, gate
 from metrics import dice_from_counts
 
-DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
 FIELDS = {
     "presence_threshold": number(0, 1),
     "pixel_threshold": number(0, 1),
@@ -29,37 +40,8 @@ NO_GATE = {**DEFAULT, "presence_threshold": 0.0}  # for a run without a trained 
 # The grid tune() searches
 PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
-MIN_AREAS = (0, 250, 500, 1000, 1500, 2000, 3000, 4000)  # pixels at 580x420; Kaggle nerves average ~7000
+MIN_AREAS = (0, 250, 500, 1000, 1500, 2000, 3000, 4000)  # pixels at 580x420, scaled to other image sizes
 CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel threshold, keep largest)
-
-
-def gate(present, area, spec):
-    """Which masks survive: presence probability and predicted area both at or above the spec's thresholds."""
-    return (np.asarray(present).reshape(-1) >= spec["presence_threshold"]) & (np.asarray(area) >= spec["min_area"])
-
-
-def largest_component(mask):
-    """The largest 8-connected component of a 0/1 mask."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 2:
-        return mask
-    return (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
-
-
-def binary_mask(prob, pixel_threshold, keep_largest):
-    """One probability map -> 0/1 mask, optionally only its largest component."""
-    mask = (prob >= pixel_threshold).astype(np.uint8)
-    return largest_component(mask) if keep_largest else mask
-
-
-def apply(probs, present, spec=None):
-    """0/1 masks (n, h, w) from probabilities (n, h, w) and presence (n,) under a spec (DEFAULT if None)."""
-    spec = {**DEFAULT, **(spec or {})}
-    if not len(probs):
-        return np.zeros(np.shape(probs), np.uint8)
-    masks = np.stack([binary_mask(p, spec["pixel_threshold"], spec["keep_largest"]) for p in probs])
-    keep = gate(present, masks.reshape(len(masks), -1).sum(axis=1), spec)
-    return masks * keep[:, None, None].astype(np.uint8)
 
 
 def untuned(presence_weight):
@@ -73,20 +55,36 @@ def fixed_for(settings):
     return None if settings["postprocess"] == "tuned" else untuned(settings["presence_weight"])
 
 
-def load(results=RESULTS_DIR, **overrides):
-    """The tuned spec from results/, defaults where absent, with the overrides that are not None on top."""
+def load(results, structures):
+    """The tuned spec of each structure from results/ (a list in the order of `structures`), defaults where
+    the file is absent."""
     path = Path(results) / POSTPROCESS_FILE
-    if path.exists():
-        remedy = "delete it to use the defaults, or retrain with `python train.py --folds K` to tune it again"
-        stored = read_state(path, FIELDS, remedy)
-        spec = {key: stored[key] for key in DEFAULT}
-    else:
-        spec = dict(DEFAULT)
-    return {**spec, **{k: v for k, v in overrides.items() if v is not None}}
+    if not path.exists():
+        return [dict(DEFAULT) for _ in structures]
+    remedy = "delete it to use the defaults, or retrain with `python train.py` to tune it again"
+    stored = read_state(path, {"structures": MAPPING}, remedy, lambda flat: _release_2_file(flat, structures))
+    specs = []
+    for name in structures:
+        spec = stored["structures"].get(name)
+        if not isinstance(spec, dict):
+            raise UserError(f"{path} has no spec for {name}: {remedy}")
+        problems = field_problems(spec, FIELDS)
+        if problems:
+            raise UserError(
+                f"{path} does not hold what the pipeline writes for {name} ({'; '.join(problems)}): {remedy}"
+            )
+        specs.append({key: spec[key] for key in DEFAULT})
+    return specs
 
 
-def save(results, spec):
-    write_state(Path(results) / POSTPROCESS_FILE, spec)
+def _release_2_file(stored, structures):
+    """Release 2 wrote one structure's spec at the top level."""
+    return stored if "structures" in stored else {"structures": {structures[0]: stored}}
+
+
+def save(results, specs):
+    """Write {structure name: spec} to results/postprocess.json."""
+    write_state(Path(results) / POSTPROCESS_FILE, {"structures": specs})
 
 
 def mask_stats(probs, truth, candidates=CANDIDATES):
@@ -96,14 +94,15 @@ def mask_stats(probs, truth, candidates=CANDIDATES):
     area = np.zeros((len(candidates), len(probs)))
     inter = np.zeros_like(area)
     truth_area = np.zeros(len(probs), int)
+    pixels = IMAGE_HEIGHT * IMAGE_WIDTH
     for i, (prob, t) in enumerate(zip(probs, truth)):
         t = np.asarray(t) > 0
         prob = full_size(prob, t.shape)
-        truth_area[i] = np.count_nonzero(t)
+        truth_area[i], pixels = np.count_nonzero(t), t.size
         for c, (threshold, keep_largest) in enumerate(candidates):
             m = binary_mask(prob, threshold, keep_largest) > 0
             area[c, i], inter[c, i] = np.count_nonzero(m), np.count_nonzero(m & t)
-    return {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area}
+    return {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area, "pixels": pixels}
 
 
 def counts_under(stats, present, spec, idx):
@@ -118,7 +117,9 @@ def counts_under(stats, present, spec, idx):
 def tune(stats, present, idx):
     """The spec with the best mean leaderboard Dice on images idx."""
     best, best_score = None, -1.0
-    for (threshold, keep_largest), p, a in itertools.product(stats["candidates"], PRESENCE_THRESHOLDS, MIN_AREAS):
+    scale = stats["pixels"] / (IMAGE_HEIGHT * IMAGE_WIDTH)  # the grid's areas are pixels of a Kaggle frame
+    min_areas = sorted({round(a * scale) for a in MIN_AREAS})
+    for (threshold, keep_largest), p, a in itertools.product(stats["candidates"], PRESENCE_THRESHOLDS, min_areas):
         spec = {
             "presence_threshold": float(p),
             "pixel_threshold": float(threshold),

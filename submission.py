@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+import deploy
 import inference
 import model
 import postprocess
@@ -39,14 +40,14 @@ def write_submission(path, ids, pixels):
             writer.writerows(zip(ids, pixels))
 
 
-def verify_submission(path, ids, digests):
+def verify_submission(path, ids, digests, shapes):
     """Decode the written CSV and check every row against the masks it was made from."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    if rows[0] != ["img", "pixels"] or [int(r[0]) for r in rows[1:]] != list(ids):
+    if rows[0] != ["img", "pixels"] or [r[0] for r in rows[1:]] != [str(i) for i in ids]:
         raise RuntimeError(f"{path}: header or ids differ from the test set")
-    for (img, pixels), digest in zip(rows[1:], digests):
-        if mask_digest(rle_decode(pixels)) != digest:
+    for (img, pixels), digest, shape in zip(rows[1:], digests, shapes):
+        if mask_digest(rle_decode(pixels, tuple(shape))) != digest:
             raise RuntimeError(f"{path}: row {img} does not decode to its mask")
 
 
@@ -65,6 +66,11 @@ def main(argv=None):
     tuned = "unset: results/postprocess.json's"
     ap.add_argument("--presence-threshold", type=float, help=f"empty a mask when `present` is below this; {tuned}")
     ap.add_argument("--pixel-threshold", type=float, help=f"pixel probability threshold at full size; {tuned}")
+    ap.add_argument(
+        "--structure",
+        default=None,
+        help="the structure whose masks are written; unset: the nerve, or the first the model predicts",
+    )
     add_flags(ap, "tta", "precision", "batch-size", "input", "results")
     ap.add_argument("--output", type=Path, help=f"CSV path; unset: results/{SUBMISSION_FILE}")
     args = ap.parse_args(argv)
@@ -85,29 +91,34 @@ def write(args, output):
     """Predict the test images and write the checked CSV (results/ held by this process)."""
     model.set_precision(args.precision)
     nets, size, settings = inference.load_models(args.results)
+    names = settings["structures"]
+    name = args.structure or ("nerve" if "nerve" in names else names[0])
+    if name not in names:
+        raise UserError(f"--structure {name}: the models in {args.results}/ predict {', '.join(names)}")
+    k = names.index(name)
     tta = args.tta or settings["tta"]
-    spec = postprocess.load(
-        args.results, presence_threshold=args.presence_threshold, pixel_threshold=args.pixel_threshold
-    )
-    arrays = data.load_arrays(args.input, ("test_images", "test_ids"))
-    images, ids = arrays["test_images"], arrays["test_ids"].tolist()
-    print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {tta}, post-processing {spec}")
-    pixels, digests, n_nerve = [], [], 0
+    knobs = {"presence_threshold": args.presence_threshold, "pixel_threshold": args.pixel_threshold}
+    spec = {**postprocess.load(args.results, names)[k], **{key: v for key, v in knobs.items() if v is not None}}
+    arrays = data.load_arrays(args.input, ("test_images", "test_ids", "test_sizes"))
+    images, ids, sizes = arrays["test_images"], arrays["test_ids"].tolist(), arrays["test_sizes"]
+    print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {tta}, {name}: post-processing {spec}")
+    pixels, digests, n_found = [], [], 0
+    chunks = inference.predict_chunks(nets, size, images, tta, args.batch_size, at_full_size=True, sizes=sizes)
     with tqdm(total=len(ids), desc="predicting", unit="img", leave=False) as bar:
-        for probs, present in inference.predict_chunks(nets, size, images, tta, args.batch_size, at_full_size=True):
-            masks = postprocess.apply(probs, present, spec)
-            for mask in masks:
+        for probs, present in chunks:
+            for prob, p in zip(probs, present):  # one at a time: sizes may differ
+                mask = deploy.apply(prob[None, ..., k], p[None, k], spec)[0]
                 pixels.append(rle_encode(mask))
                 digests.append(mask_digest(mask))
-            n_nerve += int(np.count_nonzero(masks.any(axis=(1, 2))))
-            bar.update(len(masks))
+                n_found += bool(mask.any())
+            bar.update(len(probs))
 
     previous = keep_previous(output)
     write_submission(output, ids, pixels)
-    verify_submission(output, ids, digests)
+    verify_submission(output, ids, digests, sizes)
     if previous:
         print(f"kept the earlier submission as {previous}")
-    print(f"wrote {output}: {len(ids)} test images, {n_nerve} with a nerve; checked by decoding it back")
+    print(f"wrote {output}: {len(ids)} test images, {n_found} with a {name}; checked by decoding it back")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import evaluate
 import inference
 import model as unet
 import monitor
+import planning
 import postprocess
 import splits
 from distribute import distribute, worker_outputs
@@ -60,7 +61,8 @@ def flag_parser():
     ap = arg_parser(__doc__)
     ap.add_argument("--epochs", type=int, default=30, help="passes over the training images")
     ap.add_argument("--batch-size", type=int, default=4, help="images per step")
-    ap.add_argument("--size", default="96x128", help="network input HxW, each side divisible by 2**depth")
+    ap.add_argument("--size", default=None, help="network input HxW, each side divisible by 2**depth; unset: "
+                    "planned from the dataset (planning.py), 96x128 for the Kaggle frames")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate")
     ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay to 0 over the run, step by step; "
@@ -109,7 +111,7 @@ def flag_parser():
 
 def converted(args):
     """The flags whose text train.py reads into values: --size as (h, w), --flips as a tuple."""
-    args.size = parse_size(args.size)
+    args.size = parse_size(args.size) if isinstance(args.size, str) else args.size
     args.flips = tuple(f for f in args.flips.split(",") if f and f != "none")
     return args
 
@@ -141,8 +143,8 @@ def parse_args(argv=None):
         (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
         (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
         (
-            all(s % 2**args.depth == 0 for s in args.size),
-            f"--size {args.size[0]}x{args.size[1]}: both sides must be divisible by 2**depth = {2**args.depth}",
+            args.size is None or all(s % 2**args.depth == 0 for s in args.size),
+            f"--size {'x'.join(map(str, args.size or ()))}: both sides must be divisible by 2**depth = {2**args.depth}",
         ),
     ]
     for ok, message in checks:
@@ -158,9 +160,11 @@ def learning_rate(args, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=args.epochs * steps_per_epoch)
 
 
-def compile_model(args, mean, std, steps_per_epoch):
+def compile_model(args, mean, std, steps_per_epoch, structures=1):
     synchronized = args.distribute != "none" and keras.backend.backend() == "tensorflow"
-    net = unet.build_model((*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized)
+    net = unet.build_model(
+        (*args.size, 1), args.base_filters, args.depth, args.dropout, mean, std, synchronized, structures
+    )
     mask_loss = MASK_LOSSES[args.mask_loss]
     if args.bce_weight:
         mask_loss = unet.DiceBCELoss(args.mask_loss == "image", args.bce_weight)
@@ -178,6 +182,7 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
     scratch or from a saved resume state; return the best score. The model is built in `scope`."""
     mean, std = float(train[0].mean()), float(train[0].std())
     start = state["epoch"] if state else 0
+    structures = len(settings["structures"])
     devices = inference.data_parallel_devices()
     train_batches = augment.AugmentedBatches(
         *train,
@@ -188,12 +193,13 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
         elastic=args.elastic,
         workers=args.workers,
         multiple=devices,
+        structures=structures,
     )
     val_batches = augment.AugmentedBatches(
-        *val, args.batch_size, augment=False, shuffle=False, workers=0, multiple=devices
+        *val, args.batch_size, augment=False, shuffle=False, workers=0, multiple=devices, structures=structures
     )
     with scope():
-        net = compile_model(args, mean, std, len(train_batches))
+        net = compile_model(args, mean, std, len(train_batches), structures)
         if state:
             checkpoint.restore(net, out_dir, state)
     if state:
@@ -226,7 +232,7 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
         best,
         *([plateau] if plateau else []),
         keras.callbacks.CSVLogger(str(out_dir / TRAINING_LOG_FILE), append=bool(state)),
-        *monitor.tensorboard_callbacks(log_dir, *val, spec),
+        *monitor.tensorboard_callbacks(log_dir, *val, spec, structures),
         monitor.StopOnNonFinite(),
         checkpoint.ResumePoint(out_dir, args.run, best, plateau),
     ]
@@ -267,6 +273,12 @@ def training_labels(args, arrays, masks):
     return use, fixed
 
 
+def group_list(groups, shown=12):
+    """The groups of a validation set, for its line in the log."""
+    unique = sorted(set(groups.tolist()))
+    return f"subjects {unique}" if len(unique) <= shown else f"{len(unique)} groups"
+
+
 def held_out_sets(args, present, subjects):
     """(one boolean validation mask per model, the models' folder names)."""
     if args.folds > 1:
@@ -303,13 +315,23 @@ def train_folds(args, scope, policy):
     """Train the run's models (one, or one per fold), then tune post-processing on their held-out predictions."""
     started = time.time()
     arrays = data.load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
+    names = data.structures(args.input)
     present, subjects = presence(arrays["train_masks"]), arrays["train_subjects"]
     held_out, dirs = held_out_sets(args, present, subjects)
+    if args.size is None:
+        args.size, why = planning.training_size(
+            arrays["train_masks"], arrays["train_masks"].shape[1:], names, args.depth
+        )
+        print(f"training size {why} (give --size to choose)")
     images = augment.resize_images(arrays["train_images"], args.size)
-    masks = augment.resize_masks(arrays["train_masks"], args.size)
+    masks = augment.resize_masks(arrays["train_masks"], args.size, len(names))
     use, fit_masks = training_labels(args, arrays, masks)
     record = run_record(
-        args, checkpoint.RESUME_FLAGS - {"results"}, backend=keras.backend.backend(), dtype_policy=policy
+        args,
+        checkpoint.RESUME_FLAGS - {"results"},
+        backend=keras.backend.backend(),
+        dtype_policy=policy,
+        structures=names,
     )
     states = {
         name: checkpoint.resume_state(args.results / name, args.run, args.results) if args.resume else None
@@ -322,8 +344,8 @@ def train_folds(args, scope, policy):
             train = ~val & use
             print(
                 f"{'fold ' + str(k) + ': ' if args.folds > 1 else ''}train: {np.count_nonzero(train)} images, "
-                f"val: {np.count_nonzero(val)} images (subjects {sorted(set(subjects[val].tolist()))}), "
-                f"nerve in {present[~val].mean():.0%} / {present[val].mean():.0%}"
+                f"val: {np.count_nonzero(val)} images ({group_list(subjects[val])}), "
+                f"a structure in {present[~val].mean():.0%} / {present[val].mean():.0%}"
             )
             out_dir = args.results / name
             state = states[name]
@@ -351,6 +373,7 @@ def train_folds(args, scope, policy):
                 predictions["probs"],
                 predictions["present"],
                 postprocess.untuned(args.presence_weight),
+                names,
             )
             for key, value in predictions.items():
                 oof.setdefault(key, []).append(value)
@@ -369,7 +392,7 @@ def train_folds(args, scope, policy):
     oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
-    report = evaluate.cross_validate(oof, arrays["train_masks"], args.tta, postprocess.fixed_for(record))
+    report = evaluate.cross_validate(oof, arrays["train_masks"], names, args.tta, postprocess.fixed_for(record))
     postprocess.save(args.results, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")

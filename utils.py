@@ -14,10 +14,11 @@ import numpy as np
 
 import augment
 import data
+import deploy
 import inference
 import postprocess
-from figures import overlay_grid, show_or_save
-from metrics import leaderboard_dice, mean_dice
+from figures import label_dice, overlay_grid, show_or_save
+from metrics import mean_dice
 from rle import rle_decode, rle_encode
 
 __all__ = ["inspect_set", "examine_generator", "rle_encode", "rle_decode", "mean_dice"]
@@ -26,7 +27,9 @@ __all__ = ["inspect_set", "examine_generator", "rle_encode", "rle_decode", "mean
 def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, seed=0, cols=4):
     """Show n images of the train or val set with true-positive, false-positive and false-negative pixels tinted.
 
-    Titles give the image id, the presence probability and the per-image Dice. After
+    Titles give the image id, the presence probability of each structure and the per-image Dice (the mean
+    over the structures). With several structures each has its colour: predicted pixels filled, the truth
+    outlined. After
     `train.py --folds K` this is the first fold's model on its own validation subjects. Returns the
     PNG path when no display is available, otherwise None after showing a window.
     """
@@ -39,17 +42,17 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     images, truth = arrays["train_images"][pick], arrays["train_masks"][pick]
-    nets = [inference.load_model(folder)]
+    nets, names = [inference.load_model(folder)], settings["structures"]
     chunks = inference.predict_chunks(nets, tuple(settings["size"]), images, settings["tta"], at_full_size=True)
-    spec = postprocess.load(results)
-    masks, present = zip(*((postprocess.apply(probs, p, spec), p) for probs, p in chunks))
+    specs = postprocess.load(results, names)
+    masks, present = zip(*((deploy.label_map(deploy.apply_each(pr, p, specs), pr), p) for pr, p in chunks))
     masks, present = np.concatenate(masks), np.concatenate(present)
     titles = [
-        f"{i}  p={p:.2f}  dice={d:.2f}"
-        for i, p, d in zip(arrays["train_ids"][pick], present, leaderboard_dice(truth, masks))
+        f"{i}  p={'/'.join(f'{v:.2f}' for v in p)}  dice={d:.2f}"
+        for i, p, d in zip(arrays["train_ids"][pick], present, label_dice(truth, masks, len(names)))
     ]
     return show_or_save(
-        overlay_grid(images, truth, masks, titles, cols), Path(results) / INSPECT_FILE.format(subset=subset)
+        overlay_grid(images, truth, masks, titles, cols, names), Path(results) / INSPECT_FILE.format(subset=subset)
     )
 
 
@@ -60,9 +63,13 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     Returns the PNG path when no display is available.
     """
     arrays = data.load_arrays(input_dir, ("train_images", "train_masks"))
+    names = data.structures(input_dir)
+    n = min(n, len(arrays["train_images"]))
     idx = np.sort(np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False))
     images = augment.resize_images(arrays["train_images"][idx], size)
-    masks = augment.resize_masks(arrays["train_masks"][idx], size)
-    x, y = augment.AugmentedBatches(images, masks, batch_size=n, seed=seed, shuffle=False, **options)[0]
-    titles = [f"sample {i}  nerve={int(p)}" for i, p in enumerate(y["present"].ravel())]
-    return show_or_save(overlay_grid(x[..., 0], y["mask"][..., 0], None, titles, cols), Path(results) / EXAMINE_FILE)
+    masks = augment.resize_masks(arrays["train_masks"][idx], size, len(names))
+    batches = augment.AugmentedBatches(images, masks, n, seed, shuffle=False, structures=len(names), **options)
+    x, y = batches[0]
+    labels = (y["mask"] * np.arange(1, len(names) + 1)).max(axis=-1).astype(np.uint8)
+    titles = [f"sample {i}  " + " ".join(f"{a}={int(b)}" for a, b in zip(names, p)) for i, p in enumerate(y["present"])]
+    return show_or_save(overlay_grid(x[..., 0], labels, None, titles, cols, names), Path(results) / EXAMINE_FILE)

@@ -209,7 +209,17 @@ def main():
         figures.update(
             step(
                 "accuracy",
-                ["bench.accuracy", "--shared", args.shared, "--work", work, *accuracy_flags, *train_flags],
+                [
+                    "bench.accuracy",
+                    "--datasets",
+                    "kaggle",
+                    "--shared",
+                    args.shared,
+                    "--work",
+                    work,
+                    *accuracy_flags,
+                    *train_flags,
+                ],
                 env,
                 args.out,
                 left + 30,

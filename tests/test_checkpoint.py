@@ -1,5 +1,7 @@
 import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import common
@@ -8,6 +10,7 @@ import pytest
 
 import checkpoint
 import train
+from conftest import TINY
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -15,7 +18,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     path = tmp_path / common.LAST_FILE
-    checkpoint.save_model(net, path)
+    checkpoint.save_model(net, path, optimizer=True)
     before = path.read_bytes()
 
     def fill_the_disk(target, *args, **kwargs):
@@ -24,7 +27,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(net, "save", fill_the_disk)
     with pytest.raises(common.UserError, match="No space left on device.*earlier last.keras is unchanged"):
-        checkpoint.save_model(net, path)
+        checkpoint.save_model(net, path, optimizer=True)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
@@ -60,3 +63,23 @@ def test_nothing_to_resume_and_an_unfinished_run_are_one_clear_message_each(tmp_
         checkpoint.check_unfinished(tmp_path, force=False)
     checkpoint.check_unfinished(tmp_path, force=True)
     assert json.loads((tmp_path / common.RUN_FILE).read_text())["complete"] is False
+
+
+def test_the_saved_model_loads_in_plain_keras_without_the_projects_code(tmp_path):
+    import numpy as np
+
+    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=90.0, std=40.0, steps_per_epoch=1)
+    checkpoint.save_model(net, tmp_path / common.MODEL_FILE)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 48, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "mask.npy", net.predict(x, verbose=0)["mask"])
+    fresh = (
+        "import importlib.util, keras, numpy as np\n"
+        "assert importlib.util.find_spec('model') is None, 'the project is importable here'\n"
+        f"net = keras.saving.load_model({common.MODEL_FILE!r})\n"
+        "out = net.predict(np.load('x.npy'), verbose=0)\n"
+        "print(float(np.abs(out['mask'] - np.load('mask.npy')).max()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", fresh], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 1e-6

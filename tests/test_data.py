@@ -75,26 +75,28 @@ def test_image_without_mask_and_mask_without_image(tmp_path):
     assert "1_2.tif has no mask 1_2_mask.tif" in msg and "2_1_mask.tif has no image 2_1.tif" in msg
 
 
-def test_wrong_size(tmp_path):
+def test_other_sizes_are_stored_at_the_common_one_with_each_images_own_size(tmp_path):
+    _tree(tmp_path, train=((1, 1), (1, 2), (2, 1)))
+    tifffile.imwrite(tmp_path / "test" / "1.tif", np.full((400, 500), 9, np.uint8))
+    summary = data.convert(tmp_path, workers=1)
+    assert "stored at 420x580" in summary
+    a = data.load_arrays(tmp_path, data.ARRAYS)
+    assert a["test_images"].shape == (1, 420, 580) and a["test_sizes"].tolist() == [[400, 500]]
+    assert (a["test_images"][0] == 9).all() and a["train_sizes"].tolist() == [[420, 580]] * 3
+
+
+def test_16_bit_images_are_scaled_by_their_highest_bit_and_colour_becomes_gray(tmp_path):
     _tree(tmp_path)
-    tifffile.imwrite(tmp_path / "test" / "1.tif", np.zeros((400, 500), np.uint8))
-    assert "1.tif is 500x400 pixels; expected 580x420" in _error(tmp_path)
-
-
-def test_16_bit_image(tmp_path):
-    _tree(tmp_path)
-    tifffile.imwrite(tmp_path / "train" / "1_1.tif", np.zeros((420, 580), np.uint16))
-    assert "1_1.tif is uint16; expected 8-bit grayscale" in _error(tmp_path)
-
-
-def test_colour_image_is_rejected_but_gray_rgb_is_accepted(tmp_path):
-    _tree(tmp_path)
+    twelve_bit = np.zeros((420, 580), np.uint16)
+    twelve_bit[0, :2] = (4095, 2048)
+    tifffile.imwrite(tmp_path / "train" / "1_1.tif", twelve_bit)
     rgb = np.zeros((420, 580, 3), np.uint8)
+    rgb[..., 1] = 100  # pure green: gray 59 (ITU-R 601 weights)
     tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
-    data.convert(tmp_path, workers=1)  # identical channels: plain grayscale
-    rgb[..., 1] = 7
-    tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
-    assert "has 3 different colour channels" in str(pytest.raises(common.UserError, data.convert, tmp_path, True).value)
+    data.convert(tmp_path, workers=1)
+    a = data.load_arrays(tmp_path, ("train_images", "test_images"))
+    assert a["train_images"][0, 0, :3].tolist() == [255, 128, 0]
+    assert abs(int(a["test_images"][0, 0, 0]) - 59) <= 1
 
 
 def test_corrupt_file(tmp_path):
@@ -112,14 +114,20 @@ def test_mask_that_is_not_0_255(tmp_path):
 
 def test_bad_names_and_empty_folders(tmp_path):
     _tree(tmp_path, train=(), test=())
-    msg = _error(tmp_path)
-    assert "train/ has no {subject}_{n}.tif images" in msg and "test/ has no {id}.tif images" in msg
+    assert "train/ has no {subject}_{n}.tif images" in _error(tmp_path)
     (tmp_path / "test" / "scan-7.tif").write_bytes(b"")
     assert "scan-7.tif: name is not {id}.tif" in _error(tmp_path)
 
 
+def test_the_test_part_is_optional(tmp_path):
+    _tree(tmp_path, test=())
+    (tmp_path / "test").rmdir()
+    assert "1 train pairs and 0 test images" in data.convert(tmp_path, workers=1)
+    assert data.load_arrays(tmp_path, ("test_images",))["test_images"].shape == (0, 420, 580)
+
+
 def test_missing_folder(tmp_path):
-    assert "train/ does not exist" in _error(tmp_path)
+    assert "holds no dataset this pipeline reads" in _error(tmp_path)
 
 
 def test_cli_reports_problems_in_one_message_without_traceback(tmp_path):
@@ -153,7 +161,7 @@ def write_arrays(folder, n=3, **replace):
 @pytest.mark.parametrize(
     "replace, problem",
     [
-        ({"train_images": np.zeros((3, 96, 128), np.uint8)}, r"train_images.npy is \(3, 96, 128\) uint8"),
+        ({"train_images": np.zeros((3, 96, 128), np.uint8)}, r"train_masks.npy is \(3, 420, 580\) uint8, expected"),
         ({"train_masks": np.zeros((3, 420, 580), np.float32)}, "train_masks.npy is .* float32"),
         ({"train_ids": np.array(["1_1", "1_2"])}, "train_ids.npy holds 2 train images, expected 3"),
         ({"train_subjects": np.ones((3, 2))}, "train_subjects.npy has shape"),

@@ -12,10 +12,10 @@ def out_of_fold(index):
     """The two-fold out-of-fold predictions of stats_case's four images, stored in `index` order."""
     probs, truth, present = stats_case()
     oof = {
-        "probs": probs,
-        "probs_flip": probs,
-        "present": present,
-        "present_flip": present,
+        "probs": probs[..., None],
+        "probs_flip": probs[..., None],
+        "present": present[:, None],
+        "present_flip": present[:, None],
         "fold": np.array([0, 1, 0, 1]),
         "index": np.asarray(index),
     }
@@ -24,13 +24,25 @@ def out_of_fold(index):
 
 def test_cross_validation_tunes_each_fold_on_the_others_only():
     oof, truth = out_of_fold([1, 3, 2, 0])
-    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]])  # the masks in data.py's order
-    stats = postprocess.mask_stats(oof["probs"], truth)
+    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
+    stats = postprocess.mask_stats(oof["probs"][..., 0], truth)
     for k in (0, 1):
         others = np.flatnonzero(oof["fold"] != k)
-        assert report["fold_postprocess"][k] == postprocess.tune(stats, oof["present"], others)
-    assert set(report["rows"]) == {"fold 0", "fold 1", "all folds"}
-    assert "dice_nonempty" in evaluate.table(report["rows"]).splitlines()[0]
+        assert report["fold_postprocess"]["nerve"][k] == postprocess.tune(stats, oof["present"][:, 0], others)
+    assert set(report["rows"]["nerve"]) == {"fold 0", "fold 1", "all folds"}
+    lines = evaluate.table(report["rows"]).splitlines()
+    assert "dice_nonempty" in lines[0] and lines[1].split()[:2] == ["fold", "0"]  # one structure: no name
+
+
+def test_several_structures_are_scored_and_tuned_each_on_its_own_labels():
+    oof, truth = out_of_fold(np.arange(4))
+    second = {
+        key: np.concatenate([oof[key]] * 2, axis=-1) for key in ("probs", "probs_flip", "present", "present_flip")
+    }
+    report = evaluate.cross_validate({**oof, **second}, truth * 2, ["nerve", "vessel"])  # label 2: the vessel
+    nerve, vessel = (report["rows"][name]["all folds"] for name in ("nerve", "vessel"))
+    assert nerve["with_structure"] == 0 and vessel["with_structure"] == 2 and vessel["dice_nonempty"] > 0.5
+    assert evaluate.table(report["rows"]).splitlines()[-1].split()[:3] == ["vessel", "all", "folds"]
 
 
 @pytest.mark.slow
@@ -59,19 +71,21 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     val_ids = [json.loads((results / f"fold{k}" / "settings.json").read_text())["val_ids"] for k in range(3)]
     fold_subjects = [{i.split("_")[0] for i in ids} for ids in val_ids]
     assert all(len(s) == 1 for s in fold_subjects) and set.union(*fold_subjects) == {"1", "2", "3"}
-    assert set(json.loads((results / "postprocess.json").read_text())) == {"format", *postprocess.DEFAULT}
+    assert set(json.loads((results / "postprocess.json").read_text())["structures"]["nerve"]) == set(
+        postprocess.DEFAULT
+    )
     assert "all folds" in train.stdout and "--conflicts drop: 0 frames" in train.stdout
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
-    assert set(report["metrics"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
+    assert set(report["metrics"]["nerve"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
     assert_picture(results / "worst_cases.png", 300, 700)
 
     labelled = run_script(ROOT / "evaluate.py", "--input", tiny_input, "--results", results, "--tta", "none")
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
-    assert report["metrics"][tiny_input.name]["images"] == 48 and report["tta"] == "none"
+    assert report["metrics"]["nerve"][tiny_input.name]["images"] == 48 and report["tta"] == "none"
 
     sub = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
@@ -93,7 +107,8 @@ def test_non_finite_numbers_become_null_for_json():
 
 def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     oof, truth = out_of_fold(np.arange(4))
-    report = evaluate.cross_validate(oof, truth, tta="none", fixed=postprocess.NO_GATE)
+    report = evaluate.cross_validate(oof, truth, ["nerve"], tta="none", fixed=postprocess.NO_GATE)
     plain = postprocess.NO_GATE
-    assert report["postprocess"] == plain and all(s == plain for s in report["fold_postprocess"].values())
-    assert report["rows"]["all folds"]["false_positive_pixels"] > 0  # the false detections stay
+    assert report["postprocess"]["nerve"] == plain
+    assert all(s == plain for s in report["fold_postprocess"]["nerve"].values())
+    assert report["rows"]["nerve"]["all folds"]["false_positive_pixels"] > 0  # the false detections stay

@@ -18,12 +18,12 @@ def test_the_mirror_view_is_flipped_back_and_averaged():
     images[:, :, :2] = 255  # bright on the left
     (plain, present), (mirror, present_mirror) = inference.predict_views([Echo()], images, "hflip")
     np.testing.assert_allclose(mirror, plain)
-    np.testing.assert_allclose(plain, images / 255.0)
-    np.testing.assert_allclose(present, [2 / 3] * 2, rtol=1e-6)
-    np.testing.assert_array_equal(present_mirror, [0.0] * 2)
+    np.testing.assert_allclose(plain, images[..., None] / 255.0)
+    np.testing.assert_allclose(present, [[2 / 3]] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(present_mirror, [[0.0]] * 2)
     probs, averaged = inference.predict([Echo(), Echo()], images, "hflip")
-    np.testing.assert_allclose(probs, images / 255.0)
-    np.testing.assert_allclose(averaged, [1 / 3] * 2)
+    np.testing.assert_allclose(probs, images[..., None] / 255.0)
+    np.testing.assert_allclose(averaged, [[1 / 3]] * 2)
     assert len(inference.predict_views([Echo()], images, "none")) == 1
 
 
@@ -31,10 +31,16 @@ def test_chunks_come_back_at_the_models_size_or_each_images_own(monkeypatch):
     monkeypatch.setattr(inference, "CHUNK", 2)
     images = np.full((3, 42, 58), 255, np.uint8)
     chunks = list(inference.predict_chunks([Echo()], (8, 16), images, "none"))
-    assert [c[0].shape for c in chunks] == [(2, 8, 16), (1, 8, 16)]
+    assert [c[0].shape for c in chunks] == [(2, 8, 16, 1), (1, 8, 16, 1)]
     full = list(inference.predict_chunks([Echo()], (8, 16), images, "none", at_full_size=True))
-    assert [c[0].shape for c in full] == [(2, 42, 58), (1, 42, 58)]
+    assert [c[0].shape for c in full] == [(2, 42, 58, 1), (1, 42, 58, 1)]
     np.testing.assert_allclose(np.concatenate([c[0] for c in full]), 1.0)
+    own = list(
+        inference.predict_chunks(
+            [Echo()], (8, 16), images, "none", at_full_size=True, sizes=[[20, 30], [42, 58], [9, 9]]
+        )
+    )
+    assert [p.shape for c in own for p in c[0]] == [(20, 30, 1), (42, 58, 1), (9, 9, 1)]
 
 
 def test_network_outputs_pad_for_devices_and_cut_the_padding(monkeypatch):

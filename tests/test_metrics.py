@@ -31,7 +31,7 @@ def test_scores_from_pixel_counts():
     # image 2: empty but 5 px predicted; image 3: nerve of 4 px missed
     tp, fp, fn = np.array([6, 0, 0, 0]), np.array([2, 0, 5, 0]), np.array([4, 0, 0, 4])
     m = metrics.scores(tp, fp, fn, present=np.array([0.9, 0.1, 0.6, 0.4]))
-    assert m["with_nerve"] == 2
+    assert m["with_structure"] == 2
     assert m["dice_nonempty"] == pytest.approx((12 / 18 + 0) / 2)
     assert m["leaderboard"] == pytest.approx((12 / 18 + 1 + 0 + 0) / 4)
     assert m["presence_accuracy"] == 0.5 and m["presence_auc"] == 0.75

@@ -1,25 +1,15 @@
 import json
 
+import common
+
 import numpy as np
+import pytest
 
+import deploy
 import postprocess
-from augment import full_size
 from conftest import stats_case
+from deploy import full_size
 from metrics import dice_from_counts, pixel_counts
-
-
-def test_apply_gates_on_presence_and_area_and_keeps_the_largest_component():
-    probs = np.zeros((3, 10, 10), np.float32)
-    probs[:, 0:2, 0:2] = 0.9  # 4 pixels
-    probs[:, 5:9, 5:9] = 0.6  # 16 pixels
-    masks = postprocess.apply(probs, [0.2, 0.8, 0.8])
-    assert masks[0].sum() == 0 and masks[1].sum() == 20
-    assert postprocess.apply(probs, [0.8] * 3, {"pixel_threshold": 0.7}).sum(axis=(1, 2)).tolist() == [4] * 3
-    assert postprocess.apply(probs, [0.8] * 3, {"keep_largest": True})[0, 5:9, 5:9].all()
-    assert postprocess.apply(probs, [0.8] * 3, {"keep_largest": True}).sum() == 48
-    assert postprocess.apply(probs, [0.8] * 3, {"min_area": 21}).sum() == 0
-    assert postprocess.apply(probs, [0.8] * 3, {"min_area": 20}).sum() == 60
-    assert postprocess.apply(probs, [0.0] * 3, postprocess.NO_GATE).sum() == 60
 
 
 def test_the_gate_is_one_rule_for_masks_and_for_tuning():
@@ -34,7 +24,7 @@ def test_the_gate_is_one_rule_for_masks_and_for_tuning():
         {**postprocess.DEFAULT, "pixel_threshold": 0.3},
         postprocess.NO_GATE,
     ):
-        masks = postprocess.apply(np.stack([full_size(p) for p in probs]), present, spec)
+        masks = deploy.apply(np.stack([full_size(p, (420, 580)) for p in probs]), present, spec)
         counts = postprocess.counts_under(stats, present, spec, np.arange(6))
         for got, want in zip(counts, pixel_counts(truth, masks)):
             np.testing.assert_array_equal(got, want)
@@ -68,9 +58,17 @@ def test_a_run_without_a_presence_head_is_never_gated():
     assert postprocess.fixed_for({"postprocess": "fixed", "presence_weight": 0.0}) == postprocess.NO_GATE
 
 
-def test_the_tuned_spec_is_saved_and_loaded_with_overrides(tmp_path):
+def test_the_tuned_specs_are_saved_and_loaded_per_structure(tmp_path):
     spec = {**postprocess.DEFAULT, "min_area": 1500}
-    postprocess.save(tmp_path, spec)
-    assert json.loads((tmp_path / "postprocess.json").read_text()) == {"format": 2, **spec}
-    assert postprocess.load(tmp_path, pixel_threshold=0.3, presence_threshold=None) == {**spec, "pixel_threshold": 0.3}
-    assert postprocess.load(tmp_path / "nothing") == postprocess.DEFAULT
+    postprocess.save(tmp_path, {"nerve": spec, "vessel": postprocess.NO_GATE})
+    stored = json.loads((tmp_path / "postprocess.json").read_text())
+    assert stored == {"format": 2, "structures": {"nerve": spec, "vessel": postprocess.NO_GATE}}
+    assert postprocess.load(tmp_path, ["vessel", "nerve"]) == [postprocess.NO_GATE, spec]
+    assert postprocess.load(tmp_path / "nothing", ["nerve"]) == [postprocess.DEFAULT]
+    with pytest.raises(common.UserError, match="no spec for artery"):
+        postprocess.load(tmp_path, ["artery"])
+
+
+def test_release_2s_single_spec_is_the_first_structures(tmp_path):
+    (tmp_path / "postprocess.json").write_text(json.dumps({"format": 2, **postprocess.NO_GATE}))
+    assert postprocess.load(tmp_path, ["nerve"]) == [postprocess.NO_GATE]

@@ -55,7 +55,7 @@ def test_truncated_or_mismatched_model_is_one_clear_error(trained, tiny_input, t
     (results / "settings.json").write_text(json.dumps({**settings, "size": [64, 96]}))
     result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "takes 32x48 images but its settings.json says 64x96" in result.stderr
+    assert "takes 32x48 images and predicts 1 structure(s) but its settings.json says 64x96" in result.stderr
     model = (results / "net.keras").read_bytes()
     (results / "net.keras").write_bytes(model[: len(model) // 2])
     result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)

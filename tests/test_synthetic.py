@@ -1,3 +1,6 @@
+import json
+
+import cv2
 import numpy as np
 import tifffile
 
@@ -5,7 +8,7 @@ import synthetic
 
 
 def _frames(seed, subject=1, n=6):
-    return list(synthetic._subject_frames(seed, subject, n, labelled=True))
+    return [frame[:3] for frame in synthetic._subject_frames(seed, subject, n)]
 
 
 def test_deterministic_for_a_seed():
@@ -16,7 +19,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_frames_look_like_ultrasound_and_masks_outline_the_nerve():
-    frames = list(synthetic._subject_frames(3, 2, 40, labelled=True))
+    frames = _frames(3, 2, 40)
     with_nerve = [(im, m) for _, im, m in frames if m.any()]
     assert 0.2 < len(with_nerve) / len(frames) < 0.6
     for image, mask in with_nerve:
@@ -45,3 +48,16 @@ def test_write_dataset_makes_the_kaggle_layout(tmp_path):
     with tifffile.TiffFile(tmp_path / "train" / "1_1.tif") as tif:
         page = tif.pages[0]
         assert page.compression == 5 and page.shape == (420, 580) and page.dtype == np.uint8  # 5: LZW
+
+
+def test_the_nnunet_layout_at_another_size_labels_nerve_and_vessels(tmp_path):
+    synthetic.write_dataset(
+        tmp_path, subjects=1, frames=4, test_subjects=1, layout="nnunet", size=(210, 290), vessels=True
+    )
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "nerve": 1, "vessel": 2} and meta["file_ending"] == ".png"
+    assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir())[0] == "s1_1_0000.png"
+    labels = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tmp_path / "labelsTr").iterdir())]
+    assert all(m.shape == (210, 290) and set(np.unique(m)) <= {0, 1, 2} for m in labels)
+    assert any((m == 2).any() for m in labels) and any((m == 1).any() for m in labels)
+    assert len(list((tmp_path / "imagesTs").iterdir())) == 4

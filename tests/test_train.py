@@ -38,7 +38,6 @@ def test_help_gives_every_flags_default_without_spelling_it():
     for flag, default in (
         ("--epochs", "30"),
         ("--batch-size", "4"),
-        ("--size", "96x128"),
         ("--tta", "hflip"),
         ("--mask-loss", "batch"),
         ("--results", "results"),
@@ -46,6 +45,7 @@ def test_help_gives_every_flags_default_without_spelling_it():
     ):
         entry = text.split(f"\n  {flag} ", 1)[1].split("\n  --", 1)[0]
         assert f"(default: {default})" in " ".join(entry.split()), flag
+    assert "unset: planned from the dataset" in " ".join(text.split())
 
 
 def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant():
@@ -192,3 +192,37 @@ def test_ctrl_c_stops_cleanly_with_the_completed_epochs_saved(tiny_input, tmp_pa
     assert "interrupted" in stderr and "--resume" in stderr
     assert (results / "net.keras").exists() and (results / common.LAST_FILE).exists()
     assert not list(results.glob(".tmp-*")), "no half-written file is left behind"
+
+
+@pytest.mark.slow
+def test_two_structures_train_score_and_draw_each_on_its_own(tmp_path):
+    """The nnU-Net layout with vessels labelled, at another size: per-structure scores in the log, the table,
+    evaluation.json and postprocess.json; overlays drawn; the Kaggle CSV of either structure."""
+    source, arrays, results = tmp_path / "raw", tmp_path / "arrays", tmp_path / "results"
+    synthetic = ["--synthetic", "--layout", "nnunet", "--vessels", "--size", "210x290", "--test-subjects", 1]
+    made = run_script(ROOT / "data.py", *synthetic, "--subjects", 3, "--frames", 8, "--input", source)
+    assert made.returncode == 0, made.stderr
+    converted = run_script(ROOT / "data.py", "--input", source, "--output", arrays, "--group-pattern", r"^(s\d+)_")
+    assert converted.returncode == 0 and "2 classes (nerve, vessel)" in converted.stdout, converted.stderr
+    flags = ["--input", arrays, "--results", results, "--logs", tmp_path / "logs", "--epochs", 1, "--folds", 3]
+    trained = run_script(ROOT / "train.py", *flags, *TINY)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "vessel all folds" in trained.stdout
+    header, _ = training_log(results / "fold0")
+    assert {"val_leaderboard_nerve", "val_leaderboard_vessel"} <= set(header)
+    assert set(json.loads((results / "postprocess.json").read_text())["structures"]) == {"nerve", "vessel"}
+    settings = json.loads((results / "fold0" / "settings.json").read_text())
+    assert settings["structures"] == ["nerve", "vessel"]
+
+    ev = run_script(ROOT / "evaluate.py", "--data", arrays, "--results", results)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((results / "evaluation.json").read_text())
+    assert set(report["metrics"]) == {"nerve", "vessel"} and report["structures"] == ["nerve", "vessel"]
+    for converted_there in source.glob("*.npy"):  # --synthetic converted it: evaluate the raw folder instead
+        converted_there.unlink()
+    labelled = run_script(ROOT / "evaluate.py", "--input", source, "--results", results, "--tta", "none")
+    assert labelled.returncode == 0 and "nnU-Net layout" in labelled.stdout, labelled.stderr[-3000:]
+    sub = run_script(ROOT / "submission.py", "--input", arrays, "--results", results, "--structure", "vessel")
+    assert sub.returncode == 0 and "with a vessel" in sub.stdout, sub.stderr[-3000:]
+    rows = (results / "submission.csv").read_text().splitlines()
+    assert rows[0] == "img,pixels" and len(rows) == 9

@@ -1,0 +1,181 @@
+"""Inference speed on this CPU, every runtime side by side in one run.
+
+    python -m bench.inference --quick    # fewer repetitions and video frames
+    python -m bench.inference
+
+For the default (32 base filters) and the small (16) model at 64x80 and 96x128, with untrained weights (the
+speed is the same): single-frame latency under Keras' predict(), a direct Keras call, ONNX Runtime, LiteRT
+and OpenVINO (when `pip install openvino` has put it there: in float32, and in its own default precision,
+bf16 on a CPU with bf16 units); the fastest is the fastest whose probabilities are within TOLERANCE of
+Keras' (fastest_any: any, with how far it differs); batch throughput in GFLOP/s (the convolutions'
+FLOPs, bench.throughput.forward_flops) against this machine's dense float32 matrix multiply, measured in the
+same run; end-to-end video frames per second on the fastest runtime (decode an MP4, resize, predict one model
+without the mirror view, post-process, draw: what predict.py does per frame); and the default model with the
+mirror view per test image (submission.py's work) under Keras and the fastest runtime, scaled to Kaggle's
+5508 test images.
+"""
+
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import arg_parser
+
+import cv2
+import keras
+import numpy as np
+
+import deploy
+import inference
+import model
+import synthetic
+from bench.throughput import forward_flops, matmul_gflops
+from figures import annotated
+
+MODELS = {"default": 32, "small": 16}
+SIZES = ((64, 80), (96, 128))
+KAGGLE_TEST = 5508
+BATCH = 32
+TOLERANCE = 1e-4  # a runtime whose probabilities differ more from Keras' does not count as the fastest
+EXPORTS = {"onnx": ("onnx", "model.onnx"), "litert": ("litert", "model.tflite")}
+
+
+def median_ms(repeats, run, *args):
+    """The median wall time of run(*args) in milliseconds, after one warm-up call."""
+    run(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(*args)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def exported(net, kind, path, size):
+    """An exported copy of net (input size (h, w)), run by its runtime."""
+    signature = [keras.InputSpec(shape=(None, *size, 1), dtype="float32")]
+    net.export(str(path), format=EXPORTS[kind][0], verbose=False, input_signature=signature)
+    return inference.runner(kind, path)
+
+
+def runtimes(net, work, tag):
+    """name -> function (n, h, w, 1) float32 -> (mask, present): every runtime this machine has."""
+    found = {
+        "keras_predict": lambda x: inference.mask_and_presence(net.predict(x, verbose=0)),
+        "keras_call": lambda x: inference.mask_and_presence(net(x, training=False)),
+    }
+    for kind, (_, file) in EXPORTS.items():
+        found[kind] = exported(net, kind, Path(work) / f"{tag}-{file}", net.input_shape[1:3])
+    if importlib.util.find_spec("openvino"):
+        import openvino
+
+        onnx_file = Path(work) / f"{tag}-model.onnx"
+        found["openvino"] = inference.runner("openvino", onnx_file)
+        # OpenVINO's own default precision: bf16 on a CPU with bf16 units (faster; other masks)
+        native = openvino.Core().compile_model(str(onnx_file), "CPU")
+        found["openvino_native"] = lambda x: inference.mask_and_presence(dict(native(x)))
+    else:
+        print("openvino: not installed (pip install openvino to measure it)")
+    return found
+
+
+def video_fps(run, size, frames):
+    """Frames per second of predict.py's per-frame work on an MP4 of synthetic frames."""
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "cine.mp4"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (580, 420))
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+        writer.release()
+        capture = cv2.VideoCapture(str(path))
+        specs, start, n = [deploy.DEFAULT], time.perf_counter(), 0
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            mask, present = run(deploy.model_input(gray, size))
+            labels = deploy.labels(np.asarray(mask)[0], np.asarray(present)[0], specs, gray.shape)
+            annotated(gray, labels, np.asarray(present)[0], ["nerve"])
+            n += 1
+        return n / (time.perf_counter() - start)
+
+
+def main():
+    ap = arg_parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and video frames")
+    args = ap.parse_args()
+    repeats, n_frames = (10, 60) if args.quick else (50, 300)
+    model.set_precision("fp32")
+    frames = [f[1] for f in synthetic._subject_frames(0, 1, n_frames)]
+    peak = matmul_gflops()
+    print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
+    lines, fastest = {"matmul_gflops": f"{peak:.0f}"}, {}
+    with tempfile.TemporaryDirectory() as work:
+        for name, filters in MODELS.items():
+            for size in SIZES:
+                tag = f"{name}_{size[0]}x{size[1]}"
+                net = model.build_model((*size, 1), base_filters=filters, mean=100.0, std=50.0)
+                single = np.random.default_rng(0).uniform(0, 255, (1, *size, 1)).astype(np.float32)
+                batch = np.repeat(single, BATCH, axis=0)
+                gflop = forward_flops(net) / 1e9
+                found = runtimes(net, work, tag)
+                reference = np.asarray(net(single, training=False)["mask"])
+                differs = {r: float(np.abs(np.asarray(f(single)[0]) - reference).max()) for r, f in found.items()}
+                latency = {r: median_ms(repeats, f, single) for r, f in found.items()}
+                # LiteRT's signature takes one image at a time: its batch is a loop over them
+                batch_ms = {r: median_ms(max(3, repeats // 5), f, batch) for r, f in found.items()}
+                batched = {r: BATCH * gflop / (ms / 1e3) for r, ms in batch_ms.items()}
+                exported_ones = [r for r in latency if not r.startswith("keras")]
+                best = min((r for r in exported_ones if differs[r] <= TOLERANCE), key=latency.get)
+                fastest_any = min(exported_ones, key=latency.get)
+                print(f"{tag} largest difference from Keras: " + ", ".join(f"{r} {d:.1g}" for r, d in differs.items()))
+                print(f"{tag}: " + ", ".join(f"{r} {ms:.1f} ms" for r, ms in latency.items()))
+                print(f"{tag} batch {BATCH}: " + ", ".join(f"{r} {g:.0f} GFLOP/s" for r, g in batched.items()))
+                lines[f"{tag}_keras_predict_ms"] = f"{latency['keras_predict']:.1f}"
+                lines[f"{tag}_fastest_ms"] = f"{latency[best]:.1f} ({best})"
+                lines[f"{tag}_latency_ratio"] = f"{latency[best] / latency['keras_predict']:.3f}"
+                ratio = latency[fastest_any] / latency["keras_predict"]
+                lines[f"{tag}_fastest_any_ms"] = (
+                    f"{latency[fastest_any]:.1f} ({fastest_any}, ratio {ratio:.3f}, differs {differs[fastest_any]:.1g})"
+                )
+                top = max(batched, key=batched.get)
+                lines[f"{tag}_batch_flops_ratio"] = f"{batched[top] / peak:.2f} ({top})"
+                fps = video_fps(found[best], size, frames)
+                lines[f"video_fps_{tag}"] = f"{fps:.1f} ({best})"
+                fastest[tag] = (net, best)
+        net, best = fastest["default_96x128"]
+        submission = inference.Serving([net], "hflip")  # one model, with the mirror view
+        images = frames[: min(64, n_frames)]
+        keras_ms = median_ms(2, _per_image, lambda x: inference.predict([net], x[..., 0], "hflip"), images)
+        kind = best if best in EXPORTS else "onnx"
+        run = exported(submission, kind, Path(work) / f"submission-{EXPORTS[kind][1]}", (96, 128))
+        if best == "openvino":  # it runs the ONNX file
+            kind, run = best, inference.runner(best, Path(work) / "submission-model.onnx")
+        fast_ms = median_ms(2, _per_image, run, images)
+    per_image = {"keras": keras_ms / len(images), kind: fast_ms / len(images)}
+    print(f"default 96x128 with the mirror view, per test image: {per_image}")
+    lines["submission_ms_per_image_keras"] = f"{per_image['keras']:.1f}"
+    lines[f"submission_ms_per_image_{kind}"] = f"{per_image[kind]:.1f}"
+    lines["kaggle_test_minutes_keras"] = f"{per_image['keras'] * KAGGLE_TEST / 6e4:.1f}"
+    lines[f"kaggle_test_minutes_{kind}"] = f"{per_image[kind] * KAGGLE_TEST / 6e4:.1f}"
+    lines["test_set_speedup"] = f"{per_image['keras'] / per_image[kind]:.1f}"
+    print()
+    for key, value in lines.items():
+        print(f"{key}: {value}")
+
+
+def _per_image(run, images):
+    """Resize, predict and post-process images at their own size, as submission.py does, in batches of BATCH."""
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
+        x = np.concatenate([deploy.model_input(image, (96, 128)) for image in chunk])
+        mask, present = run(x)
+        for image, m, p in zip(chunk, np.asarray(mask), np.asarray(present)):
+            deploy.labels(m.reshape(*m.shape[:2], -1), np.reshape(p, -1), [deploy.DEFAULT], image.shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""What an application needs beside an exported model, with NumPy and OpenCV only: an image resized to the
+model's input, the probabilities resized back to the image, and the post-processing train.py tuned.
+
+The pipeline itself resizes and post-processes through these functions, and export.py copies this file
+beside the artefact with deploy.json (input size, structures, the tuned specs), so an application that calls
+them gets predict.py's masks:
+
+    import json, deploy
+    settings = json.load(open("deploy.json"))
+    x = deploy.model_input(gray, settings["size"])  # gray: (H, W) uint8; x: (1, h, w, 1) float32, raw 0-255
+    probs, present = run_the_artefact(x)              # (1, h, w, K) and (1, K)
+    labels = deploy.labels(probs[0], present[0], settings["postprocess"], gray.shape)  # (H, W): 0, 1..K
+"""
+
+import cv2
+import numpy as np
+
+DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
+
+
+def resize(image, size):
+    """A uint8 image at size (h, w), area-averaged (the network's input)."""
+    return cv2.resize(np.asarray(image), tuple(size)[::-1], interpolation=cv2.INTER_AREA)
+
+
+def model_input(image, size):
+    """A (H, W) uint8 gray image as the exported model's input: (1, h, w, 1) float32 pixel values."""
+    return resize(image, size)[None, :, :, None].astype(np.float32)
+
+
+def full_size(prob, shape):
+    """A probability map (h, w) or (h, w, K) resized to an image's (height, width), before thresholding,
+    so edges stay smooth."""
+    prob = np.asarray(prob, np.float32)
+    resized = cv2.resize(prob, tuple(shape[:2])[::-1], interpolation=cv2.INTER_LINEAR)
+    return resized.reshape(*shape[:2], *prob.shape[2:])  # OpenCV drops a single channel's axis
+
+
+def largest_component(mask):
+    """The largest 8-connected component of a 0/1 mask."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 2:
+        return mask
+    return (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
+
+
+def binary_mask(prob, pixel_threshold, keep_largest):
+    """One probability map -> 0/1 mask, optionally only its largest component."""
+    mask = (prob >= pixel_threshold).astype(np.uint8)
+    return largest_component(mask) if keep_largest else mask
+
+
+def gate(present, area, spec):
+    """Which masks survive: presence probability and predicted area both at or above the spec's thresholds."""
+    return (np.asarray(present).reshape(-1) >= spec["presence_threshold"]) & (np.asarray(area) >= spec["min_area"])
+
+
+def apply(probs, present, spec=None):
+    """0/1 masks (n, h, w) from probabilities (n, h, w) and presence (n,) under a spec (DEFAULT if None)."""
+    spec = {**DEFAULT, **(spec or {})}
+    if not len(probs):
+        return np.zeros(np.shape(probs), np.uint8)
+    masks = np.stack([binary_mask(p, spec["pixel_threshold"], spec["keep_largest"]) for p in probs])
+    keep = gate(present, masks.reshape(len(masks), -1).sum(axis=1), spec)
+    return masks * keep[:, None, None].astype(np.uint8)
+
+
+def apply_each(probs, present, specs):
+    """(n, h, w, K) 0/1 masks from probabilities (n, h, w, K) and presence (n, K), structure k under specs[k]."""
+    present = np.asarray(present).reshape(len(probs), -1)
+    return np.stack([apply(probs[..., k], present[:, k], spec) for k, spec in enumerate(specs)], axis=-1)
+
+
+def label_map(masks, probs):
+    """(n, h, w) labels of per-structure masks (n, h, w, K): 0 background, else 1 + the most probable
+    structure whose mask holds the pixel."""
+    best = np.where(masks > 0, probs, -1.0).argmax(axis=-1)
+    return np.where(masks.any(axis=-1), best + 1, 0).astype(np.uint8)
+
+
+def labels(probs, present, specs, shape):
+    """The label map (H, W) of one image of `shape` from the model's probabilities (h, w, K) and presence (K,)."""
+    full = full_size(probs, shape)
+    full = full.reshape(*full.shape[:2], -1)
+    return label_map(apply_each(full[None], np.reshape(present, (1, -1)), specs), full[None])[0]
+
+
+class Hysteresis:
+    """Presence over a sequence of frames without flicker: a structure is shown once `frames` consecutive
+    frames pass its gate and hidden once as many fail it (it starts hidden); frames <= 1 keeps each frame's own
+    decision."""
+
+    def __init__(self, frames, structures):
+        self.frames = frames
+        self.on = np.zeros(structures, bool)
+        self.run = np.zeros(structures, int)  # consecutive frames that disagree with the state
+
+    def update(self, kept):
+        """The shown/hidden state of each structure after a frame whose gate kept `kept` (K,)."""
+        kept = np.asarray(kept, bool)
+        if self.frames <= 1:
+            self.on = kept
+            return kept
+        self.run = np.where(kept != self.on, self.run + 1, 0)
+        flip = self.run >= self.frames
+        self.on = np.where(flip, kept, self.on)
+        self.run[flip] = 0
+        return self.on.copy()

@@ -1,0 +1,102 @@
+"""Export the trained models for deployment: TensorFlow SavedModel, ONNX or LiteRT (TFLite).
+
+    python export.py --format onnx            # results/export/onnx/: model.onnx, deploy.json, deploy.py
+    python export.py --format litert --fast   # the first model alone, without the mirror view
+    python export.py --format savedmodel
+
+The artefact takes raw 0-255 gray pixels at the models' input size, (n, h, w, 1) float32 (n = 1 for LiteRT),
+and returns {mask: (n, h, w, K), present: (n, K)}: the input normalisation, the fold ensemble and the mirror
+view are inside it. Resizing each image to that size and back, and the post-processing train.py tuned, are
+deploy.py's (NumPy and OpenCV only), copied beside the artefact with deploy.json (input size, structures,
+tuned specs): an application that calls deploy.labels() gets predict.py's masks. Each export is checked
+before it is kept: its own runtime's probabilities against Keras' on CHECK_IMAGES images.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import DEPLOY_FILE, EXPORT_DIR, UserError, add_flags, arg_parser, atomic_path, run_cli, write_state
+
+import keras
+import numpy as np
+
+import deploy
+import inference
+import model
+import postprocess
+
+FORMATS = {
+    "savedmodel": ("tf_saved_model", "model"),
+    "onnx": ("onnx", "model.onnx"),
+    "litert": ("litert", "model.tflite"),
+}
+TOLERANCE = 1e-4  # largest difference of a probability between the artefact's runtime and Keras
+CHECK_IMAGES = 4
+
+
+def export(results, kind, output, fast=False, sample=None):
+    """Export results/'s models as `kind` into `output`, with deploy.py and deploy.json; check the artefact
+    against Keras and return the largest probability difference."""
+    model.set_precision("fp32")  # an artefact computes in float32 whatever the models were trained in
+    nets, size, settings = inference.load_models(results)
+    nets, tta = (nets[:1], "none") if fast else (nets, settings["tta"])
+    serving = inference.Serving(nets, tta)
+    if sample is None:
+        sample = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *size, 1)).astype(np.float32)
+    expected = serving.predict(sample, verbose=0)
+    keras_format, name = FORMATS[kind]
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as work:
+        artefact = Path(work) / name
+        try:
+            signature = [keras.InputSpec(shape=(None, *size, 1), dtype="float32")]
+            serving.export(str(artefact), format=keras_format, verbose=False, input_signature=signature)
+        except ImportError as e:
+            raise UserError(f"--format {kind} needs a package that is not installed ({e}): see README.md") from None
+        mask, present = inference.runner(kind, artefact)(sample)
+        difference = float(max(np.abs(mask - expected["mask"]).max(), np.abs(present - expected["present"]).max()))
+        if difference > TOLERANCE:
+            raise UserError(
+                f"the {kind} artefact differs from Keras by {difference:.2g} (over {TOLERANCE:g}): not kept"
+            )
+        final = output / name
+        if final.is_dir():
+            shutil.rmtree(final)
+        artefact.replace(final)
+    with atomic_path(output / "deploy.py") as tmp:
+        shutil.copyfile(Path(deploy.__file__), tmp)
+    write_state(
+        output / DEPLOY_FILE,
+        {
+            "artefact": name,
+            "runtime": kind,
+            "size": list(size),
+            "structures": settings["structures"],
+            "postprocess": postprocess.load(results, settings["structures"]),
+            "models": len(nets),
+            "tta": tta,
+            "input": "raw gray pixels 0-255 as float32, (n, height, width, 1); litert: n = 1",
+            "max_difference_from_keras": difference,
+        },
+    )
+    return difference
+
+
+def main(argv=None):
+    ap = arg_parser(__doc__)
+    ap.add_argument("--format", choices=tuple(FORMATS), default="onnx", help="the artefact's format")
+    ap.add_argument("--fast", action="store_true", help="the first model alone, without the mirror view")
+    ap.add_argument("--output", type=Path, help=f"unset: results/{EXPORT_DIR}/FORMAT")
+    add_flags(ap, "results")
+    args = ap.parse_args(argv)
+    output = args.output or args.results / EXPORT_DIR / args.format
+    difference = export(args.results, args.format, output, args.fast)
+    print(
+        f"wrote {output / FORMATS[args.format][1]} with {DEPLOY_FILE} and deploy.py beside it; its runtime's "
+        f"probabilities are within {difference:.1g} of Keras'"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,369 @@
+"""Predict on new scans with the trained models in results/: image files, folders, videos and DICOM.
+
+    python predict.py scan.png                       # results/predictions/scan_mask.png, scan_overlay.png
+    python predict.py scans/ loop.mp4 --output out   # a folder (recursively) and a video, frame by frame
+    python predict.py cine.dcm --smooth 3            # presence hysteresis over frames against flicker
+    python predict.py scans/ --fast                  # one model, no mirror view
+
+Each input is predicted at its own size with the ensemble, mirror view and tuned post-processing that
+evaluate.py and submission.py use (deploy.py's functions, which an exported model's application calls too).
+Per image: {name}_mask.png (0/255 for one structure; labels 1..K for several) and {name}_overlay.png (each
+structure outlined in its colour, with its presence probability). Per video or multi-frame DICOM:
+{name}_overlay.mp4 and {name}_frames.csv (frame, time, and per structure presence, area, centroid and
+bounding box). For all still images: predictions.csv and predictions.json.
+
+DICOM goes through pydicom: uncompressed pixel data (implicit or explicit VR little endian, explicit VR big
+endian, deflated) and RLE lossless decode everywhere; JPEG and JPEG 2000 syntaxes only where a pydicom
+decoder plugin for them is installed (pillow covers JPEG baseline); any other is refused, naming it.
+"""
+
+import csv
+import itertools
+from pathlib import Path
+
+from common import (
+    DEPLOY_FILE,
+    EXPORT_DIR,
+    FRAMES_FILE,
+    MAPPING,
+    MASK_FILE,
+    OVERLAY_FILE,
+    OVERLAY_VIDEO_FILE,
+    PREDICTIONS_DIR,
+    SUMMARY_FILE,
+    TEXT,
+    UserError,
+    add_flags,
+    arg_parser,
+    atomic_path,
+    integer,
+    list_of,
+    output_folder,
+    read_state,
+    run_cli,
+    write_json,
+)
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import data
+import deploy
+import inference
+import model
+import postprocess
+from figures import annotated
+from layouts import IMAGE_SUFFIXES
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DEFAULT_FPS = 25.0  # for a cine loop that does not say its frame rate
+RUNTIMES = ("keras", "onnx", "litert", "savedmodel", "openvino")  # openvino runs the onnx export
+DEPLOY_FIELDS = {  # what predict.py reads of export.py's deploy.json
+    "artefact": TEXT,
+    "size": list_of(integer(1), 2),
+    "structures": list_of(TEXT),
+    "postprocess": list_of(MAPPING),
+    "models": integer(1),
+    "tta": TEXT,
+}
+
+
+def input_files(paths):
+    """Every file to predict: the files given, and the images, videos and DICOM files under folders given."""
+    known = IMAGE_SUFFIXES + VIDEO_SUFFIXES + DICOM_SUFFIXES
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+            if not inside:
+                raise UserError(f"{path}/ holds no images, videos or DICOM files ({', '.join(known)})")
+            found += [(p, path.name / p.relative_to(path).with_suffix("")) for p in inside]
+        elif path.is_file():
+            if path.suffix.lower() not in known and not _is_dicom(path):
+                raise UserError(f"{path}: not an image, video or DICOM file this reads ({', '.join(known)})")
+            found.append((path, Path(path.stem)))
+        else:
+            raise UserError(f"{path} not found")
+    seen = {}
+    for path, name in found:  # scan.png and scan.dcm must not write over each other's outputs
+        seen.setdefault(name, []).append(path)
+    return [(p, n.with_name(f"{n.name}_{p.suffix[1:]}") if len(seen[n]) > 1 else n) for p, n in found]
+
+
+def _is_dicom(path):
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def dicom_frames(path):
+    """(frames (n, h, w) uint8 gray, frames per second or None) of a DICOM file."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for files that are not DICOM
+        raise UserError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise UserError(f"{path}: a DICOM file without pixel data")
+    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+    try:
+        pixels = pixel_array(ds)
+    except Exception as e:  # a transfer syntax without an installed decoder, or damaged pixel data
+        name = getattr(syntax, "name", syntax)
+        raise UserError(
+            f"{path}: cannot decode its pixel data, transfer syntax {name} ({syntax}): {e}. Uncompressed and RLE "
+            "lossless always work; for JPEG syntaxes install a pydicom decoder plugin (e.g. pylibjpeg)"
+        ) from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    colour = ds.get("SamplesPerPixel", 1) == 3
+    pixels = pixels.reshape(frames, *pixels.shape[-3 if colour else -2 :])
+    if colour:
+        if str(ds.get("PhotometricInterpretation", "RGB")).startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
+        pixels = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in pixels])
+    pixels = to_uint8(pixels)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # 0 is white
+        pixels = 255 - pixels
+    fps = None
+    if "FrameTime" in ds and float(ds.FrameTime) > 0:  # milliseconds per frame
+        fps = 1000.0 / float(ds.FrameTime)
+    elif "CineRate" in ds:
+        fps = float(ds.CineRate)
+    return pixels, fps
+
+
+def to_uint8(pixels):
+    """Gray pixels of any integer depth as uint8, scaled by the highest bit in use (as data.read_image)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype.kind not in "ui":
+        raise UserError(f"pixels of type {pixels.dtype}: expected whole numbers")
+    pixels = np.clip(pixels, 0, None)
+    bits = max(8, int(pixels.max()).bit_length())
+    return np.round(pixels * (255 / (2**bits - 1))).astype(np.uint8)
+
+
+def video_frames(path):
+    """(a generator of gray uint8 frames, frames per second, frame count) of a video, through OpenCV."""
+    capture = cv2.VideoCapture(str(path))
+    ok, first = capture.read() if capture.isOpened() else (False, None)
+    if not ok:
+        capture.release()
+        raise UserError(f"{path}: OpenCV cannot decode this video (unsupported codec or a damaged file)")
+    fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+
+    def frames():
+        frame = first
+        try:
+            while frame is not None:
+                yield cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+                ok, frame = capture.read()
+                frame = frame if ok else None
+        finally:
+            capture.release()
+
+    return frames(), fps, count
+
+
+class Predictor:
+    """The run's models (through Keras, or an artefact export.py wrote, through its own runtime), views and
+    tuned specs, predicting label maps at each image's own size."""
+
+    def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras"):
+        self.batch_size, self.runtime = batch_size, runtime
+        if runtime == "keras":
+            nets, self.size, settings = inference.load_models(results)
+            self.nets = nets[:1] if fast else nets
+            self.tta = "none" if fast else tta or settings["tta"]
+            self.views = f"{len(self.nets)} model(s), tta {self.tta}"
+            self.names = settings["structures"]
+            self.specs = postprocess.load(results, self.names)
+            return
+        if fast or tta:
+            raise UserError(f"--runtime {runtime} runs the views exported with it: drop --fast and --tta")
+        kind = "onnx" if runtime == "openvino" else runtime
+        folder = Path(results) / EXPORT_DIR / kind
+        remedy = f"export it with `python export.py --format {kind} --results {results}`"
+        exported = read_state(folder / DEPLOY_FILE, DEPLOY_FIELDS, remedy)
+        self.size, self.names, self.specs = tuple(exported["size"]), exported["structures"], exported["postprocess"]
+        self.views = f"{exported['models']} model(s), tta {exported['tta']}, {runtime}"
+        self.run = inference.runner(runtime, folder / exported["artefact"])
+
+    def describe(self):
+        return f"{self.views}, at {self.size[0]}x{self.size[1]}: {', '.join(self.names)}"
+
+    def probabilities(self, images):
+        """(probabilities at the models' size (n, h, w, K), presence (n, K)) of gray uint8 images."""
+        small = np.stack([deploy.resize(image, self.size) for image in images])
+        if self.runtime == "keras":
+            return inference.predict(self.nets, small, self.tta, self.batch_size)
+        parts = [
+            self.run(small[i : i + self.batch_size, ..., None].astype(np.float32))
+            for i in range(0, len(small), self.batch_size)
+        ]
+        return tuple(np.concatenate([part[k] for part in parts]) for k in (0, 1))
+
+    def masks(self, image, probs, present):
+        """(per-structure 0/1 masks at the image's size (H, W, K) before the gate, whether each structure is
+        shown (a mask that passes the gate), the probabilities at that size). What is drawn is masks * shown, or
+        masks * a decision smoothed over frames."""
+        full = deploy.full_size(probs, image.shape).reshape(*image.shape, -1)
+        ungated = [{**spec, "presence_threshold": 0.0, "min_area": 0} for spec in self.specs]
+        masks = deploy.apply_each(full[None], present[None], ungated)[0]
+        area = masks.reshape(-1, masks.shape[-1]).sum(axis=0)
+        gated = np.array([deploy.gate(present[k], area[k], spec)[0] for k, spec in enumerate(self.specs)])
+        return masks, gated & (area > 0), full
+
+
+def structure_row(names, present, masks):
+    """Per structure: presence probability, area, centroid and bounding box of its mask."""
+    row = {}
+    for k, name in enumerate(names):
+        ys, xs = np.nonzero(masks[..., k])
+        found = len(xs) > 0
+        row.update(
+            {
+                f"{name}_presence": round(float(present[k]), 4),
+                f"{name}_area": int(len(xs)),
+                f"{name}_cx": round(float(xs.mean()), 1) if found else "",
+                f"{name}_cy": round(float(ys.mean()), 1) if found else "",
+                f"{name}_x": int(xs.min()) if found else "",
+                f"{name}_y": int(ys.min()) if found else "",
+                f"{name}_w": int(xs.max() - xs.min() + 1) if found else "",
+                f"{name}_h": int(ys.max() - ys.min() + 1) if found else "",
+            }
+        )
+    return row
+
+
+def write_png(path, image):
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), image):
+            raise UserError(f"cannot write {path}")
+
+
+def mask_png(labels, structures):
+    """What {name}_mask.png holds: 0/255 for one structure, the label map itself for several."""
+    return (labels > 0).astype(np.uint8) * 255 if structures == 1 else labels
+
+
+def write_csv(path, rows):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["frame"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def predict_stills(predictor, files, out):
+    """Masks and overlays of still images (and single-frame DICOM); return their summary rows."""
+    rows = []
+    for start in tqdm(range(0, len(files), inference.CHUNK), desc="images", unit="chunk", leave=False):
+        chunk = files[start : start + inference.CHUNK]
+        images = [read_still(path) for path, _ in chunk]
+        probs, present = predictor.probabilities(images)
+        for (path, name), image, p, q in zip(chunk, images, probs, present):
+            masks, kept, full = predictor.masks(image, p, q)
+            masks = masks * kept.astype(np.uint8)
+            labels = deploy.label_map(masks[None], full[None])[0]
+            mask_name = MASK_FILE.format(name=name)
+            write_png(out / mask_name, mask_png(labels, len(predictor.names)))
+            overlay = annotated(image, labels, q, predictor.names)
+            write_png(out / OVERLAY_FILE.format(name=name), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+            size = {"height": image.shape[0], "width": image.shape[1]}
+            rows.append({"file": str(path), **size, "mask": mask_name, **structure_row(predictor.names, q, masks)})
+    return rows
+
+
+def read_still(path):
+    if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
+        return dicom_frames(path)[0][0]
+    try:
+        return data.read_image(path)
+    except ValueError as e:
+        raise UserError(f"{path} {e}") from None
+
+
+def predict_sequence(predictor, frames, fps, count, name, out, smooth):
+    """The overlay video and per-frame CSV of a sequence of gray frames; return the number of frames."""
+    rows, writer, state = [], None, deploy.Hysteresis(smooth, len(predictor.names))
+    with atomic_path(out / OVERLAY_VIDEO_FILE.format(name=name)) as tmp:
+        bar = tqdm(total=count, desc=name.name, unit="frame", leave=False)
+        batch = []
+        for frame in itertools.chain(frames, [None]):  # None: the end, where the last batch goes
+            if frame is not None:
+                batch.append(frame)
+            if batch and (frame is None or len(batch) == inference.CHUNK):
+                probs, present = predictor.probabilities(batch)
+                for image, p, q in zip(batch, probs, present):
+                    masks, kept, full = predictor.masks(image, p, q)
+                    masks = masks * state.update(kept).astype(np.uint8)
+                    labels = deploy.label_map(masks[None], full[None])[0]
+                    drawn = cv2.cvtColor(annotated(image, labels, q, predictor.names), cv2.COLOR_RGB2BGR)
+                    if writer is None:
+                        size = (image.shape[1], image.shape[0])
+                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                    writer.write(drawn)
+                    timing = {"frame": len(rows), "time_s": round(len(rows) / fps, 4)}
+                    rows.append({**timing, **structure_row(predictor.names, q, masks)})
+                bar.update(len(batch))
+                batch = []
+        bar.close()
+        if writer is not None:
+            writer.release()
+    write_csv(out / FRAMES_FILE.format(name=name), rows)
+    return len(rows)
+
+
+def main(argv=None):
+    ap = arg_parser(__doc__)
+    ap.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos, DICOM files")
+    ap.add_argument("--output", type=Path, help=f"where the outputs go; unset: results/{PREDICTIONS_DIR}")
+    ap.add_argument("--fast", action="store_true", help="the first model alone, without the mirror view")
+    smooth = "video: a structure is shown after this many frames that show it and hidden after as many that do not"
+    ap.add_argument("--smooth", type=int, default=0, help=f"{smooth} (0: each frame on its own)")
+    ap.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="keras",
+        help="keras: the models in --results; else the artefact `python export.py --format RUNTIME` wrote",
+    )
+    add_flags(ap, "results", "tta", "precision", "batch-size")
+    args = ap.parse_args(argv)
+    if args.smooth < 0 or args.batch_size < 1:
+        raise UserError("--smooth must not be negative and --batch-size must be at least 1")
+    files = input_files(args.paths)
+    out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
+    model.set_precision(args.precision)
+    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime)
+    print(predictor.describe())
+    stills, sequences = [], []
+    for path, name in files:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            sequences.append((path, name, *video_frames(path)))
+        elif path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES):
+            frames, fps = dicom_frames(path)
+            if len(frames) > 1:
+                sequences.append((path, name, iter(frames), fps or DEFAULT_FPS, len(frames)))
+            else:
+                stills.append((path, name))
+        else:
+            stills.append((path, name))
+    for path, name, frames, fps, count in sequences:
+        n = predict_sequence(predictor, frames, fps, count, name, out, args.smooth)
+        written = f"{OVERLAY_VIDEO_FILE.format(name=name)}, {FRAMES_FILE.format(name=name)}"
+        print(f"{path}: {n} frames -> {out}/{written}")
+    if stills:
+        rows = predict_stills(predictor, stills, out)
+        write_csv(out / SUMMARY_FILE.format(ext="csv"), rows)
+        write_json(out / SUMMARY_FILE.format(ext="json"), {"models": predictor.describe(), "images": rows})
+        print(f"{len(rows)} image(s) -> {out}/ (masks, overlays, {SUMMARY_FILE.format(ext='csv')} and .json)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,107 @@
+"""predict.py on the inputs users have: images of any size and colour, nested folders, a cine loop as MP4,
+multi-frame and single-frame DICOM; and its one-line errors."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import synthetic
+from conftest import ROOT, assert_picture, run_script
+
+FRAMES = 12
+
+
+def _cine(n=FRAMES):
+    """n drifting frames of one synthetic subject, the nerve in view in the middle third."""
+    return synthetic.cine(0, 1, n, (n // 3, 2 * n // 3))[0]
+
+
+def write_video(path, frames, fps=20):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[::-1])
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+
+def write_dicom(path, frames, syntax=None):
+    """An ultrasound DICOM file of 8-bit gray frames (multi-frame when there are several)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    pixels = np.stack(frames)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.FrameTime = 50  # ms: 20 frames a second
+    if syntax:  # a compressed syntax: frames encapsulated (here raw bytes that no decoder accepts)
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([frame.tobytes() for frame in pixels])
+    else:
+        ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.slow
+def test_images_folders_videos_and_dicom_come_back_at_their_own_size(trained, tmp_path):
+    results = trained[0]
+    frames = _cine()
+    scans = tmp_path / "scans"
+    (scans / "left").mkdir(parents=True)
+    rgb = cv2.cvtColor(cv2.resize(frames[0], (300, 200)), cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(scans / "left" / "small.png"), rgb)
+    cv2.imwrite(str(scans / "frame.jpg"), frames[1])
+    write_video(tmp_path / "loop.mp4", frames)
+    write_dicom(tmp_path / "loop.dcm", frames[:5])
+    write_dicom(tmp_path / "still.dcm", frames[:1])
+    out = tmp_path / "out"
+    inputs = [scans, tmp_path / "loop.mp4", tmp_path / "loop.dcm", tmp_path / "still.dcm"]
+    result = run_script(ROOT / "predict.py", *inputs, "--results", results, "--output", out, "--smooth", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = cv2.imread(str(out / "scans" / "left" / "small_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (200, 300) and set(np.unique(mask)) <= {0, 255}
+    assert_picture(out / "scans" / "left" / "small_overlay.png", 150, 250)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 3 and {r["width"] for r in rows} == {"300", "580"}
+    assert {"nerve_presence", "nerve_area", "nerve_cx", "nerve_x", "nerve_h"} <= set(rows[0])
+    assert len(json.loads((out / "predictions.json").read_text())["images"]) == 3
+    for name, n in (("loop_mp4", FRAMES), ("loop_dcm", 5)):  # one stem, two inputs: neither overwrites the other
+        per_frame = list(csv.DictReader(open(out / f"{name}_frames.csv")))
+        assert [int(r["frame"]) for r in per_frame] == list(range(n)) and float(per_frame[1]["time_s"]) == 0.05
+        video = cv2.VideoCapture(str(out / f"{name}_overlay.mp4"))
+        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == n and int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) == 580
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_each(trained, tmp_path):
+    from pydicom.uid import JPEG2000
+
+    results = trained[0]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    write_dicom(tmp_path / "j2k.dcm", _cine(2), syntax=JPEG2000)  # raw bytes labelled as JPEG 2000
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([tmp_path / "broken.png"], "broken.png unreadable image"),
+        ([tmp_path / "broken.mp4"], "OpenCV cannot decode this video"),
+        ([tmp_path / "j2k.dcm"], "transfer syntax JPEG 2000"),
+        ([tmp_path / "empty"], "holds no images, videos or DICOM files"),
+        ([tmp_path / "missing.png"], "missing.png not found"),
+    ]
+    for paths, message in cases:
+        result = run_script(ROOT / "predict.py", *paths, "--results", results, "--output", tmp_path / "out")
+        assert result.returncode == 1 and message in result.stderr, (message, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    no_model = run_script(ROOT / "predict.py", tmp_path / "broken.png", "--results", tmp_path / "nothing")
+    assert no_model.returncode == 1 and "run `python train.py` first" in no_model.stderr
