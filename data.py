@@ -57,6 +57,7 @@ ARRAYS = (
     "test_sizes",
 )
 WORKERS = min(8, os.cpu_count() or 1)  # decoding threads: OpenCV's decoders release the GIL
+MAX_UNNAMED = 20  # structures a dataset may label without naming them: more is a mask that is no label map
 
 
 def _decode(path):
@@ -343,6 +344,11 @@ def _label_problems(dataset, shapes, tops):
     ):
         if mask.any() and image.any() and tuple(mask) != tuple(image):
             problems.append(f"{case.mask} is {mask[1]}x{mask[0]} pixels but its image is {image[1]}x{image[0]}")
+        if not dataset.structures and top > MAX_UNNAMED:
+            problems.append(
+                f"{case.mask} has label {top}: name the classes with --classes if there are that many, "
+                "else the mask is not a label map (an anti-aliased edge?)"
+            )
         if dataset.structures and top > len(dataset.structures):
             names = ", ".join(dataset.structures)
             problems.append(

@@ -108,6 +108,9 @@ def test_label_maps_and_groups_from_a_csv(tmp_path):
     a = data.load_arrays(tmp_path / "ok", ("train_masks", "train_subjects"))
     assert a["train_subjects"].tolist() == ["a", "a", "b"] and set(np.unique(a["train_masks"])) == {0, 1, 2}
     assert data.structures(tmp_path / "ok") == ["class1", "class2"]
+    labels[0, :3] = (100, 128, 200)  # a mask that is no label map: far more labels than structures
+    cv2.imwrite(str(tmp_path / "masks" / "case2.png"), labels)
+    assert "case2.png has label 200: name the classes" in _error(tmp_path, force=True)
     (tmp_path / "groups.csv").write_text("case0,a\n")
     assert "has no group for 2 case(s)" in _error(tmp_path, force=True, groups=tmp_path / "groups.csv")
     assert "matches no part of" in _error(tmp_path, force=True, group_pattern="^x")
