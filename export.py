@@ -16,7 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import DEPLOY_FILE, EXPORT_DIR, UserError, add_flags, arg_parser, atomic_path, run_cli, write_state
+from common import (
+    DEPLOY_FILE,
+    EXPORT_DIR,
+    UserError,
+    add_flags,
+    arg_parser,
+    atomic_path,
+    output_folder,
+    run_cli,
+    write_state,
+)
 
 import keras
 import numpy as np
@@ -35,18 +45,17 @@ TOLERANCE = 1e-4  # largest difference of a probability between the artefact's r
 CHECK_IMAGES = 4
 
 
-def export(results, kind, output, fast=False, sample=None):
+def export(results, kind, output, fast=False):
     """Export results/'s models as `kind` into `output`, with deploy.py and deploy.json; check the artefact
     against Keras and return the largest probability difference."""
     model.set_precision("fp32")  # an artefact computes in float32 whatever the models were trained in
     nets, size, settings = inference.load_models(results)
     nets, tta = (nets[:1], "none") if fast else (nets, settings["tta"])
     serving = inference.Serving(nets, tta)
-    if sample is None:
-        sample = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *size, 1)).astype(np.float32)
+    sample = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *size, 1)).astype(np.float32)
     expected = serving.predict(sample, verbose=0)
     keras_format, name = FORMATS[kind]
-    output.mkdir(parents=True, exist_ok=True)
+    output_folder(output, "--output")
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as work:
         artefact = Path(work) / name
         try:
