@@ -120,7 +120,7 @@ def kaggle(args, folds, flags):
 
 def usgra(args, folds, flags):
     """The second dataset, read as it is: cross-validated Dice per structure."""
-    arrays = args.work / "usgra"
+    arrays = args.work / "usgra-input"  # beside the results folder usgra/
     source = args.shared / "data" / "usgra"
     run(
         ROOT / "data.py",
