@@ -50,4 +50,5 @@ def test_network_outputs_pad_for_devices_and_cut_the_padding(monkeypatch):
     monkeypatch.setattr(inference, "data_parallel_devices", lambda: 4)
     padded = inference.network_outputs(net, x, batch_size=4)
     assert padded["mask"].shape == (5, 32, 48, 1) and padded["present"].shape == (5, 1)
-    np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-6)
+    # 1e-5: the same images in other batches differ in float32 rounding, a wrong cut by far more
+    np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-5)
