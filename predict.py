@@ -281,7 +281,7 @@ def predict_stills(predictor, files, out):
 
 
 def read_still(path):
-    if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
+    if path.suffix.lower() not in IMAGE_SUFFIXES:  # input_files let it in as DICOM
         return dicom_frames(path)[0][0]
     try:
         return data.read_image(path)
@@ -346,7 +346,7 @@ def main(argv=None):
     for path, name in files:
         if path.suffix.lower() in VIDEO_SUFFIXES:
             sequences.append((path, name, *video_frames(path)))
-        elif path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES):
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:  # DICOM, by suffix or by its preamble
             frames, fps = dicom_frames(path)
             if len(frames) > 1:
                 sequences.append((path, name, iter(frames), fps or DEFAULT_FPS, len(frames)))
