@@ -1,10 +1,11 @@
 """Resizing to the network's input size, and augmented training batches made on the CPU while the model trains.
 
-One random affine transform per sample (rotation, translation, flips) is applied with a single
-cv2.warpAffine to the image and, with nearest-neighbour sampling, to its mask, so the two stay
-aligned and the mask stays binary. Optional elastic deformation shares one displacement field the
-same way. Every batch is a function of (seed, epoch, batch index) alone, so results do not depend
-on which worker made it.
+One random affine transform per sample (rotation, translation, flips, optionally zoom) is applied with a
+single cv2.warpAffine to the image and, with nearest-neighbour sampling, to its mask, so the two stay
+aligned and the mask stays binary. Optional elastic deformation shares one displacement field the same
+way; an optional gamma curve changes the image's contrast alone (the network standardises each image, so
+a linear change of brightness or contrast would teach it nothing). Every batch is a function of (seed,
+epoch, batch index) alone, so results do not depend on which worker made it.
 """
 
 from common import IMAGE_WIDTH
@@ -39,8 +40,9 @@ def resize_masks(masks, size, structures=1):
     return labels
 
 
-def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX):
-    """A 2x3 matrix: flip(s), rotation about the centre and translation, drawn from rng."""
+def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX, scale=0.0):
+    """A 2x3 matrix: flip(s), rotation about the centre (and a zoom by up to 1 +- scale) and translation,
+    drawn from rng."""
     h, w = size
     angle = rng.uniform(-rotation, rotation)
     m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0), [0, 0, 1]])
@@ -51,7 +53,17 @@ def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX)
         flip = np.array([[1, 0, 0], [0, -1, h - 1], [0, 0, 1]]) @ flip
     m = m @ flip
     m[:2, 2] += rng.uniform(-shift, shift, size=2) * w / IMAGE_WIDTH
+    if scale > 0:  # drawn last and only when asked: the other draws stay those of a run without it
+        zoom = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.0, rng.uniform(1 - scale, 1 + scale))
+        m = np.vstack([zoom, [0, 0, 1]]) @ m
     return m[:2]
+
+
+def random_gamma(image, rng, gamma):
+    """The uint8 image through a gamma curve of exponent (1 + gamma) ** u, u uniform in [-1, 1]."""
+    exponent = (1 + gamma) ** rng.uniform(-1, 1)
+    curve = np.round(255 * (np.arange(256) / 255) ** exponent).astype(np.uint8)
+    return cv2.LUT(image, curve)
 
 
 def elastic_maps(rng, size, alpha, sigma):
@@ -63,16 +75,18 @@ def elastic_maps(rng, size, alpha, sigma):
     return x + dx * scale, y + dy * scale
 
 
-def augment_pair(image, mask, rng, flips=FLIPS, elastic=0.0, elastic_sigma=8.0):
+def augment_pair(image, mask, rng, flips=FLIPS, elastic=0.0, elastic_sigma=8.0, scale=0.0, gamma=0.0):
     """One image and its mask under the same random transform."""
     size = image.shape
-    m = random_affine(rng, size, flips)
+    m = random_affine(rng, size, flips, scale=scale)
     image = cv2.warpAffine(image, m, size[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     mask = cv2.warpAffine(mask, m, size[::-1], flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
     if elastic > 0:
         mx, my = elastic_maps(rng, size, elastic, elastic_sigma)
         image = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         mask = cv2.remap(mask, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    if gamma > 0:
+        image = random_gamma(image, rng, gamma)
     return image, mask
 
 
@@ -105,6 +119,8 @@ class AugmentedBatches(keras.utils.PyDataset):
         shuffle=True,
         flips=FLIPS,
         elastic=0.0,
+        scale=0.0,
+        gamma=0.0,
         workers=2,
         epoch=0,
         multiple=1,
@@ -113,7 +129,8 @@ class AugmentedBatches(keras.utils.PyDataset):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
-        self.flips, self.elastic, self.structures = tuple(flips), elastic, structures
+        self.flips, self.elastic, self.scale, self.gamma = tuple(flips), elastic, scale, gamma
+        self.structures = structures
         self.epoch = epoch  # batches depend on (seed, epoch, index) only: a resumed run sees the same ones
         # with data parallelism on jax every batch must split evenly over the devices: the last batch of
         # an epoch is cut to a multiple of them (shuffled, so other images are left out each epoch)
@@ -132,7 +149,10 @@ class AugmentedBatches(keras.utils.PyDataset):
         images, masks = self.images[idx], self.masks[idx]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            pairs = [augment_pair(im, m, rng, self.flips, self.elastic) for im, m in zip(images, masks)]
+            pairs = [
+                augment_pair(im, m, rng, self.flips, self.elastic, scale=self.scale, gamma=self.gamma)
+                for im, m in zip(images, masks)
+            ]
             images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
         return as_batch(images, masks, self.structures)
 

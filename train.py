@@ -92,6 +92,9 @@ def flag_parser():
                          "the out-of-fold predictions; fixed: the defaults")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (0: off)")
+    ap.add_argument("--scale", type=float, default=0.0, help="random zoom by a factor in [1 - s, 1 + s] (0: off)")
+    ap.add_argument("--gamma", type=float, default=0.0,
+                    help="random gamma curve of exponent (1 + g) ** u, u in [-1, 1] (0: off)")
     ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
                     help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
                          "keep them, drop them, or give them the twin's mask")
@@ -142,6 +145,7 @@ def parse_args(argv=None):
         ),
         (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
         (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
+        (0 <= args.scale < 1 and args.gamma >= 0, "--scale must be in [0, 1) and --gamma not negative"),
         (
             args.size is None or all(s % 2**args.depth == 0 for s in args.size),
             f"--size {'x'.join(map(str, args.size or ()))}: both sides must be divisible by 2**depth = {2**args.depth}",
@@ -191,6 +195,8 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
         epoch=start,
         flips=args.flips,
         elastic=args.elastic,
+        scale=args.scale,
+        gamma=args.gamma,
         workers=args.workers,
         multiple=devices,
         structures=structures,

@@ -81,3 +81,38 @@ def test_batches_can_be_cut_to_split_evenly_over_devices():
     images, masks = np.zeros((11, 32, 48), np.uint8), np.zeros((11, 32, 48), np.uint8)
     batches = augment.AugmentedBatches(images, masks, batch_size=4, seed=0, multiple=2, workers=0)
     assert [len(batches[i][0]) for i in range(len(batches))] == [4, 4, 2]
+
+
+def test_zoom_scales_the_mask_both_ways():
+    image, mask = _pair()
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(20):
+        m = augment.random_affine(rng, mask.shape, flips=(), rotation=0, shift=0, scale=0.3)
+        zoom = m[0, 0]
+        assert 0.7 <= zoom <= 1.3 and np.isclose(m[1, 1], zoom) and np.isclose(m[0, 1], 0)
+        moved = augment.cv2.warpAffine(mask, m, mask.shape[::-1], flags=augment.cv2.INTER_NEAREST)
+        ratios.append(moved.sum() / mask.sum() / zoom**2)
+    np.testing.assert_allclose(ratios, 1, atol=0.15)
+
+
+def test_gamma_changes_contrast_not_geometry():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (96, 128), np.uint8)
+    mask = (image > 128).astype(np.uint8)
+    plain = augment.augment_pair(image, mask, np.random.default_rng(5))
+    curved = augment.augment_pair(image, mask, np.random.default_rng(5), gamma=0.5)
+    np.testing.assert_array_equal(plain[1], curved[1])  # the same transform: gamma is drawn after it
+    assert not np.array_equal(plain[0], curved[0])
+    order = np.argsort(plain[0].ravel(), kind="stable")
+    assert (np.diff(curved[0].ravel()[order].astype(int)) >= 0).all()  # a monotone curve keeps the order
+
+
+def test_batches_take_zoom_and_gamma():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (8, 32, 48), np.uint8)
+    masks = (images > 128).astype(np.uint8)
+    plain = augment.AugmentedBatches(images, masks, batch_size=8, seed=3, workers=0)[0]
+    varied = augment.AugmentedBatches(images, masks, batch_size=8, seed=3, workers=0, scale=0.3, gamma=0.5)[0]
+    assert not np.array_equal(plain[0], varied[0]) and not np.array_equal(plain[1]["mask"], varied[1]["mask"])
+    assert set(np.unique(varied[1]["mask"])) <= {0.0, 1.0}

@@ -26,6 +26,8 @@ from conftest import ROOT, TINY, run_script, training_log
         ["--flips", "diagonal"],
         ["--bce-weight", "-0.5"],
         ["--mask-loss", "lovasz", "--bce-weight", "1"],
+        ["--scale", "1"],
+        ["--gamma", "-0.2"],
     ],
 )
 def test_bad_flags_are_one_clear_error(flag):
