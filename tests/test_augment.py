@@ -86,14 +86,16 @@ def test_batches_can_be_cut_to_split_evenly_over_devices():
 def test_zoom_scales_the_mask_both_ways():
     image, mask = _pair()
     rng = np.random.default_rng(0)
-    ratios = []
+    ratios, zooms = [], []
     for _ in range(20):
         m = augment.random_affine(rng, mask.shape, flips=(), rotation=0, shift=0, scale=0.3)
         zoom = m[0, 0]
+        zooms.append(zoom)
         assert 0.7 <= zoom <= 1.3 and np.isclose(m[1, 1], zoom) and np.isclose(m[0, 1], 0)
         moved = augment.cv2.warpAffine(mask, m, mask.shape[::-1], flags=augment.cv2.INTER_NEAREST)
         ratios.append(moved.sum() / mask.sum() / zoom**2)
     np.testing.assert_allclose(ratios, 1, atol=0.15)
+    assert min(zooms) < 0.9 and max(zooms) > 1.1
 
 
 def test_gamma_changes_contrast_not_geometry():
