@@ -44,8 +44,9 @@ def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX,
     """A 2x3 matrix: flip(s), rotation about the centre (and a zoom by up to 1 +- scale) and translation,
     drawn from rng."""
     h, w = size
+    centre = ((w - 1) / 2, (h - 1) / 2)
     angle = rng.uniform(-rotation, rotation)
-    m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0), [0, 0, 1]])
+    m = np.vstack([cv2.getRotationMatrix2D(centre, angle, 1.0), [0, 0, 1]])
     flip = np.eye(3)
     if "horizontal" in flips and rng.random() < 0.5:
         flip = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]]) @ flip
@@ -54,7 +55,7 @@ def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX,
     m = m @ flip
     m[:2, 2] += rng.uniform(-shift, shift, size=2) * w / IMAGE_WIDTH
     if scale > 0:  # drawn last and only when asked: the other draws stay those of a run without it
-        zoom = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.0, rng.uniform(1 - scale, 1 + scale))
+        zoom = cv2.getRotationMatrix2D(centre, 0.0, rng.uniform(1 - scale, 1 + scale))
         m = np.vstack([zoom, [0, 0, 1]]) @ m
     return m[:2]
 
