@@ -40,6 +40,7 @@ from metrics import structure_dice
 
 MOVABLE_FLAGS = {"input", "logs", "workers"}  # may differ from the stored run on --resume
 RESUME_FLAGS = {"results", "resume", "force"}  # say which run to continue, not how
+PLANNED_KINDS = {"epochs": 0, "size": ()}  # unset, these are planned: a run stores the planned value, of this kind
 
 
 def save_model(net, path, optimizer=False):
@@ -96,7 +97,7 @@ def resumed_args(args, given, defaults):
     if complete:
         raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
     flags = {**vars(defaults), **{k: v for k, v in stored.items() if hasattr(defaults, k)}}
-    wrong = [k for k, v in flags.items() if not _same_kind(v, getattr(defaults, k))]
+    wrong = [k for k, v in flags.items() if not _same_kind(v, PLANNED_KINDS.get(k, getattr(defaults, k)))]
     if wrong:
         raise UserError(
             f"{args.results / RUN_FILE} holds values of the wrong kind for {', '.join(sorted(wrong))}: "

@@ -252,6 +252,7 @@ def upgrade_settings(settings):
     """A run record written by an older release, with the meaning of the keys it did not write spelled out."""
     settings = {"schedule": "plateau", **settings}  # before --schedule: a constant rate, lowered on plateaus
     settings = {"structures": ["nerve"], **settings}  # before other datasets: the Kaggle nerve alone
+    settings = {"bce_weight": 0.0, **settings}  # before --bce-weight: Dice alone (now 1 by default)
     if "postprocess" not in settings:  # before --baseline became a preset of the flags it implies
         settings.update(tta="hflip", postprocess="tuned")
         if settings.get("baseline"):

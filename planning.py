@@ -1,8 +1,12 @@
-"""Planning: the training input size, chosen from the dataset when --size is not given, as nnU-Net plans from
-a dataset's fingerprint.
+"""Planning: the training input size and length, chosen from the dataset when --size or --epochs is not given,
+as nnU-Net plans from a dataset's fingerprint.
 
 The size keeps the images' aspect ratio at a pixel budget a CPU trains at in reasonable time, and grows
 (up to MAX_PIXELS) while the small structures would be too few pixels across to keep their shape.
+The length is EPOCHS passes over the training images, or more passes where those would show the network
+fewer than MIN_IMAGES augmented images: a network trained from scratch needs to see some number of images,
+whatever the number of distinct ones, so a set of a few hundred needs many passes (nnU-Net fixes its length
+in steps). Counting images rather than steps keeps a large set's length whatever the batch size.
 """
 
 import numpy as np
@@ -12,6 +16,8 @@ MAX_PIXELS = 4 * PIXELS
 GROWTH = 1.25  # budget step while the small structures are too small
 MIN_ACROSS = 12  # pixels across the small structures at the training size: a few at the coarsest skip level
 SMALL_PERCENTILE = 5  # "the small structures": this percentile of their sizes, not one outlier
+EPOCHS = 30  # passes over a training set of thousands of images (the Kaggle frames)
+MIN_IMAGES = 20_000  # EPOCHS passes over the Kaggle frames (2,000-5,600 of them) show more: they keep EPOCHS
 
 
 def structure_sizes(masks, structures):
@@ -60,3 +66,13 @@ def training_size(masks, stored, names, depth):
         if min(small.values()) * scale < MIN_ACROSS:
             why += f", under {MIN_ACROSS} even at the largest planned size"
     return size, why
+
+
+def epochs(train_images):
+    """Passes over a training set of `train_images` images, and a sentence saying why."""
+    train_images = int(train_images)  # a NumPy count would reach the run record, which JSON cannot write
+    planned = max(EPOCHS, -(-MIN_IMAGES // train_images))
+    why = f"{planned} passes over {train_images} images"
+    if planned > EPOCHS:
+        why += f": {EPOCHS} would show the network {EPOCHS * train_images:,} images, under {MIN_IMAGES:,}"
+    return planned, why

@@ -59,7 +59,8 @@ def flag_parser():
     """train.py's flags, each with its default."""
     # fmt: off
     ap = arg_parser(__doc__)
-    ap.add_argument("--epochs", type=int, default=30, help="passes over the training images")
+    ap.add_argument("--epochs", type=int, default=None, help="passes over the training images; unset: planned "
+                    f"(planning.py), {planning.EPOCHS}, or as many as show the network {planning.MIN_IMAGES:,} images")
     ap.add_argument("--batch-size", type=int, default=4, help="images per step")
     ap.add_argument("--size", default=None, help="network input HxW, each side divisible by 2**depth; unset: "
                     "planned from the dataset (planning.py), 96x128 for the Kaggle frames")
@@ -79,11 +80,12 @@ def flag_parser():
     ap.add_argument("--base-filters", type=int, default=32, help="filters at the top level")
     ap.add_argument("--depth", type=int, default=4, help="down-sampling steps")
     ap.add_argument("--dropout", type=float, default=0.3, help="dropout rate at the bottleneck and the presence head")
-    ap.add_argument("--mask-loss", choices=tuple(MASK_LOSSES), default="batch",
+    ap.add_argument("--mask-loss", choices=tuple(MASK_LOSSES), default="image",
                     help="batch: one Dice over the whole batch; image: Dice per image, then averaged; "
                          "lovasz: Lovasz hinge per image")
     ap.add_argument("--dice-weight", type=float, default=1.0, help="weight of the mask loss")
-    ap.add_argument("--bce-weight", type=float, default=0.0, help="weight of a per-pixel BCE added to the Dice loss")
+    ap.add_argument("--bce-weight", type=float, default=1.0,
+                    help="weight of a per-pixel BCE added to the Dice loss (unset with lovasz: 0)")
     ap.add_argument("--presence-weight", type=float, default=0.1, help="BCE weight on `present`; 0: no head, no gate")
     add_flags(ap, "tta", tta=dict(default="hflip", help="views averaged in the out-of-fold predictions that are "
               "scored and tuned on, and by default in evaluate.py and submission.py: hflip adds the mirror image"))
@@ -130,8 +132,10 @@ def parse_args(argv=None):
         for name, value in BASELINE.items():
             if name not in given:
                 setattr(args, name, value)
+    elif args.mask_loss == "lovasz" and "bce_weight" not in given:
+        args.bce_weight = 0.0  # the default cross-entropy term belongs to the Dice losses
     checks = [
-        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.epochs is None or args.epochs >= 1, "--epochs must be at least 1"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.lr > 0, "--lr must be positive"),
         (0 < args.val_fraction < 1, "--val-fraction must be between 0 and 1"),
@@ -332,6 +336,9 @@ def train_folds(args, scope, policy):
     images = augment.resize_images(arrays["train_images"], args.size)
     masks = augment.resize_masks(arrays["train_masks"], args.size, len(names))
     use, fit_masks = training_labels(args, arrays, masks)
+    if args.epochs is None:
+        args.epochs, why = planning.epochs(np.count_nonzero(~held_out[0] & use))
+        print(f"training length {why} (give --epochs to choose)")
     record = run_record(
         args,
         checkpoint.RESUME_FLAGS - {"results"},

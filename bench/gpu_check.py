@@ -11,7 +11,8 @@ With the device tool: carry [".carry"] and run `PYTHONUNBUFFERED=1 python3 -m be
    fp32, bf16 and fp16 at batch 4, 32 and 128, and the machine's fp32 and bf16 matrix-product GFLOP/s in
    the same run, as the ceiling.
 2. Accuracy (bench.accuracy): the default recipe on the 5 subject-grouped folds of the real images, no
-   size or filter overrides; fewer epochs only where step 1's rate says 30 cannot fit (it says so).
+   size or filter overrides; fewer epochs than planned only where step 1's rate says those cannot fit (it
+   says so).
 3. Figures: every `name: value` line of both steps, labelled with the device, in DIR/figures.txt, each
    step's whole log beside it.
 """
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 from common import arg_parser
+
+from planning import EPOCHS
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"  # ignored by git; the device tool's `carry` takes it along
@@ -162,14 +165,15 @@ def step(name, args, env, out, timeout):
 
 
 def plan_epochs(figures, seconds, images, folds, on_gpu):
-    """The most epochs up to train.py's 30 whose K-fold run fits `seconds`, from the measured rate of the
-    default size, batch and precision (mixed fp16 on a GPU, else fp32); and that epoch's estimated seconds."""
+    """The most epochs up to the EPOCHS train.py plans for the real images whose K-fold run fits `seconds`, from
+    the measured rate of the default size, batch and precision (mixed fp16 on a GPU, else fp32); and that
+    epoch's estimated seconds."""
     size = "96x128" if on_gpu else "32x48"
     rate = float(figures.get(f"train_images_per_s_{size}_{'fp16' if on_gpu else 'fp32'}_b4", "nan"))
     # a training pass, plus two passes of predictions over the held-out fold (inference counted at 4x)
     epoch = images * TRAIN_SHARE / rate + 2 * images * (1 - TRAIN_SHARE) / (4 * rate)
     epochs = math.floor((seconds / folds - FOLD_OVERHEAD_S) / epoch) if math.isfinite(epoch) else 0
-    return max(0, min(30, epochs)), epoch
+    return max(0, min(EPOCHS, epochs)), epoch
 
 
 def main():
@@ -196,10 +200,10 @@ def main():
     on_gpu = "cpu" not in figures.get("device", "cpu").lower()
     left = args.budget - (time.time() - started) - 60  # a minute for the data, evaluate.py and the figures
     epochs, epoch_s = plan_epochs(figures, left, images, folds, on_gpu)
-    reduced = f"reduced from 30: 30 epochs would take {folds * (FOLD_OVERHEAD_S + 30 * epoch_s) / 60:.0f} min"
+    reduced = f"reduced from {EPOCHS}: those would take {folds * (FOLD_OVERHEAD_S + EPOCHS * epoch_s) / 60:.0f} min"
     print(
         f"plan: {epochs} epochs x {folds} folds in {left:.0f} s (an epoch ~{epoch_s:.1f} s)"
-        f"{'' if epochs == 30 or args.dry_run else '; ' + reduced}",
+        f"{'' if epochs == EPOCHS or args.dry_run else '; ' + reduced}",
         flush=True,
     )
     run_epochs = min(epochs, 1) if args.dry_run else epochs  # a dry run shows the plan, then trains 1 epoch

@@ -15,6 +15,12 @@ SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
 TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
 
 
+def tiny_flags(*flags):
+    """TINY and `flags` as train.py's argv, with the --epochs a model compiled without data needs (unset, it is
+    planned from the data)."""
+    return [*map(str, TINY), "--epochs", "1", *map(str, flags)]
+
+
 @pytest.fixture(scope="session")
 def shared_nerve():
     if not (SHARED_NERVE / "train_masks.csv").exists():

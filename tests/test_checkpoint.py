@@ -10,7 +10,7 @@ import pytest
 
 import checkpoint
 import train
-from conftest import TINY
+from conftest import tiny_flags
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -47,12 +47,13 @@ def test_resume_refuses_a_changed_flag_even_one_given_with_its_default_value(tmp
 
 
 def test_a_run_stored_before_the_schedule_flag_resumes_on_its_plateau_schedule(tmp_path):
-    stored = common.run_record(train.parse_args(["--results", str(tmp_path)]))
-    del stored["schedule"], stored["tta"], stored["postprocess"]
+    stored = common.run_record(train.parse_args(["--results", str(tmp_path), "--mask-loss", "batch"]))
+    del stored["schedule"], stored["tta"], stored["postprocess"], stored["bce_weight"]
     common.write_json(tmp_path / common.RUN_FILE, {"args": stored, "complete": False})  # the older format
     resumed = train.parse_args(["--results", str(tmp_path), "--resume"])
     assert resumed.schedule == "plateau" and resumed.presence_weight == stored["presence_weight"]
     assert (resumed.tta, resumed.postprocess) == ("hflip", "tuned")
+    assert (resumed.mask_loss, resumed.bce_weight) == ("batch", 0.0)  # trained without the cross-entropy
 
 
 def test_nothing_to_resume_and_an_unfinished_run_are_one_clear_message_each(tmp_path):
@@ -68,7 +69,7 @@ def test_nothing_to_resume_and_an_unfinished_run_are_one_clear_message_each(tmp_
 def test_the_saved_model_loads_in_plain_keras_without_the_projects_code(tmp_path):
     import numpy as np
 
-    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=90.0, std=40.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags()), mean=90.0, std=40.0, steps_per_epoch=1)
     checkpoint.save_model(net, tmp_path / common.MODEL_FILE)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 48, 1)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

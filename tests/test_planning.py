@@ -26,3 +26,14 @@ def test_small_structures_raise_the_resolution_within_the_cap():
 def test_the_aspect_ratio_and_the_depths_multiple_are_kept():
     size, _ = planning.training_size(np.zeros((2, 300, 900), np.uint8), (300, 900), ["nerve"], 3)
     assert size[0] % 8 == 0 and size[1] % 8 == 0 and abs(size[1] / size[0] - 3) < 0.4
+
+
+def test_a_large_set_trains_the_default_epochs():
+    epochs, why = planning.epochs(5000)
+    assert epochs == planning.EPOCHS and why == f"{planning.EPOCHS} passes over 5000 images"
+
+
+def test_a_small_set_trains_more_passes_to_show_the_minimum_images():
+    epochs, why = planning.epochs(np.int64(163))  # as NumPy counts the training images
+    assert type(epochs) is int and epochs * 163 >= planning.MIN_IMAGES > (epochs - 1) * 163
+    assert f"{planning.EPOCHS} would show the network {planning.EPOCHS * 163:,} images" in why

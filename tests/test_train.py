@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import model
+import planning
 import train
-from conftest import ROOT, TINY, run_script, training_log
+from conftest import ROOT, TINY, run_script, tiny_flags, training_log
 
 
 @pytest.mark.parametrize(
@@ -38,16 +39,17 @@ def test_bad_flags_are_one_clear_error(flag):
 def test_help_gives_every_flags_default_without_spelling_it():
     text = train.flag_parser().format_help()
     for flag, default in (
-        ("--epochs", "30"),
         ("--batch-size", "4"),
         ("--tta", "hflip"),
-        ("--mask-loss", "batch"),
+        ("--mask-loss", "image"),
         ("--results", "results"),
         ("--precision", "auto"),
     ):
         entry = text.split(f"\n  {flag} ", 1)[1].split("\n  --", 1)[0]
         assert f"(default: {default})" in " ".join(entry.split()), flag
     assert "unset: planned from the dataset" in " ".join(text.split())
+    epochs = text.split("\n  --epochs ", 1)[1].split("\n  --", 1)[0]
+    assert f"unset: planned (planning.py), {planning.EPOCHS}" in " ".join(epochs.split())
 
 
 def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant():
@@ -60,14 +62,16 @@ def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant
 
 def test_mask_loss_flags_pick_the_loss():
     def mask_loss(*flags):
-        net = train.compile_model(train.parse_args([*map(str, TINY), *flags]), mean=0.0, std=1.0, steps_per_epoch=1)
+        net = train.compile_model(train.parse_args(tiny_flags(*flags)), mean=0.0, std=1.0, steps_per_epoch=1)
         return net.loss["mask"]
 
-    assert mask_loss() is model.batch_dice_loss
-    assert mask_loss("--mask-loss", "image") is model.dice_loss
-    combined = mask_loss("--mask-loss", "image", "--bce-weight", "0.3")
-    assert isinstance(combined, model.DiceBCELoss) and (combined.per_image, combined.bce_weight) == (True, 0.3)
-    assert mask_loss("--mask-loss", "lovasz") is model.lovasz_hinge_loss
+    default = mask_loss()
+    assert isinstance(default, model.DiceBCELoss) and (default.per_image, default.bce_weight) == (True, 1.0)
+    assert mask_loss("--mask-loss", "batch", "--bce-weight", "0") is model.batch_dice_loss
+    assert mask_loss("--mask-loss", "image", "--bce-weight", "0") is model.dice_loss
+    combined = mask_loss("--mask-loss", "batch", "--bce-weight", "0.3")
+    assert isinstance(combined, model.DiceBCELoss) and (combined.per_image, combined.bce_weight) == (False, 0.3)
+    assert mask_loss("--mask-loss", "lovasz") is model.lovasz_hinge_loss  # without the Dice losses' BCE
 
 
 def test_baseline_is_a_preset_of_flags_so_the_stored_settings_are_the_ones_used():
@@ -79,7 +83,7 @@ def test_baseline_is_a_preset_of_flags_so_the_stored_settings_are_the_ones_used(
         "none",
         "fixed",
     )
-    net = train.compile_model(train.parse_args(["--baseline", *map(str, TINY)]), 0.0, 1.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags("--baseline")), 0.0, 1.0, steps_per_epoch=1)
     assert net.loss["mask"] is model.batch_dice_loss and net.get_compile_config()["loss_weights"]["present"] == 0.0
 
 
@@ -115,7 +119,7 @@ def start_training(tiny_input, results, logs, epochs, run):
 
 def poison(path):
     """Overwrite a resume checkpoint's first kernel with NaN, as a diverged optimizer step would."""
-    net = train.compile_model(train.parse_args(list(map(str, TINY))), mean=0.0, std=1.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags()), mean=0.0, std=1.0, steps_per_epoch=1)
     net.optimizer.build(net.trainable_variables)
     net.load_weights(path)
     kernel = net.trainable_weights[0]
