@@ -336,7 +336,7 @@ def train_folds(args, scope, policy):
     images = augment.resize_images(arrays["train_images"], args.size)
     masks = augment.resize_masks(arrays["train_masks"], args.size, len(names))
     use, fit_masks = training_labels(args, arrays, masks)
-    if args.epochs is None:
+    if args.epochs is None:  # from the first model's training set: folds differ by a few images, the record is one
         args.epochs, why = planning.epochs(np.count_nonzero(~held_out[0] & use))
         print(f"training length {why} (give --epochs to choose)")
     record = run_record(
