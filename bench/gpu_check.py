@@ -1,19 +1,23 @@
 """The GPU check: one prepared command that installs what a bare GPU machine lacks, measures the default
-model's throughput, and trains the default recipe under KERAS_BACKEND=jax, all inside a time budget.
+model's throughput, and trains the default recipe on both real datasets under KERAS_BACKEND=jax, all inside
+a time budget.
 
     python -m bench.gpu_check --prepare     # here: wheels and a copy of the real data into .carry/ (ignored)
     python -m bench.gpu_check --out DIR     # on the GPU machine, from the repository root
     python -m bench.gpu_check --dry-run     # the same steps at toy sizes, on this CPU
+    python -m bench.gpu_check --datasets usgra --rates-only   # most of the budget for one dataset's folds
 
 With the device tool: carry [".carry"] and run `PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $OUT`.
 
-1. Throughput (bench.throughput --grid): training images/s of the default model at 96x128 and 128x160 for
-   fp32, bf16 and fp16 at batch 4, 32 and 128, and the machine's fp32 and bf16 matrix-product GFLOP/s in
-   the same run, as the ceiling.
-2. Accuracy (bench.accuracy): the default recipe on the 5 subject-grouped folds of the real images, no
-   size or filter overrides; fewer epochs than planned only where step 1's rate says those cannot fit (it
-   says so).
-3. Figures: every `name: value` line of both steps, labelled with the device, in DIR/figures.txt, each
+1. Throughput (bench.throughput --grid): training images/s of the default model at 96x128 (the Kaggle
+   frames' planned size) and 144x160 (usgra's) for fp32, bf16 and fp16 at batch 4, 32 and 128, and the
+   machine's fp32 and bf16 matrix-product GFLOP/s in the same run, as the ceiling. `--rates-only`: just
+   the rates step 2 plans with (mixed fp16, batch 4).
+2. Accuracy (bench.accuracy, once per dataset): the default recipe on 5 grouped folds of the real
+   competition images, then of usgra, with no flags at all. The time left is shared between them in
+   proportion to their planned work; a dataset gets fewer epochs than train.py plans only where step 1's
+   rate says those cannot fit in its share (it says so).
+3. Figures: every `name: value` line of the steps, labelled with the device, in DIR/figures.txt, each
    step's whole log beside it.
 """
 
@@ -22,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from common import arg_parser
 
-from planning import EPOCHS
+import planning
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"  # ignored by git; the device tool's `carry` takes it along
@@ -43,8 +48,13 @@ DEVICE = re.compile(r"^device: (.+)$")
 TRAIN_SHARE = 0.8  # of the images each of 5 folds trains on
 FOLD_OVERHEAD_S = 60  # per fold: compiling, out-of-fold predictions, pictures (measured rate excludes them)
 
-# (throughput grid flags, accuracy flags, images and folds of the accuracy set) per mode
-REAL = (["--sizes", "96x128,128x160", "--precisions", "fp32,bf16,fp16", "--batches", "4,32,128"], [], 2026, 5)
+# (throughput grid flags, accuracy flags, {dataset: (images, folds, the grid size whose rate plans it)}) per mode
+REAL = (
+    ["--sizes", "96x128,144x160", "--precisions", "fp32,bf16,fp16", "--batches", "4,32,128"],
+    [],
+    {"kaggle": (2026, 5, "96x128"), "usgra": (204, 5, "144x160")},
+)
+RATES_ONLY = ["--sizes", "96x128,144x160", "--precisions", "fp16", "--batches", "4"]  # what plan() reads on a GPU
 DRY = (
     [
         "--sizes",
@@ -61,8 +71,7 @@ DRY = (
         "2",
     ],
     ["--quick"],
-    120,
-    2,
+    {"kaggle": (120, 2, "32x48"), "usgra": (204, 2, "32x48")},
 )
 
 
@@ -71,8 +80,8 @@ def prepare():
     shared = ROOT.parent / "shared"
     (CARRY / "tools").mkdir(parents=True, exist_ok=True)
     shutil.copy2(shared / "tools" / "make_real_input.py", CARRY / "tools")
-    for part in ("jpeg256", "jpeg256_test", "train_masks.csv"):
-        source, target = shared / "data" / "nerve" / part, CARRY / "data" / "nerve" / part
+    for part in ("nerve/jpeg256", "nerve/jpeg256_test", "nerve/train_masks.csv", "usgra/images", "usgra/masks"):
+        source, target = shared / "data" / part, CARRY / "data" / part
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
         else:
@@ -148,6 +157,7 @@ def step(name, args, env, out, timeout):
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a stop ends the scripts it runs too
         )
         deadline = time.time() + timeout
         for line in proc.stdout:
@@ -155,7 +165,7 @@ def step(name, args, env, out, timeout):
             lines.append(line.rstrip("\n"))
             print(line, end="", flush=True)
             if time.time() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 print(f"{name}: stopped at its {timeout:.0f} s budget", flush=True)
                 break
         proc.wait()
@@ -164,16 +174,31 @@ def step(name, args, env, out, timeout):
     return {**figures, "device": devices[-1]} if devices else figures
 
 
-def plan_epochs(figures, seconds, images, folds, on_gpu):
-    """The most epochs up to the EPOCHS train.py plans for the real images whose K-fold run fits `seconds`, from
-    the measured rate of the default size, batch and precision (mixed fp16 on a GPU, else fp32); and that
-    epoch's estimated seconds."""
-    size = "96x128" if on_gpu else "32x48"
-    rate = float(figures.get(f"train_images_per_s_{size}_{'fp16' if on_gpu else 'fp32'}_b4", "nan"))
-    # a training pass, plus two passes of predictions over the held-out fold (inference counted at 4x)
-    epoch = images * TRAIN_SHARE / rate + 2 * images * (1 - TRAIN_SHARE) / (4 * rate)
-    epochs = math.floor((seconds / folds - FOLD_OVERHEAD_S) / epoch) if math.isfinite(epoch) else 0
-    return max(0, min(EPOCHS, epochs)), epoch
+def epoch_seconds(rate, images):
+    """An epoch's estimated seconds at `rate` training images/s: a training pass, plus two passes of
+    predictions over the held-out fold (inference counted at 4x)."""
+    return images * TRAIN_SHARE / rate + 2 * images * (1 - TRAIN_SHARE) / (4 * rate)
+
+
+def plan(figures, seconds, sets, on_gpu):
+    """Per dataset: (epochs, the epochs train.py plans, an epoch's seconds, its share of `seconds`, the seconds
+    its planned epochs need). `seconds` is shared in proportion to each set's planned K-fold time, at the
+    measured rate of its size at batch 4 and the default precision (mixed fp16 on a GPU, else fp32); a set
+    gets the most epochs up to its planned ones that fit its share."""
+    precision = "fp16" if on_gpu else "fp32"
+    setup = {}
+    for name, (images, folds, size) in sets.items():
+        rate = float(figures.get(f"train_images_per_s_{size}_{precision}_b4", "nan"))
+        # train.py plans from fold 0's training set, which may differ from this share by an image or two
+        planned = planning.epochs(round(images * TRAIN_SHARE))[0]
+        setup[name] = folds, planned, epoch_seconds(rate, images)
+    need = {name: folds * (FOLD_OVERHEAD_S + planned * epoch) for name, (folds, planned, epoch) in setup.items()}
+    total, plans = sum(need.values()), {}
+    for name, (folds, planned, epoch) in setup.items():
+        share = seconds * need[name] / total if math.isfinite(total) else 0
+        epochs = math.floor((share / folds - FOLD_OVERHEAD_S) / epoch) if math.isfinite(epoch) else 0
+        plans[name] = max(0, min(planned, epochs)), planned, epoch, share, need[name]
+    return plans
 
 
 def main():
@@ -181,59 +206,49 @@ def main():
     ap.add_argument("--prepare", action="store_true", help="put the wheels and the real data into .carry/ and stop")
     ap.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes, on a CPU")
     ap.add_argument("--budget", type=float, default=510, help="seconds for the whole check")
+    ap.add_argument("--datasets", default="kaggle,usgra", help="comma-separated: kaggle, usgra")
+    ap.add_argument("--rates-only", action="store_true", help="measure only the rates the accuracy runs plan with")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")), help="figures and logs")
-    ap.add_argument("--shared", type=Path, default=CARRY, help="holds tools/make_real_input.py and data/nerve/")
+    ap.add_argument("--shared", type=Path, default=CARRY, help="holds tools/make_real_input.py and data/")
     args = ap.parse_args()
     if args.prepare:
         return prepare()
     started = time.time()
-    grid_flags, accuracy_flags, images, folds = DRY if args.dry_run else REAL
+    grid_flags, accuracy_flags, all_sets = DRY if args.dry_run else REAL
+    if args.rates_only and not args.dry_run:
+        grid_flags = RATES_ONLY
+    names = [n for n in args.datasets.split(",") if n]
+    if not names or not set(names) <= set(all_sets):
+        sys.exit(f"--datasets takes a comma-separated choice of {', '.join(all_sets)}")
     throughput_s = 0.4 * args.budget
     print(
-        f"budget: {args.budget:.0f} s in all; throughput at most {throughput_s:.0f} s, then the accuracy run "
-        f"in what is left, its epochs planned from the measured rate",
+        f"budget: {args.budget:.0f} s in all; throughput at most {throughput_s:.0f} s, then the accuracy runs "
+        f"({', '.join(names)}) in what is left, their epochs planned from the measured rate",
         flush=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     figures = step("throughput", ["bench.throughput", "--grid", *grid_flags], env, args.out, throughput_s)
     on_gpu = "cpu" not in figures.get("device", "cpu").lower()
-    left = args.budget - (time.time() - started) - 60  # a minute for the data, evaluate.py and the figures
-    epochs, epoch_s = plan_epochs(figures, left, images, folds, on_gpu)
-    reduced = f"reduced from {EPOCHS}: those would take {folds * (FOLD_OVERHEAD_S + EPOCHS * epoch_s) / 60:.0f} min"
-    print(
-        f"plan: {epochs} epochs x {folds} folds in {left:.0f} s (an epoch ~{epoch_s:.1f} s)"
-        f"{'' if epochs == EPOCHS or args.dry_run else '; ' + reduced}",
-        flush=True,
-    )
-    run_epochs = min(epochs, 1) if args.dry_run else epochs  # a dry run shows the plan, then trains 1 epoch
-    if run_epochs:
-        work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # a fresh run each time: nothing to resume or refuse
-        train_flags = ["--", "--epochs", run_epochs]
-        figures.update(
-            step(
-                "accuracy",
-                [
-                    "bench.accuracy",
-                    "--datasets",
-                    "kaggle",
-                    "--shared",
-                    args.shared,
-                    "--work",
-                    work,
-                    *accuracy_flags,
-                    *train_flags,
-                ],
-                env,
-                args.out,
-                left + 30,
-            )
+    left = args.budget - (time.time() - started) - 60 * len(names)  # a minute each: data, evaluate.py, figures
+    plans = plan(figures, left, {name: all_sets[name] for name in names}, on_gpu)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # a fresh run each time: nothing to resume or refuse
+    for name, (epochs, planned, epoch_s, share, need) in plans.items():
+        folds = all_sets[name][1]
+        reduced = f"; reduced from {planned}: those would take {need / 60:.0f} min"
+        print(
+            f"plan, {name}: {epochs} epochs x {folds} folds in {share:.0f} s (an epoch ~{epoch_s:.1f} s)"
+            f"{'' if epochs == planned or args.dry_run else reduced}",
+            flush=True,
         )
-    figures.update(
-        planned_epochs=str(epochs),
-        epochs_run=str(run_epochs),
-        wall_seconds=f"{time.time() - started:.0f}",
-    )
+        run_epochs = 1 if args.dry_run else epochs  # a dry run shows the plan, then trains 1 epoch
+        if run_epochs:
+            # at the planned length no flag at all: train.py plans it, as for a user
+            train_flags = [] if run_epochs == planned else ["--", "--epochs", run_epochs]
+            command = ["bench.accuracy", "--datasets", name, "--shared", args.shared, "--work", work, *accuracy_flags]
+            figures.update(step(f"accuracy_{name}", [*command, *train_flags], env, args.out, share + 30))
+        figures.update({f"planned_epochs_{name}": str(planned), f"epochs_run_{name}": str(run_epochs)})
+    figures["wall_seconds"] = f"{time.time() - started:.0f}"
     device = figures.pop("device", "unknown")
     text = "".join(f"{name}: {value}  [{device}]\n" for name, value in figures.items())
     (args.out / "figures.txt").write_text(text)

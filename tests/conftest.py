@@ -1,4 +1,4 @@
-"""Shared fixtures: the real competition data in ../shared (skipped when absent) and a tiny synthetic tree."""
+"""Shared fixtures: the two real datasets in ../shared (skipped when absent) and a tiny synthetic tree."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's pytest settings
 SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
+SHARED_USGRA = ROOT.parent / "shared" / "data" / "usgra"
 # depth 2: half the graph to trace, which is most of a tiny run's time
 TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
 
@@ -26,6 +27,13 @@ def shared_nerve():
     if not (SHARED_NERVE / "train_masks.csv").exists():
         pytest.skip(f"real competition data not found at {SHARED_NERVE} (the ../shared folder beside the repo)")
     return SHARED_NERVE
+
+
+@pytest.fixture(scope="session")
+def shared_usgra():
+    if not (SHARED_USGRA / "masks").is_dir():
+        pytest.skip(f"the usgra dataset is not at {SHARED_USGRA} (the ../shared folder beside the repo)")
+    return SHARED_USGRA
 
 
 def run_script(*args, cwd=ROOT, env=None):

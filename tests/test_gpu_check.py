@@ -1,14 +1,15 @@
 import pytest
 
+from bench.gpu_check import plan
 from conftest import run_script
 
 
 @pytest.mark.slow
-def test_the_gpu_check_runs_its_steps_at_toy_sizes_on_a_cpu(shared_nerve, tmp_path):
+def test_the_gpu_check_runs_its_steps_at_toy_sizes_on_a_cpu(shared_nerve, shared_usgra, tmp_path):
     shared = shared_nerve.parent.parent
-    check = run_script("-m", "bench.gpu_check", "--dry-run", "--budget", 400, "--shared", shared, "--out", tmp_path)
+    check = run_script("-m", "bench.gpu_check", "--dry-run", "--budget", 900, "--shared", shared, "--out", tmp_path)
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
-    assert check.stdout.startswith("budget: 400 s in all")
+    assert check.stdout.startswith("budget: 900 s in all")
     figures = dict(line.split(": ", 1) for line in (tmp_path / "figures.txt").read_text().splitlines())
     assert {
         "train_images_per_s_32x48_fp32_b2",
@@ -16,7 +17,24 @@ def test_the_gpu_check_runs_its_steps_at_toy_sizes_on_a_cpu(shared_nerve, tmp_pa
         "matmul_gflops_bf16",
         "cv_dice_nonempty",
         "cv_leaderboard",
-        "planned_epochs",
+        "usgra_dice_nerve",
+        "usgra_dice_vessel",
+        "usgra_train_minutes",
+        "planned_epochs_kaggle",
+        "planned_epochs_usgra",
     } <= set(figures)
+    assert figures["epochs_run_usgra"].startswith("1 "), "a dry run trains one epoch"
     assert all(value.endswith("(jax)]") for value in figures.values()), "every figure names its device"
-    assert (tmp_path / "throughput.log").exists() and (tmp_path / "accuracy.log").exists()
+    assert {"throughput.log", "accuracy_kaggle.log", "accuracy_usgra.log"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_the_plan_shares_the_time_by_planned_work_and_cuts_epochs_only_where_they_cannot_fit():
+    sets = {"kaggle": (2026, 5, "96x128"), "usgra": (204, 5, "144x160")}
+    rates = ("train_images_per_s_96x128_fp16_b4", "train_images_per_s_144x160_fp16_b4")
+    fast = plan(dict.fromkeys(rates, "1e6"), 1000, sets, on_gpu=True)
+    assert {name: p[:2] for name, p in fast.items()} == {"kaggle": (30, 30), "usgra": (123, 123)}
+    slow = plan(dict.fromkeys(rates, "100"), 1000, sets, on_gpu=True)
+    assert all(0 < epochs < planned for epochs, planned, *_ in slow.values())
+    assert sum(p[3] for p in slow.values()) == pytest.approx(1000)
+    assert slow["kaggle"][3] > slow["usgra"][3], "the larger planned work gets the larger share"
+    assert plan({}, 1000, sets, on_gpu=True)["usgra"][0] == 0, "without a measured rate nothing is trained"

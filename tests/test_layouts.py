@@ -14,8 +14,6 @@ import layouts
 import synthetic
 from conftest import ROOT, run_script
 
-SHARED_USGRA = ROOT.parent / "shared" / "data" / "usgra"
-
 
 def _pairs(root, masks, shapes=((60, 80),), colour_images=True):
     """images/ and masks/ under root: one case per mask given, image i of shapes[i % len(shapes)]."""
@@ -138,10 +136,8 @@ def test_the_cli_names_the_layout_it_found(tmp_path):
     assert "folder pairs layout, 1 class (nerve), 1 training cases, 0 test images" in result.stdout
 
 
-def test_the_usgra_set_reads_as_it_is(tmp_path):
-    if not (SHARED_USGRA / "masks").is_dir():
-        pytest.skip(f"the usgra dataset is not at {SHARED_USGRA} (the ../shared folder beside the repo)")
-    summary = data.convert(SHARED_USGRA, output_dir=tmp_path, classes="nerve,vessel", group_pattern=r"^(\d{3})")
+def test_the_usgra_set_reads_as_it_is(shared_usgra, tmp_path):
+    summary = data.convert(shared_usgra, output_dir=tmp_path, classes="nerve,vessel", group_pattern=r"^(\d{3})")
     assert "folder pairs layout, 2 classes (nerve, vessel), 204 training cases" in summary
     a = data.load_arrays(tmp_path, ("train_masks", "train_sizes", "train_subjects"))
     assert a["train_masks"].shape == (204, 512, 534) and set(np.unique(a["train_masks"])) == {0, 1, 2}
