@@ -293,6 +293,18 @@ def arg_parser(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
+def comma_choice(choices):
+    """An argparse type: a comma-separated list of at least one of `choices`."""
+
+    def parse(text):
+        names = [n for n in text.split(",") if n]
+        if not names or not set(names) <= set(choices):
+            raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(choices)}, not {text!r}")
+        return names
+
+    return parse
+
+
 # Flags several scripts take, defined once: name -> (argparse keywords).
 SHARED_FLAGS = {
     "input": dict(type=Path, default=INPUT_DIR, help="the arrays data.py wrote"),

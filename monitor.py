@@ -2,6 +2,7 @@
 TensorBoard scalars and validation overlays, a progress bar (or a line per epoch), and the pictures each
 model folder gets at the end."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,27 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 f"the training loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}: "
                 "training stopped, the checkpoints of the last good epoch are kept (try a lower --lr)"
             )
+
+
+class StopOnCtrlC(keras.callbacks.Callback):
+    """Turns Ctrl-C into a KeyboardInterrupt at the end of the batch it came in. Python raises it wherever the
+    main thread is when the handler runs, which after a TensorFlow call is often an object's finalizer, where
+    it is printed and lost; a handler that only sets a flag loses nothing. A second press acts at once."""
+
+    def on_train_begin(self, logs=None):
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self.press)
+
+    def press(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, logs=None):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 class ValidationImages(keras.callbacks.Callback):

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import EVALUATION_FILE, arg_parser
+from common import EVALUATION_FILE, arg_parser, comma_choice
 
 from data import load_arrays
 from duplicates import nearest_frame_agreement
@@ -149,7 +149,7 @@ def main():
     ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, tiny model (Kaggle: 4 subjects x 30)")
     ap.add_argument("--folds", type=int, default=None, help="unset: 5 (quick: 2)")
-    ap.add_argument("--datasets", default="kaggle,usgra", help="comma-separated: kaggle, usgra")
+    ap.add_argument("--datasets", type=comma_choice(DATASETS), default="kaggle,usgra", help="comma-separated")
     ap.add_argument("--baseline", action="store_true", help="also run the plain batch-Dice U-Net, same protocol")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared folder: tools/ and data/")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder")
@@ -157,9 +157,6 @@ def main():
         "train_flags", nargs=argparse.REMAINDER, help="further train.py flags after --, e.g. -- --epochs 8 --size 64x80"
     )
     args = ap.parse_args()
-    names = [n for n in args.datasets.split(",") if n]
-    if not names or not set(names) <= set(DATASETS):
-        sys.exit(f"--datasets takes a comma-separated choice of {', '.join(DATASETS)}")
     if not (args.shared / "tools" / "make_real_input.py").exists():
         sys.exit(f"the real data tools are not at {args.shared}: this benchmark needs ../shared beside the repository")
     flags = [f for f in args.train_flags if f != "--"]
@@ -167,7 +164,7 @@ def main():
     if args.quick:
         flags = ["--epochs", "1", "--size", "32x48", "--base-filters", "4", *flags]
     lines = {}
-    for name in names:
+    for name in args.datasets:
         lines.update(DATASETS[name](args, folds, flags))
     print(f"\nsettings: --folds {folds} {' '.join(flags) or '(train.py defaults)'}")
     for key, value in lines.items():

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import arg_parser
+from common import arg_parser, comma_choice
 
 import planning
 
@@ -48,13 +48,12 @@ DEVICE = re.compile(r"^device: (.+)$")
 TRAIN_SHARE = 0.8  # of the images each of 5 folds trains on
 FOLD_OVERHEAD_S = 60  # per fold: compiling, out-of-fold predictions, pictures (measured rate excludes them)
 
-# (throughput grid flags, accuracy flags, {dataset: (images, folds, the grid size whose rate plans it)}) per mode
-REAL = (
-    ["--sizes", "96x128,144x160", "--precisions", "fp32,bf16,fp16", "--batches", "4,32,128"],
-    [],
-    {"kaggle": (2026, 5, "96x128"), "usgra": (204, 5, "144x160")},
-)
-RATES_ONLY = ["--sizes", "96x128,144x160", "--precisions", "fp16", "--batches", "4"]  # what plan() reads on a GPU
+# {dataset: (images, folds, the size train.py plans for it, whose measured rate plans its epochs)}
+SETS = {"kaggle": (2026, 5, "96x128"), "usgra": (204, 5, "144x160")}
+SIZES = ",".join(size for *_, size in SETS.values())
+# (throughput grid flags, accuracy flags, sets) per mode
+REAL = (["--sizes", SIZES, "--precisions", "fp32,bf16,fp16", "--batches", "4,32,128"], [], SETS)
+RATES_ONLY = ["--sizes", SIZES, "--precisions", "fp16", "--batches", "4"]  # what plan() reads on a GPU
 DRY = (
     [
         "--sizes",
@@ -206,7 +205,7 @@ def main():
     ap.add_argument("--prepare", action="store_true", help="put the wheels and the real data into .carry/ and stop")
     ap.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes, on a CPU")
     ap.add_argument("--budget", type=float, default=510, help="seconds for the whole check")
-    ap.add_argument("--datasets", default="kaggle,usgra", help="comma-separated: kaggle, usgra")
+    ap.add_argument("--datasets", type=comma_choice(SETS), default="kaggle,usgra", help="comma-separated")
     ap.add_argument("--rates-only", action="store_true", help="measure only the rates the accuracy runs plan with")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")), help="figures and logs")
     ap.add_argument("--shared", type=Path, default=CARRY, help="holds tools/make_real_input.py and data/")
@@ -217,21 +216,18 @@ def main():
     grid_flags, accuracy_flags, all_sets = DRY if args.dry_run else REAL
     if args.rates_only and not args.dry_run:
         grid_flags = RATES_ONLY
-    names = [n for n in args.datasets.split(",") if n]
-    if not names or not set(names) <= set(all_sets):
-        sys.exit(f"--datasets takes a comma-separated choice of {', '.join(all_sets)}")
     throughput_s = 0.4 * args.budget
     print(
         f"budget: {args.budget:.0f} s in all; throughput at most {throughput_s:.0f} s, then the accuracy runs "
-        f"({', '.join(names)}) in what is left, their epochs planned from the measured rate",
+        f"({', '.join(args.datasets)}) in what is left, their epochs planned from the measured rate",
         flush=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     figures = step("throughput", ["bench.throughput", "--grid", *grid_flags], env, args.out, throughput_s)
     on_gpu = "cpu" not in figures.get("device", "cpu").lower()
-    left = args.budget - (time.time() - started) - 60 * len(names)  # a minute each: data, evaluate.py, figures
-    plans = plan(figures, left, {name: all_sets[name] for name in names}, on_gpu)
+    left = args.budget - (time.time() - started) - 60 * len(args.datasets)  # a minute each: data, evaluate.py, figures
+    plans = plan(figures, left, {name: all_sets[name] for name in args.datasets}, on_gpu)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # a fresh run each time: nothing to resume or refuse
     for name, (epochs, planned, epoch_s, share, need) in plans.items():
         folds = all_sets[name][1]

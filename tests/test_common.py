@@ -132,3 +132,11 @@ def test_a_held_folder_is_refused_to_a_second_holder(tmp_path):
         assert "is in use by pid" in other.stderr
     with common.exclusive(tmp_path):  # released: free again
         pass
+
+
+def test_comma_choice_keeps_known_names_and_refuses_others():
+    parse = common.comma_choice(("kaggle", "usgra"))
+    assert parse("usgra") == ["usgra"] and parse("kaggle,usgra,") == ["kaggle", "usgra"]
+    for bad in ("", ",", "kaggle,foo"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a comma-separated choice of kaggle, usgra"):
+            parse(bad)
