@@ -50,8 +50,8 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 class StopOnCtrlC(keras.callbacks.Callback):
     """Turns Ctrl-C into a KeyboardInterrupt at the end of the batch it came in. Python raises it wherever the
-    main thread is when the handler runs, which after a TensorFlow call is often an object's finalizer, where
-    it is printed and lost; a handler that only sets a flag loses nothing. A second press acts at once."""
+    main thread is when its handler runs, and inside a finalizer or a function TensorFlow calls back it can be
+    printed and lost; a handler that only sets a flag loses nothing. A second press acts at once."""
 
     def on_train_begin(self, logs=None):
         self.pressed = False
