@@ -149,7 +149,7 @@ def main():
     ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, tiny model (Kaggle: 4 subjects x 30)")
     ap.add_argument("--folds", type=int, default=None, help="unset: 5 (quick: 2)")
-    ap.add_argument("--datasets", type=comma_choice(DATASETS), default="kaggle,usgra", help="comma-separated")
+    ap.add_argument("--datasets", type=comma_choice(DATASETS), default=",".join(DATASETS), help="comma-separated")
     ap.add_argument("--baseline", action="store_true", help="also run the plain batch-Dice U-Net, same protocol")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared folder: tools/ and data/")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nerve-bench"), help="scratch folder")

@@ -205,7 +205,7 @@ def main():
     ap.add_argument("--prepare", action="store_true", help="put the wheels and the real data into .carry/ and stop")
     ap.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes, on a CPU")
     ap.add_argument("--budget", type=float, default=510, help="seconds for the whole check")
-    ap.add_argument("--datasets", type=comma_choice(SETS), default="kaggle,usgra", help="comma-separated")
+    ap.add_argument("--datasets", type=comma_choice(SETS), default=",".join(SETS), help="comma-separated")
     ap.add_argument("--rates-only", action="store_true", help="measure only the rates the accuracy runs plan with")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")), help="figures and logs")
     ap.add_argument("--shared", type=Path, default=CARRY, help="holds tools/make_real_input.py and data/")
