@@ -404,7 +404,7 @@ def load_arrays(input_dir, names):
     return arrays
 
 
-def main():
+def main(argv=None):
     # fmt: off
     ap = arg_parser(__doc__)
     ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the dataset's folder (see layouts.py)")
@@ -431,7 +431,7 @@ def main():
     syn.add_argument("--vessels", action="store_true", help="label the vessels too (nnU-Net layout)")
     syn.add_argument("--size", default=None, help="synthetic frame size HxW (nnU-Net layout); unset: 420x580")
     # fmt: on
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
 

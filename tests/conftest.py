@@ -1,17 +1,28 @@
 """Shared fixtures: the two real datasets in ../shared (skipped when absent) and a tiny synthetic tree."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (first: it sets TensorFlow's log level and checks KERAS_BACKEND)
+import common  # first: it sets TensorFlow's log level and checks KERAS_BACKEND
 
+import keras
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's pytest settings
 SHARED_NERVE = ROOT.parent / "shared" / "data" / "nerve"
 SHARED_USGRA = ROOT.parent / "shared" / "data" / "usgra"
+# jax compiles each new shape, a weight initialiser's too, and at toy sizes that is most of a run: the test
+# processes under jax share one persistent compilation cache, and XLA's CPU compiler skips the optimisation
+# passes that cost more than they save there
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nerve-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # depth 2: half the graph to trace, which is most of a tiny run's time
 TINY = ["--size", "32x48", "--base-filters", 4, "--depth", 2, "--batch-size", 8, "--val-fraction", 0.3]
 
@@ -46,6 +57,26 @@ def run_script(*args, cwd=ROOT, env=None):
         env={**os.environ, **(env or {})},
         timeout=600,
     )
+
+
+def run_main(script, *args):
+    """Run a script's main() in this process, through run_cli as its command line does: a CompletedProcess like
+    run_script's, without the seconds a new process spends importing TensorFlow. Each script still runs as a
+    process in some test; the Keras dtype policy a script sets is put back."""
+    module = importlib.import_module(script)
+    policy = keras.config.dtype_policy()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.run_cli(lambda: module.main(list(map(str, args))))
+    except SystemExit as e:  # as the interpreter does: a message goes to stderr and exits with 1
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        keras.config.set_dtype_policy(policy)
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

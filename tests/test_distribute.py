@@ -152,7 +152,7 @@ def test_a_failing_worker_names_the_chiefs_results_not_its_scratch_folder(tmp_pa
 @pytest.mark.slow
 def test_jax_data_parallel_on_two_cpus_matches_one_device(tiny_input, tmp_path):
     flags = [*SMALL_RUN, "--input", tiny_input, "--batch-size", 8, "--val-fraction", 0.3]
-    env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"}
     runs = {}
     for mode in ("none", "mirrored"):
         runs[mode] = run_script(

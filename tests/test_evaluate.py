@@ -5,7 +5,7 @@ import pytest
 
 import evaluate
 import postprocess
-from conftest import ROOT, TINY, assert_picture, run_script, stats_case
+from conftest import ROOT, TINY, assert_picture, run_main, run_script, stats_case
 
 
 def out_of_fold(index):
@@ -82,12 +82,12 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert set(report["metrics"]["nerve"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
     assert_picture(results / "worst_cases.png", 300, 700)
 
-    labelled = run_script(ROOT / "evaluate.py", "--input", tiny_input, "--results", results, "--tta", "none")
+    labelled = run_main("evaluate", "--input", tiny_input, "--results", results, "--tta", "none")
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
     assert report["metrics"]["nerve"][tiny_input.name]["images"] == 48 and report["tta"] == "none"
 
-    sub = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    sub = run_main("submission", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert "3 model(s)" in sub.stdout
 

@@ -12,7 +12,7 @@ import common
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_main, run_script
 
 
 @pytest.fixture
@@ -58,21 +58,21 @@ def edit_json(path, change):
 def test_a_damaged_file_stops_submission_with_one_line_and_touches_nothing(results, tiny_input, damage, expected):
     damage(results)
     before = snapshot(results)
-    one_clear_line(run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results), *expected)
+    one_clear_line(run_main("submission", "--input", tiny_input, "--results", results), *expected)
     assert snapshot(results) == before
 
 
 def test_damaged_out_of_fold_predictions_are_one_line(results, tiny_input):
     oof = results / common.OOF_FILE
     oof.unlink()
-    one_clear_line(run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results), "oof.npz not found")
+    one_clear_line(run_main("evaluate", "--data", tiny_input, "--results", results), "oof.npz not found")
     np.savez(oof, probs=np.zeros((3, 2, 2)))
-    one_clear_line(run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results), "missing: probs_flip")
+    one_clear_line(run_main("evaluate", "--data", tiny_input, "--results", results), "missing: probs_flip")
     with zipfile.ZipFile(oof, "w") as z:
         z.writestr("probs.npy", b"not an array")
-    one_clear_line(run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results), "does not hold")
+    one_clear_line(run_main("evaluate", "--data", tiny_input, "--results", results), "does not hold")
     oof.write_bytes(b"PK\x03\x04 truncated")
-    one_clear_line(run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results), "cannot be read")
+    one_clear_line(run_main("evaluate", "--data", tiny_input, "--results", results), "cannot be read")
 
 
 def test_a_damaged_run_record_or_resume_state_is_one_line_before_resume(results):
@@ -87,13 +87,13 @@ def test_a_damaged_run_record_or_resume_state_is_one_line_before_resume(results)
     }
     (results / common.STATE_FILE).write_text(json.dumps({**state, "epoch": "one"}))
     before = snapshot(results)
-    one_clear_line(run_script(ROOT / "train.py", "--results", results, "--resume"), "epoch is 'one'", "afresh")
+    one_clear_line(run_main("train", "--results", results, "--resume"), "epoch is 'one'", "afresh")
     edit_json(run, lambda r: r.pop("complete"))
-    one_clear_line(run_script(ROOT / "train.py", "--results", results, "--resume"), "complete is missing", "--force")
+    one_clear_line(run_main("train", "--results", results, "--resume"), "complete is missing", "--force")
     edit_json(run, lambda r: r.update(complete=False, settings={**r["settings"], "epochs": "ten"}))
-    one_clear_line(run_script(ROOT / "train.py", "--results", results, "--resume"), "wrong kind for epochs")
+    one_clear_line(run_main("train", "--results", results, "--resume"), "wrong kind for epochs")
     run.write_text("{")
-    one_clear_line(run_script(ROOT / "train.py", "--results", results, "--resume"), "run.json is not valid JSON")
+    one_clear_line(run_main("train", "--results", results, "--resume"), "run.json is not valid JSON")
     assert snapshot(results) == {**before, run: b"{"}
 
 
@@ -102,14 +102,12 @@ def test_a_damaged_arrays_manifest_is_one_line_and_data_py_rebuilds_it(tiny_inpu
     shutil.copytree(tiny_input, arrays)
     (arrays / common.MANIFEST).write_text("not json")
     one_clear_line(
-        run_script(
-            ROOT / "train.py", "--input", arrays, "--results", tmp_path / "r", *TINY, "--logs", tmp_path / "logs"
-        ),
+        run_main("train", "--input", arrays, "--results", tmp_path / "r", *TINY, "--logs", tmp_path / "logs"),
         "arrays.json is not valid JSON",
         f"data.py --input {arrays} --force",
     )
     assert not (tmp_path / "r" / common.RUN_FILE).exists()
-    rebuilt = run_script(ROOT / "data.py", "--input", arrays)
+    rebuilt = run_main("data", "--input", arrays)
     assert rebuilt.returncode == 0 and "wrote 48 train pairs" in rebuilt.stdout
     assert json.loads((arrays / common.MANIFEST).read_text())["train"] == 48
 
@@ -118,12 +116,12 @@ def test_an_output_path_under_a_file_is_one_line_from_every_script(results, tiny
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for script, flags in (
-        ("submission.py", ["--results", results, "--output", blocker / "s.csv"]),
-        ("train.py", ["--results", blocker / "r", "--logs", tmp_path / "logs", *TINY]),
-        ("evaluate.py", ["--results", blocker / "r"]),
-        ("duplicates.py", ["--results", blocker / "r"]),
+        ("submission", ["--results", results, "--output", blocker / "s.csv"]),
+        ("train", ["--results", blocker / "r", "--logs", tmp_path / "logs", *TINY]),
+        ("evaluate", ["--results", blocker / "r"]),
+        ("duplicates", ["--results", blocker / "r"]),
     ):
-        result = run_script(ROOT / script, "--input", tiny_input, *flags)
+        result = run_main(script, "--input", tiny_input, *flags)
         one_clear_line(result, f"{blocker} is a file", "choose another")
 
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 
 import utils
-from conftest import ROOT, assert_picture, run_script
+from conftest import ROOT, assert_picture, run_main, run_script
 
 
 def test_training_writes_model_settings_and_logs(trained):
@@ -43,7 +43,7 @@ def test_submission_lists_every_test_id_and_decodes(trained, tiny_input):
 
 
 def test_submission_without_a_model_is_one_clear_error(tiny_input, tmp_path):
-    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", tmp_path)
+    result = run_main("submission", "--input", tiny_input, "--results", tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "run `python train.py` first" in result.stderr
 
@@ -53,12 +53,12 @@ def test_truncated_or_mismatched_model_is_one_clear_error(trained, tiny_input, t
     shutil.copytree(trained[0], results)
     settings = json.loads((results / "settings.json").read_text())
     (results / "settings.json").write_text(json.dumps({**settings, "size": [64, 96]}))
-    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    result = run_main("submission", "--input", tiny_input, "--results", results)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "takes 32x48 images and predicts 1 structure(s) but its settings.json says 64x96" in result.stderr
     model = (results / "net.keras").read_bytes()
     (results / "net.keras").write_bytes(model[: len(model) // 2])
-    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results)
+    result = run_main("submission", "--input", tiny_input, "--results", results)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot load {results / 'net.keras'}" in result.stderr
 
@@ -67,13 +67,13 @@ def test_train_on_arrays_from_another_run_is_one_clear_error(tiny_input, tmp_pat
     for name in ("train_images", "train_masks", "train_ids", "train_subjects"):
         shutil.copy(tiny_input / f"{name}.npy", tmp_path)
     np.save(tmp_path / "train_masks.npy", np.zeros((5, 420, 580), np.uint8))
-    result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
+    result = run_main("train", "--input", tmp_path, "--results", tmp_path / "r")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "train_masks.npy holds 5 train images, expected 48" in result.stderr and "--force" in result.stderr
 
 
 def test_train_without_arrays_is_one_clear_error(tmp_path):
-    result = run_script(ROOT / "train.py", "--input", tmp_path, "--results", tmp_path / "r")
+    result = run_main("train", "--input", tmp_path, "--results", tmp_path / "r")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "run `python data.py` first" in result.stderr
 

@@ -13,7 +13,7 @@ import pytest
 import model
 import planning
 import train
-from conftest import ROOT, TINY, run_script, tiny_flags, training_log
+from conftest import ROOT, TINY, run_main, run_script, tiny_flags, training_log
 
 
 @pytest.mark.parametrize(
@@ -128,24 +128,9 @@ def poison(path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly_where_it_stopped(tiny_input, tmp_path):
+def test_killed_run_resumes_exactly_where_it_stopped(trained, tiny_input, tmp_path):
+    straight = trained[0]  # the same flags, trained straight through
     logs = tmp_path / "logs"
-    straight = run_script(
-        ROOT / "train.py",
-        "--input",
-        tiny_input,
-        "--results",
-        tmp_path / "straight",
-        "--logs",
-        logs,
-        "--epochs",
-        2,
-        "--run",
-        "straight",
-        *TINY,
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
     killed = tmp_path / "killed"
     proc = start_training(tiny_input, killed, logs, epochs=2, run="killed")
     proc.kill()
@@ -154,9 +139,9 @@ def test_killed_run_resumes_exactly_where_it_stopped(tiny_input, tmp_path):
     best_after_one = (killed / "net.keras").read_bytes()
     shutil.copytree(killed, tmp_path / "diverging")
 
-    fresh = run_script(ROOT / "train.py", "--input", tiny_input, "--results", killed)
+    fresh = run_main("train", "--input", tiny_input, "--results", killed)
     assert fresh.returncode == 1 and "--resume" in fresh.stderr and "Traceback" not in fresh.stderr
-    changed = run_script(ROOT / "train.py", "--results", killed, "--resume", "--lr", 0.1)
+    changed = run_main("train", "--results", killed, "--resume", "--lr", 0.1)
     assert changed.returncode == 1 and "drop --lr" in changed.stderr
 
     resumed = run_script(ROOT / "train.py", "--results", killed, "--resume")
@@ -164,17 +149,17 @@ def test_killed_run_resumes_exactly_where_it_stopped(tiny_input, tmp_path):
     assert "resuming after epoch 1" in resumed.stdout
     # same seed, same split, same batches, same dropout stream, same optimizer state: the same numbers
     header, rows = training_log(killed)
-    assert header == training_log(tmp_path / "straight")[0] and rows[:, 0].tolist() == [0, 1]
-    np.testing.assert_allclose(rows, training_log(tmp_path / "straight")[1], rtol=1e-5)
-    assert sorted(p.name for p in logs.iterdir()) == ["killed", "straight"], "the TensorBoard run carries on"
+    assert header == training_log(straight)[0] and rows[:, 0].tolist() == [0, 1]
+    np.testing.assert_allclose(rows, training_log(straight)[1], rtol=1e-5)
+    assert [p.name for p in logs.iterdir()] == ["killed"], "the TensorBoard run carries on"
     assert not (killed / common.LAST_FILE).exists() and json.loads((killed / common.RUN_FILE).read_text())["complete"]
-    again = run_script(ROOT / "train.py", "--results", killed, "--resume")
+    again = run_main("train", "--results", killed, "--resume")
     assert again.returncode == 1 and "nothing to resume" in again.stderr
 
     # a non-finite loss stops at once, names where, and leaves the last good checkpoints alone
     diverging = tmp_path / "diverging"
     poison(diverging / common.LAST_FILE)
-    nan = run_script(ROOT / "train.py", "--results", diverging, "--resume")
+    nan = run_main("train", "--results", diverging, "--resume")
     assert nan.returncode == 1 and "Traceback" not in nan.stderr
     assert "loss became nan at epoch 2, batch 1" in nan.stderr and "--resume" in nan.stderr
     assert (diverging / "net.keras").read_bytes() == best_after_one
@@ -203,11 +188,11 @@ def test_two_structures_train_score_and_draw_each_on_its_own(tmp_path):
     evaluation.json and postprocess.json; overlays drawn; the Kaggle CSV of either structure."""
     source, arrays, results = tmp_path / "raw", tmp_path / "arrays", tmp_path / "results"
     synthetic = ["--synthetic", "--layout", "nnunet", "--vessels", "--size", "210x290", "--test-subjects", 1]
-    made = run_script(ROOT / "data.py", *synthetic, "--subjects", 3, "--frames", 8, "--input", source)
+    made = run_main("data", *synthetic, "--subjects", 3, "--frames", 8, "--input", source)
     assert made.returncode == 0, made.stderr
-    converted = run_script(ROOT / "data.py", "--input", source, "--output", arrays, "--group-pattern", r"^(s\d+)_")
+    converted = run_main("data", "--input", source, "--output", arrays, "--group-pattern", r"^(s\d+)_")
     assert converted.returncode == 0 and "2 classes (nerve, vessel)" in converted.stdout, converted.stderr
-    flags = ["--input", arrays, "--results", results, "--logs", tmp_path / "logs", "--epochs", 1, "--folds", 3]
+    flags = ["--input", arrays, "--results", results, "--logs", tmp_path / "logs", "--epochs", 1, "--folds", 2]
     trained = run_script(ROOT / "train.py", *flags, *TINY)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "vessel all folds" in trained.stdout
@@ -217,15 +202,15 @@ def test_two_structures_train_score_and_draw_each_on_its_own(tmp_path):
     settings = json.loads((results / "fold0" / "settings.json").read_text())
     assert settings["structures"] == ["nerve", "vessel"]
 
-    ev = run_script(ROOT / "evaluate.py", "--data", arrays, "--results", results)
+    ev = run_main("evaluate", "--data", arrays, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
     assert set(report["metrics"]) == {"nerve", "vessel"} and report["structures"] == ["nerve", "vessel"]
     for converted_there in source.glob("*.npy"):  # --synthetic converted it: evaluate the raw folder instead
         converted_there.unlink()
-    labelled = run_script(ROOT / "evaluate.py", "--input", source, "--results", results, "--tta", "none")
+    labelled = run_main("evaluate", "--input", source, "--results", results, "--tta", "none")
     assert labelled.returncode == 0 and "nnU-Net layout" in labelled.stdout, labelled.stderr[-3000:]
-    sub = run_script(ROOT / "submission.py", "--input", arrays, "--results", results, "--structure", "vessel")
+    sub = run_main("submission", "--input", arrays, "--results", results, "--structure", "vessel")
     assert sub.returncode == 0 and "with a vessel" in sub.stdout, sub.stderr[-3000:]
     rows = (results / "submission.csv").read_text().splitlines()
     assert rows[0] == "img,pixels" and len(rows) == 9
