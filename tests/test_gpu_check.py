@@ -6,8 +6,8 @@ from conftest import run_script
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_steps_at_toy_sizes_on_a_cpu(shared_usgra, tmp_path):
-    # usgra only: the Kaggle images take the same steps (bench.accuracy's other dataset), and the two together
-    # would be a third of the suite's time
+    # usgra only: the Kaggle images take the same steps (bench.accuracy's other dataset), and a second dataset
+    # would double the suite's longest test
     shared = shared_usgra.parent.parent
     check = run_script(
         "-m",
