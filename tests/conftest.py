@@ -63,20 +63,20 @@ def run_main(script, *args):
     """Run a script's main() in this process, through run_cli as its command line does: a CompletedProcess like
     run_script's, without the seconds a new process spends importing TensorFlow. Each script still runs as a
     process in some test; the Keras dtype policy a script sets is put back."""
-    module = importlib.import_module(script)
+    module, argv = importlib.import_module(script), [str(a) for a in args]
     policy = keras.config.dtype_policy()
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            common.run_cli(lambda: module.main(list(map(str, args))))
+            common.run_cli(lambda: module.main(argv))
     except SystemExit as e:  # as the interpreter does: a message goes to stderr and exits with 1
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if isinstance(e.code, str):
             err.write(e.code + "\n")
     finally:
         keras.config.set_dtype_policy(policy)
-    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
