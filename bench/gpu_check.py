@@ -21,6 +21,7 @@ With the device tool: carry [".carry"] and run `PYTHONUNBUFFERED=1 python3 -m be
    step's whole log beside it.
 """
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +145,14 @@ def environment():
     return env
 
 
+def stop_group(proc, stopped):
+    """Kill a step's process group, unless it has ended."""
+    if proc.poll() is None:
+        stopped.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def step(name, args, env, out, timeout):
     """Run one benchmark module, its output streamed and kept in out/<name>.log; return its figures. A step
     that outlasts `timeout` is stopped, and what it printed so far still counts."""
@@ -158,16 +168,18 @@ def step(name, args, env, out, timeout):
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a stop ends the scripts it runs too
         )
-        deadline = time.time() + timeout
+        # a timer, not a check per output line: a step that hangs silently is stopped too
+        stopped = threading.Event()
+        timer = threading.Timer(timeout, stop_group, (proc, stopped))
+        timer.start()
         for line in proc.stdout:
             log.write(line)
             lines.append(line.rstrip("\n"))
             print(line, end="", flush=True)
-            if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                print(f"{name}: stopped at its {timeout:.0f} s budget", flush=True)
-                break
         proc.wait()
+        timer.cancel()
+        if stopped.is_set():
+            print(f"{name}: stopped at its {timeout:.0f} s budget", flush=True)
     figures = dict(m.groups() for m in map(FIGURE.match, lines) if m)
     devices = [m[1] for m in map(DEVICE.match, lines) if m]
     return {**figures, "device": devices[-1]} if devices else figures

@@ -1,6 +1,9 @@
+import os
+import time
+
 import pytest
 
-from bench.gpu_check import plan
+from bench.gpu_check import plan, step
 from conftest import run_script
 
 
@@ -49,3 +52,12 @@ def test_the_plan_shares_the_time_by_planned_work_and_cuts_epochs_only_where_the
     assert sum(p[3] for p in slow.values()) == pytest.approx(1000)
     assert slow["kaggle"][3] > slow["usgra"][3], "the larger planned work gets the larger share"
     assert plan({}, 1000, sets, on_gpu=True)["usgra"][0] == 0, "without a measured rate nothing is trained"
+
+
+def test_a_step_that_hangs_without_output_is_stopped_at_its_budget(tmp_path, capsys):
+    started = time.time()
+    figures = step("hang", ["timeit", "-n", "1", "import time; time.sleep(120)"], dict(os.environ), tmp_path, 1)
+    assert time.time() - started < 60, "the budget stops a silent step, not its next output line"
+    assert figures == {}
+    assert "hang: stopped at its 1 s budget" in capsys.readouterr().out
+    assert (tmp_path / "hang.log").exists()
