@@ -49,9 +49,10 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class StopOnCtrlC(keras.callbacks.Callback):
-    """Turns Ctrl-C into a KeyboardInterrupt at the end of the batch it came in. Python raises it wherever the
-    main thread is when its handler runs, and inside a finalizer or a function TensorFlow calls back it can be
-    printed and lost; a handler that only sets a flag loses nothing. A second press acts at once."""
+    """Turns Ctrl-C into a KeyboardInterrupt at the end of the training or validation batch it came in. Python
+    raises it wherever the main thread is when its handler runs, and inside a finalizer or a function
+    TensorFlow calls back it can be printed and lost; a handler that only sets a flag loses nothing. A second
+    press acts at once."""
 
     def on_train_begin(self, logs=None):
         self.pressed = False
@@ -64,6 +65,8 @@ class StopOnCtrlC(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.pressed:
             raise KeyboardInterrupt
+
+    on_test_batch_end = on_train_batch_end  # fit's validation pass calls the same callbacks
 
     def on_train_end(self, logs=None):
         signal.signal(signal.SIGINT, self.previous)
