@@ -38,7 +38,7 @@ import deploy
 import inference
 import layouts
 import postprocess
-from deploy import full_size
+from deploy import DEFAULT, full_size
 from figures import cases_png
 from metrics import dice_from_counts, scores
 
@@ -66,17 +66,18 @@ def oof_views(oof, tta):
     return inference.mean_of_views(views)
 
 
-def cross_validate(oof, masks, structures, tta="hflip", fixed=None):
+def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=True):
     """Per-fold and overall scores of each structure's out-of-fold predictions against the label maps
-    masks[oof["index"]], each fold post-processed with the spec tuned on the other folds (or `fixed`), and the
-    specs tuned on all of them."""
+    masks[oof["index"]], each fold post-processed with the spec tuned on the other folds (postprocess.cross_fit),
+    and the specs tuned on all of them; `default_gate` names the structures too seldom absent to tune a gate."""
     probs, present = oof_views(oof, tta)
     report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs}
+    report["default_gate"] = []
     dice = np.zeros(present.shape)
     for s, name in enumerate(structures):
         truth = (np.asarray(masks[i]) == s + 1 for i in oof["index"])
         stats = postprocess.mask_stats(probs[..., s], truth)
-        fold_specs, final = postprocess.cross_fit(stats, present[:, s], oof["fold"], fixed)
+        fold_specs, final = postprocess.cross_fit(stats, present[:, s], oof["fold"], prior, tuned)
         tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
         rows = {}
         for k, spec in fold_specs.items():
@@ -86,6 +87,8 @@ def cross_validate(oof, masks, structures, tta="hflip", fixed=None):
         rows["all folds"] = scores(tp, fp, fn, present[:, s])
         report["rows"][name], report["postprocess"][name] = rows, final
         report["fold_postprocess"][name] = fold_specs
+        if tuned and not postprocess.can_gate(stats, np.arange(len(probs))):
+            report["default_gate"].append(name)
         dice[:, s] = dice_from_counts(tp, fp, fn)
     report["dice"] = dice.mean(axis=1)
     return report
@@ -159,8 +162,8 @@ def evaluate_oof(results, input_dir, tta=None):
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
-    fixed = postprocess.fixed_for(settings)
-    report = {**cross_validate(oof, arrays["train_masks"], names, tta, fixed), "tta": tta, "structures": names}
+    scored = cross_validate(oof, arrays["train_masks"], names, tta, *postprocess.for_run(settings))
+    report = {**scored, "tta": tta, "structures": names}
     folds = report["fold_postprocess"]
 
     def masks_of(i):

@@ -42,6 +42,9 @@ PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 MIN_AREAS = (0, 250, 500, 1000, 1500, 2000, 3000, 4000)  # pixels at 580x420, scaled to other image sizes
 CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel threshold, keep largest)
+# A gate learns from the images that lack the structure. Tuned on a few of them, it empties more true masks
+# on new images than it saves (docs/experiments.md), so with fewer than this it keeps its default.
+MIN_EMPTY_TO_GATE = 30
 
 
 def untuned(presence_weight):
@@ -50,9 +53,9 @@ def untuned(presence_weight):
     return DEFAULT if presence_weight > 0 else NO_GATE
 
 
-def fixed_for(settings):
-    """None for a run that tunes its post-processing out of fold (--postprocess tuned), else its fixed spec."""
-    return None if settings["postprocess"] == "tuned" else untuned(settings["presence_weight"])
+def for_run(settings):
+    """A run's (untuned spec, whether it tunes its post-processing out of fold: --postprocess tuned)."""
+    return untuned(settings["presence_weight"]), settings["postprocess"] == "tuned"
 
 
 def load(results, structures):
@@ -114,12 +117,19 @@ def counts_under(stats, present, spec, idx):
     return tp, np.where(kept, area - inter, 0), stats["truth_area"][idx] - tp
 
 
-def tune(stats, present, idx):
-    """The spec with the best mean leaderboard Dice on images idx."""
+def can_gate(stats, idx):
+    """Whether images idx hold enough without the structure to tune a gate on."""
+    return np.count_nonzero(stats["truth_area"][idx] == 0) >= MIN_EMPTY_TO_GATE
+
+
+def tune(stats, present, idx, prior=DEFAULT):
+    """The spec with the best mean leaderboard Dice on images idx; unless can_gate(), the gate stays prior's."""
     best, best_score = None, -1.0
     scale = stats["pixels"] / (IMAGE_HEIGHT * IMAGE_WIDTH)  # the grid's areas are pixels of a Kaggle frame
-    min_areas = sorted({round(a * scale) for a in MIN_AREAS})
-    for (threshold, keep_largest), p, a in itertools.product(stats["candidates"], PRESENCE_THRESHOLDS, min_areas):
+    min_areas, presences = sorted({round(a * scale) for a in MIN_AREAS}), PRESENCE_THRESHOLDS
+    if not can_gate(stats, idx):
+        min_areas, presences = [prior["min_area"]], [prior["presence_threshold"]]
+    for (threshold, keep_largest), p, a in itertools.product(stats["candidates"], presences, min_areas):
         spec = {
             "presence_threshold": float(p),
             "pixel_threshold": float(threshold),
@@ -132,11 +142,13 @@ def tune(stats, present, idx):
     return best
 
 
-def cross_fit(stats, present, fold, fixed=None):
-    """Per fold, the spec tuned on the other folds only (or `fixed`; DEFAULT with a single fold), and the
-    spec tuned on all folds together (or `fixed`): {fold: spec}, spec."""
+def cross_fit(stats, present, fold, prior=DEFAULT, tuned=True):
+    """Per fold, the spec tuned on the other folds only (prior with a single fold), and the spec tuned on all
+    folds together: {fold: spec}, spec. Untuned, prior everywhere."""
+    if not tuned:
+        return {int(k): prior for k in np.unique(fold)}, prior
     specs = {}
     for k in np.unique(fold):
         others = np.flatnonzero(fold != k)
-        specs[int(k)] = fixed or (tune(stats, present, others) if len(others) else DEFAULT)
-    return specs, fixed or tune(stats, present, np.arange(len(fold)))
+        specs[int(k)] = tune(stats, present, others, prior) if len(others) else prior
+    return specs, tune(stats, present, np.arange(len(fold)), prior)

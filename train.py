@@ -91,7 +91,8 @@ def flag_parser():
               "scored and tuned on, and by default in evaluate.py and submission.py: hflip adds the mirror image"))
     ap.add_argument("--postprocess", choices=("tuned", "fixed"), default="tuned",
                     help="tuned: presence and pixel thresholds, minimum area and largest component chosen on "
-                         "the out-of-fold predictions; fixed: the defaults")
+                         "the out-of-fold predictions (the gate only where enough of them lack the structure); "
+                         "fixed: the defaults")
     ap.add_argument("--flips", default="horizontal", help="comma-separated flips: horizontal, vertical, or none")
     ap.add_argument("--elastic", type=float, default=0.0, help="elastic deformation in pixels (0: off)")
     ap.add_argument("--scale", type=float, default=0.0, help="random zoom by a factor in [1 - s, 1 + s] (0: off)")
@@ -406,10 +407,15 @@ def train_folds(args, scope, policy):
     oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
-    report = evaluate.cross_validate(oof, arrays["train_masks"], names, args.tta, postprocess.fixed_for(record))
+    report = evaluate.cross_validate(oof, arrays["train_masks"], names, args.tta, *postprocess.for_run(record))
     postprocess.save(args.results, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
+    if report["default_gate"]:
+        print(
+            f"the gate of {', '.join(report['default_gate'])} keeps its default: fewer than "
+            f"{postprocess.MIN_EMPTY_TO_GATE} of the out-of-fold images lack it, too few to tune one on"
+        )
     checkpoint.finish(args.results, record, dirs)
     print(f"trained in {(time.time() - started) / 60:.1f} min; TensorBoard: tensorboard --logdir {args.logs}")
 

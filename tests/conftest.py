@@ -132,14 +132,14 @@ def training_log(results):
     return rows[0], np.array(rows[1:], float)
 
 
-def stats_case():
-    """(probabilities at 42x58, full-size truth, presence) of two nerve images found well and two empty images
-    with small false detections (about 400 pixels at full size) and low presence."""
+def stats_case(empty=2):
+    """(probabilities at 42x58, full-size truth, presence) of two nerve images found well and `empty` empty
+    images with small false detections (about 400 pixels at full size) and low presence."""
     import numpy as np
 
-    probs = np.zeros((4, 42, 58), np.float32)
-    truth = np.zeros((4, 420, 580), np.uint8)
+    probs = np.zeros((2 + empty, 42, 58), np.float32)
+    truth = np.zeros((2 + empty, 420, 580), np.uint8)
     truth[:2, 100:200, 100:250] = 1
     probs[:2, 10:20, 10:25] = 0.9
     probs[2:, 30:32, 40:42] = 0.8
-    return probs, truth, np.array([0.9, 0.8, 0.3, 0.2])
+    return probs, truth, np.array([0.9, 0.8] + [0.3, 0.2] * (empty // 2) + [0.3] * (empty % 2))

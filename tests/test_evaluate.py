@@ -30,6 +30,7 @@ def test_cross_validation_tunes_each_fold_on_the_others_only():
         others = np.flatnonzero(oof["fold"] != k)
         assert report["fold_postprocess"]["nerve"][k] == postprocess.tune(stats, oof["present"][:, 0], others)
     assert set(report["rows"]["nerve"]) == {"fold 0", "fold 1", "all folds"}
+    assert report["default_gate"] == ["nerve"]  # two images without a nerve are too few to tune a gate on
     lines = evaluate.table(report["rows"]).splitlines()
     assert "dice_nonempty" in lines[0] and lines[1].split()[:2] == ["fold", "0"]  # one structure: no name
 
@@ -75,6 +76,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
         postprocess.DEFAULT
     )
     assert "all folds" in train.stdout and "--conflicts drop: 0 frames" in train.stdout
+    assert "the gate of nerve keeps its default" in train.stdout  # 26 of the 48 images lack a nerve
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -107,8 +109,9 @@ def test_non_finite_numbers_become_null_for_json():
 
 def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     oof, truth = out_of_fold(np.arange(4))
-    report = evaluate.cross_validate(oof, truth, ["nerve"], tta="none", fixed=postprocess.NO_GATE)
+    report = evaluate.cross_validate(oof, truth, ["nerve"], "none", postprocess.NO_GATE, tuned=False)
     plain = postprocess.NO_GATE
     assert report["postprocess"]["nerve"] == plain
     assert all(s == plain for s in report["fold_postprocess"]["nerve"].values())
     assert report["rows"]["nerve"]["all folds"]["false_positive_pixels"] > 0  # the false detections stay
+    assert report["default_gate"] == []  # nothing was tuned

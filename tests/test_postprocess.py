@@ -31,13 +31,24 @@ def test_the_gate_is_one_rule_for_masks_and_for_tuning():
 
 
 def test_tuning_learns_to_gate_false_detections():
-    probs, truth, present = stats_case()
+    probs, truth, present = stats_case(empty=postprocess.MIN_EMPTY_TO_GATE)
+    everything = np.arange(len(probs))
     stats = postprocess.mask_stats(probs, truth)
-    spec = postprocess.tune(stats, present, np.arange(4))
-    tp, fp, fn = postprocess.counts_under(stats, present, spec, np.arange(4))
+    spec = postprocess.tune(stats, present, everything)
+    tp, fp, fn = postprocess.counts_under(stats, present, spec, everything)
     assert fp[2:].sum() == 0 and dice_from_counts(tp, fp, fn).mean() > 0.95
-    ungated = postprocess.counts_under(stats, present, postprocess.NO_GATE, np.arange(4))
-    assert dice_from_counts(*ungated).mean() < 0.6
+    ungated = postprocess.counts_under(stats, present, postprocess.NO_GATE, everything)
+    assert dice_from_counts(*ungated).mean() < 0.2
+
+
+def test_too_few_images_without_the_structure_leave_the_gate_at_its_default():
+    probs, truth, present = stats_case(empty=postprocess.MIN_EMPTY_TO_GATE)
+    stats = postprocess.mask_stats(probs, truth)
+    fewer = np.arange(1 + postprocess.MIN_EMPTY_TO_GATE)  # both nerve images and one empty image too few
+    assert postprocess.can_gate(stats, np.arange(len(probs))) and not postprocess.can_gate(stats, fewer)
+    for prior in (postprocess.DEFAULT, postprocess.NO_GATE):
+        spec = postprocess.tune(stats, present, fewer, prior)
+        assert (spec["presence_threshold"], spec["min_area"]) == (prior["presence_threshold"], prior["min_area"])
 
 
 def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec():
@@ -48,14 +59,16 @@ def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec(
     for k in (0, 1):
         assert specs[k] == postprocess.tune(stats, present, np.flatnonzero(fold != k))
     assert final == postprocess.tune(stats, present, np.arange(4))
-    specs, final = postprocess.cross_fit(stats, present, fold, fixed=postprocess.NO_GATE)
+    specs, final = postprocess.cross_fit(stats, present, fold, postprocess.NO_GATE, tuned=False)
     assert final == postprocess.NO_GATE and all(s == postprocess.NO_GATE for s in specs.values())
+    specs, _ = postprocess.cross_fit(stats, present, np.zeros(4), postprocess.NO_GATE)
+    assert specs == {0: postprocess.NO_GATE}  # one fold: nothing to tune it on
 
 
 def test_a_run_without_a_presence_head_is_never_gated():
     assert postprocess.untuned(0.0) == postprocess.NO_GATE and postprocess.untuned(0.1) == postprocess.DEFAULT
-    assert postprocess.fixed_for({"postprocess": "tuned", "presence_weight": 0.0}) is None
-    assert postprocess.fixed_for({"postprocess": "fixed", "presence_weight": 0.0}) == postprocess.NO_GATE
+    assert postprocess.for_run({"postprocess": "tuned", "presence_weight": 0.0}) == (postprocess.NO_GATE, True)
+    assert postprocess.for_run({"postprocess": "fixed", "presence_weight": 0.0}) == (postprocess.NO_GATE, False)
 
 
 def test_the_tuned_specs_are_saved_and_loaded_per_structure(tmp_path):
