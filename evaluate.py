@@ -94,6 +94,16 @@ def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=Tru
     return report
 
 
+def default_gate_line(report):
+    """The sentence naming the structures whose gate kept its default, or None where every gate was tuned."""
+    if not report.get("default_gate"):
+        return None
+    return (
+        f"the gate of {', '.join(report['default_gate'])} keeps its default: fewer than "
+        f"{postprocess.MIN_EMPTY_TO_GATE} of the out-of-fold images lack it, too few to tune one on"
+    )
+
+
 def table(rows):
     """A plain-text table of scores, one row per set of each structure ({structure: {set: scores}}); the
     structure's name leads each row where there are several."""
@@ -259,6 +269,8 @@ def report_on(args):
         report, images, truth, masks, ids = evaluate_folder(args.results, args.input, args.tta)
         name = args.input.name
     print(table(report["rows"]))
+    if line := default_gate_line(report):
+        print(line)
     out = {
         "evaluated": name,
         "tta": report["tta"],

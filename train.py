@@ -411,11 +411,8 @@ def train_folds(args, scope, policy):
     postprocess.save(args.results, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
-    if report["default_gate"]:
-        print(
-            f"the gate of {', '.join(report['default_gate'])} keeps its default: fewer than "
-            f"{postprocess.MIN_EMPTY_TO_GATE} of the out-of-fold images lack it, too few to tune one on"
-        )
+    if line := evaluate.default_gate_line(report):
+        print(line)
     checkpoint.finish(args.results, record, dirs)
     print(f"trained in {(time.time() - started) / 60:.1f} min; TensorBoard: tensorboard --logdir {args.logs}")
 

@@ -80,6 +80,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "the gate of nerve keeps its default" in ev.stdout  # the re-scored report says it too
     report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
     assert set(report["metrics"]["nerve"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
     assert_picture(results / "worst_cases.png", 300, 700)
