@@ -27,6 +27,7 @@ from common import (
     list_of,
     number,
     plain,
+    read_settings,
     read_state,
     upgrade_settings,
     write_state,
@@ -56,6 +57,19 @@ def save_model(net, path, optimizer=False):
     finally:
         for layer in synchronized:
             layer.synchronized = True
+
+
+def save_best(folder, net, settings):
+    """A folder's model, as net.keras and the legacy net.hdf5, and then its settings.json."""
+    logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
+    for name in (MODEL_FILE, LEGACY_MODEL_FILE):
+        save_model(net, Path(folder) / name)
+    write_state(Path(folder) / SETTINGS_FILE, settings)
+
+
+def update_model(folder, net, **facts):
+    """Replace a folder's model by `net` (the same one with new heads) and add `facts` to its settings.json."""
+    save_best(folder, net, {**read_settings(folder), **facts})
 
 
 def write_run(results, record, complete):
@@ -154,12 +168,7 @@ class LeaderboardCheckpoint(keras.callbacks.Callback):
             logs.update({f"val_leaderboard_{n}": float(v) for n, v in zip(self.structures, per_structure)})
         if score > self.best:
             self.best = score
-            logging.getLogger("absl").setLevel(logging.ERROR)  # net.hdf5 is legacy on purpose: users expect it
-            for name in (MODEL_FILE, LEGACY_MODEL_FILE):
-                save_model(self.model, self.folder / name)
-            write_state(
-                self.folder / SETTINGS_FILE, {**self.settings, "best_epoch": epoch + 1, "val_leaderboard": score}
-            )
+            save_best(self.folder, self.model, {**self.settings, "best_epoch": epoch + 1, "val_leaderboard": score})
             print(f"\nepoch {epoch + 1}: val_leaderboard {score:.4f}, best so far: saved to {self.folder}/")
 
 

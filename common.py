@@ -27,6 +27,8 @@ ENSEMBLE_FILE = "ensemble.json"  # results/: the model folders whose predictions
 OOF_FILE = "oof.npz"  # results/: out-of-fold predictions at the training size
 POSTPROCESS_FILE = "postprocess.json"  # results/: how probabilities become masks, tuned out of fold
 EVALUATION_FILE = "evaluation.json"  # results/: evaluate.py's figures
+CALIBRATION_FILE = "calibration.json"  # results/: each structure's presence temperature and calibration error
+RELIABILITY_FILE = "reliability.png"  # results/: the presence's reliability diagram, before and after
 WORST_CASES_FILE = "worst_cases.png"  # results/: evaluate.py's worst-scored images
 SUBMISSION_FILE = "submission.csv"  # results/: the Kaggle CSV
 SETTINGS_FILE = "settings.json"  # each model folder: the run record plus what this model learned
@@ -253,6 +255,7 @@ def upgrade_settings(settings):
     settings = {"schedule": "plateau", **settings}  # before --schedule: a constant rate, lowered on plateaus
     settings = {"structures": ["nerve"], **settings}  # before other datasets: the Kaggle nerve alone
     settings = {"bce_weight": 0.0, **settings}  # before --bce-weight: Dice alone (now 1 by default)
+    settings = {"crops": 0.0, **settings}  # before --crops: whole frames only
     if "postprocess" not in settings:  # before --baseline became a preset of the flags it implies
         settings.update(tta="hflip", postprocess="tuned")
         if settings.get("baseline"):

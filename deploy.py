@@ -8,14 +8,18 @@ them gets predict.py's masks:
     import json, deploy
     settings = json.load(open("deploy.json"))
     x = deploy.model_input(gray, settings["size"])  # gray: (H, W) uint8; x: (1, h, w, 1) float32, raw 0-255
-    probs, present = run_the_artefact(x)              # (1, h, w, K) and (1, K)
-    labels = deploy.labels(probs[0], present[0], settings["postprocess"], gray.shape)  # (H, W): 0, 1..K
+    probs, present, ood = run_the_artefact(x)         # (1, h, w, K), (1, K) and (1,)
+    labels = deploy.labels(probs[0], present[0], settings["postprocess"], gray.shape, ood[0], settings["ood_threshold"])
+
+An image whose out-of-distribution score is above the threshold is not a scan the model knows: it gets no mask.
 """
 
 import cv2
 import numpy as np
 
 DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
+# the models' `ood` output is a distance in units of the threshold ood.py set on frames of held-out subjects
+OOD_THRESHOLD = 1.0
 
 
 def resize(image, size):
@@ -78,8 +82,17 @@ def label_map(masks, probs):
     return np.where(masks.any(axis=-1), best + 1, 0).astype(np.uint8)
 
 
-def labels(probs, present, specs, shape):
-    """The label map (H, W) of one image of `shape` from the model's probabilities (h, w, K) and presence (K,)."""
+def unknown(ood, threshold=OOD_THRESHOLD):
+    """Whether out-of-distribution scores are above the threshold: not scans the model knows (a model without
+    the score, nan, knows every scan)."""
+    return np.asarray(ood, np.float64) > threshold
+
+
+def labels(probs, present, specs, shape, ood=np.nan, ood_threshold=OOD_THRESHOLD):
+    """The label map (H, W) of one image of `shape` from the model's probabilities (h, w, K), presence (K,) and
+    out-of-distribution score: all background where the score says the scan is unknown."""
+    if unknown(ood, ood_threshold):
+        return np.zeros(shape[:2], np.uint8)
     full = full_size(probs, shape)
     full = full.reshape(*full.shape[:2], -1)
     return label_map(apply_each(full[None], np.reshape(present, (1, -1)), specs), full[None])[0]

@@ -4,9 +4,11 @@
     python evaluate.py --input DIR      # the trained model(s) on a labelled folder, any layout data.py reads
 
 Reports, per structure, mean Dice on images that show it, the leaderboard score (mean per-image Dice, 1 when truth and
-prediction are both empty), presence accuracy and ROC AUC, IoU, pixel precision and recall, and false
-positive / negative pixel counts, as a table and results/evaluation.json, with a PNG of the worst cases.
-In the cross-validated report, each fold's post-processing is tuned on the other folds only.
+prediction are both empty), presence accuracy, ROC AUC and expected calibration error, IoU, pixel precision and
+recall, and false positive / negative pixel counts, as a table and results/evaluation.json, with a PNG of the
+worst cases; and how many of the frames the out-of-distribution score flags as scans the model does not know
+(the masks are scored as predicted, the flag beside them). In the cross-validated report, each fold's
+post-processing is tuned on the other folds only.
 """
 
 import contextlib
@@ -38,7 +40,7 @@ import deploy
 import inference
 import layouts
 import postprocess
-from deploy import DEFAULT, full_size
+from deploy import DEFAULT, OOD_THRESHOLD, full_size, unknown
 from figures import cases_png
 from metrics import dice_from_counts, scores
 
@@ -50,6 +52,7 @@ COLUMNS = [
     ("leaderboard", "{:.4f}"),
     ("presence_accuracy", "{:.4f}"),
     ("presence_auc", "{:.4f}"),
+    ("presence_ece", "{:.4f}"),
     ("iou_nonempty", "{:.4f}"),
     ("precision", "{:.4f}"),
     ("recall", "{:.4f}"),
@@ -59,19 +62,41 @@ COLUMNS = [
 
 
 def oof_views(oof, tta):
-    """A run's out-of-fold (probabilities, presence), averaged over the views `tta` names."""
-    views = [(oof["probs"], oof["present"])]
+    """A run's out-of-fold (probabilities, presence, out-of-distribution score), averaged over the views `tta`
+    names."""
+    views = [(oof["probs"], oof["present"], oof["ood"])]
     if tta == "hflip":
-        views.append((oof["probs_flip"], oof["present_flip"]))
+        views.append((oof["probs_flip"], oof["present_flip"], oof["ood_flip"]))
     return inference.mean_of_views(views)
+
+
+def flagged(ood):
+    """How many frames the out-of-distribution score flags as scans the model does not know, of how many (None
+    for models without the score)."""
+    ood = np.asarray(ood)
+    if np.isnan(ood).all():
+        return None
+    return {"frames": len(ood), "flagged": int(np.count_nonzero(unknown(ood))), "threshold": OOD_THRESHOLD}
+
+
+def flagged_line(report):
+    """The sentence saying how many frames the out-of-distribution score flags, or None without the score."""
+    if not report.get("ood"):
+        return None
+    f = report["ood"]
+    return (
+        f"{f['flagged']} of {f['frames']} frames ({f['flagged'] / max(f['frames'], 1):.1%}) score above the "
+        f"out-of-distribution threshold {f['threshold']:g}: predict.py shows them as not a scan the model knows"
+    )
 
 
 def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=True):
     """Per-fold and overall scores of each structure's out-of-fold predictions against the label maps
     masks[oof["index"]], each fold post-processed with the spec tuned on the other folds (postprocess.cross_fit),
     and the specs tuned on all of them; `default_gate` names the structures too seldom absent to tune a gate."""
-    probs, present = oof_views(oof, tta)
+    probs, present, ood = oof_views(oof, tta)
     report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs}
+    report["ood"] = flagged(ood)
     report["default_gate"] = []
     dice = np.zeros(present.shape)
     for s, name in enumerate(structures):
@@ -118,7 +143,7 @@ def table(rows):
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
 
 
-OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "index", "fold", "ids")
+OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "ood", "ood_flip", "index", "fold", "ids")
 
 
 def save_oof(path, oof):
@@ -132,7 +157,8 @@ def save_oof(path, oof):
 
 def load_oof(path):
     """The out-of-fold predictions train.py kept, checked: every array there, one length for all; those of an
-    earlier release (one structure, without its axis) get it."""
+    earlier release (one structure, without its axis) get it, and those without an out-of-distribution score get
+    nan for it."""
     remedy = "retrain with `python train.py` (with --folds K for K-fold)"
     if not path.is_file():
         raise UserError(f"{path} not found: {remedy}")
@@ -141,6 +167,9 @@ def load_oof(path):
             oof = {key: stored[key] for key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} cannot be read ({e}; damaged?): {remedy}") from None
+    for key in ("ood", "ood_flip"):
+        if key not in oof and "fold" in oof:
+            oof[key] = np.full(len(oof["fold"]), np.nan, np.float32)
     missing = [key for key in OOF_KEYS if key not in oof]
     lengths = {len(oof[key]) for key in OOF_KEYS if key in oof}
     if missing or len(lengths) > 1:
@@ -220,7 +249,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
     specs = postprocess.load(results, names)
     images, truth = arrays["train_images"], arrays["train_masks"]
     chunks = list(inference.predict_chunks(nets, size, images, tta, batch_size))
-    probs, present = np.concatenate([p for p, _ in chunks]), np.concatenate([q for _, q in chunks])
+    probs, present, ood = (np.concatenate([chunk[i] for chunk in chunks]) for i in range(3))
     rows, dice = {}, np.zeros(present.shape)
     for s, (name, spec) in enumerate(zip(names, specs)):
         candidates = [(spec["pixel_threshold"], spec["keep_largest"])]
@@ -229,7 +258,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
         rows[name] = {folder.name or str(folder): scores(tp, fp, fn, present[:, s])}
         dice[:, s] = dice_from_counts(tp, fp, fn)
     report = {"rows": rows, "postprocess": dict(zip(names, specs)), "tta": tta, "structures": names}
-    report["dice"] = dice.mean(axis=1)
+    report["dice"], report["ood"] = dice.mean(axis=1), flagged(ood)
 
     def masks_of(i):
         full = full_size(probs[i], truth.shape[1:])
@@ -269,14 +298,16 @@ def report_on(args):
         report, images, truth, masks, ids = evaluate_folder(args.results, args.input, args.tta)
         name = args.input.name
     print(table(report["rows"]))
-    if line := default_gate_line(report):
-        print(line)
+    for line in (default_gate_line(report), flagged_line(report)):
+        if line:
+            print(line)
     out = {
         "evaluated": name,
         "tta": report["tta"],
         "structures": report["structures"],
         "metrics": report["rows"],
         "postprocess": report["postprocess"],
+        "out_of_distribution": report["ood"],
     }
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]

@@ -5,11 +5,13 @@
     python export.py --format savedmodel
 
 The artefact takes raw 0-255 gray pixels at the models' input size, (n, h, w, 1) float32 (n = 1 for LiteRT),
-and returns {mask: (n, h, w, K), present: (n, K)}: the input normalisation, the fold ensemble and the mirror
-view are inside it. Resizing each image to that size and back, and the post-processing train.py tuned, are
-deploy.py's (NumPy and OpenCV only), copied beside the artefact with deploy.json (input size, structures,
-tuned specs): an application that calls deploy.labels() gets predict.py's masks. Each export is checked
-before it is kept: its own runtime's probabilities against Keras' on CHECK_IMAGES images.
+and returns {mask: (n, h, w, K), present: (n, K), ood: (n,)}: the input normalisation, the fold ensemble, the
+mirror view, the presence's calibration and the out-of-distribution score are inside it. Resizing each image
+to that size and back, and the post-processing train.py tuned, are deploy.py's (NumPy and OpenCV only),
+copied beside the artefact with deploy.json (input size, structures, tuned specs, the out-of-distribution
+threshold): an application that calls deploy.labels() gets predict.py's masks, and none for a scan the model
+does not know. Each export is checked before it is kept: its own runtime's outputs against Keras' on
+CHECK_IMAGES images.
 """
 
 import shutil
@@ -63,8 +65,8 @@ def export(results, kind, output, fast=False):
             serving.export(str(artefact), format=keras_format, verbose=False, input_signature=signature)
         except ImportError as e:
             raise UserError(f"--format {kind} needs a package that is not installed ({e}): see README.md") from None
-        mask, present = inference.runner(kind, artefact)(sample)
-        difference = float(max(np.abs(mask - expected["mask"]).max(), np.abs(present - expected["present"]).max()))
+        got = dict(zip(("mask", "present", "ood"), inference.runner(kind, artefact)(sample)))
+        difference = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
         if difference > TOLERANCE:
             raise UserError(
                 f"the {kind} artefact differs from Keras by {difference:.2g} (over {TOLERANCE:g}): not kept"
@@ -85,6 +87,7 @@ def export(results, kind, output, fast=False):
             "postprocess": postprocess.load(results, settings["structures"]),
             "models": len(nets),
             "tta": tta,
+            "ood_threshold": deploy.OOD_THRESHOLD,
             "input": "raw gray pixels 0-255 as float32, (n, height, width, 1); litert: n = 1",
             "max_difference_from_keras": difference,
         },

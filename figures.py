@@ -12,7 +12,7 @@ from common import UserError, atomic_path
 import cv2
 import numpy as np
 
-from metrics import structure_dice
+from metrics import calibration_bins, structure_dice
 
 # Distinct under the common colour-vision deficiencies: yellow, red and blue differ in lightness too
 TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (255, 215, 0), (230, 30, 30), (30, 130, 255)
@@ -164,19 +164,44 @@ def training_curves(log_csv, path):
     return save_figure(fig, Path(path))
 
 
-def annotated(image, labels, present, names):
+UNKNOWN_SCAN = "not a scan this model knows"  # what an overlay says where the out-of-distribution score is high
+UNKNOWN_COLOUR = (255, 255, 255)
+
+
+def annotated(image, labels, present, names, unknown=False):
     """RGB uint8 of a gray image with each structure's predicted outline in its colour and, in the corner,
-    each structure's name and presence probability: readable at a glance, frame by frame (OpenCV only)."""
+    each structure's name and presence probability, or UNKNOWN_SCAN where the scan is `unknown`: readable at a
+    glance, frame by frame (OpenCV only)."""
     rgb = np.repeat(np.asarray(image)[..., None], 3, axis=2)
     thickness = max(1, round(max(rgb.shape[:2]) / 250))
     scale = max(0.4, max(rgb.shape[:2]) / 900)
+    lines = [(UNKNOWN_SCAN, UNKNOWN_COLOUR)] if unknown else []
     for k, name in enumerate(names):
         colour = structure_colour(k)
         region = (np.asarray(labels) == k + 1).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(rgb, contours, -1, colour, thickness, cv2.LINE_AA)
-        text = f"{name} {float(present[k]):.2f}" + ("" if region.any() else " (none)")
-        origin = (8, round((k + 1) * 26 * scale + 4))
+        if not unknown:
+            lines.append((f"{name} {float(present[k]):.2f}" + ("" if region.any() else " (none)"), colour))
+    for row, (text, colour) in enumerate(lines):
+        origin = (8, round((row + 1) * 26 * scale + 4))
         cv2.putText(rgb, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
         cv2.putText(rgb, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
     return rgb
+
+
+def reliability_png(before, after, truth, names, path):
+    """A reliability diagram per structure: in each bin of predicted presence, the share of images that show
+    the structure, before and after calibration (the diagonal is perfect calibration)."""
+    fig, axes = pyplot().subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for s, (ax, name) in enumerate(zip(axes[0], names)):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1)
+        for probs, label, marker in ((before, "before", "o"), (after, "calibrated, out of fold", "s")):
+            count, confidence, frequency = calibration_bins(probs[:, s], truth[:, s])
+            used = count > 0
+            ax.plot(confidence[used], frequency[used], f"-{marker}", markersize=4, label=label)
+        ax.set(title=f"{name} presence", xlabel="predicted probability", ylabel="share with the structure")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, Path(path))

@@ -25,7 +25,6 @@ from keras import ops
 
 import augment
 import deploy
-import model
 from deploy import full_size
 
 CHUNK = 64  # images resized and predicted together: bounds memory at full size
@@ -57,23 +56,23 @@ def load_model(folder):
         raise UserError(f"cannot load {path} ({type(e).__name__}: {e}); retrain with `python train.py`") from None
 
 
-def in_current_precision(net, settings):
-    """The model itself, or the same weights in a network built under the global dtype policy
-    (a saved model keeps the precision it was trained in)."""
-    # the layers' policy: a functional model's own says float32 whatever its layers compute in
-    if net.get_layer("bottoma_conv").dtype_policy.name == keras.mixed_precision.dtype_policy().name:
+def in_current_precision(net):
+    """The model itself, or a copy of it whose layers compute under the global dtype policy (a saved model keeps
+    the precision it was trained in); the layers it keeps in float32 stay so."""
+    trained = net.get_layer("bottoma_conv").dtype_policy.name  # a functional model's own policy is float32
+    current = keras.mixed_precision.dtype_policy()
+    if trained == current.name:
         return net
-    rebuilt = model.build_model(
-        (*settings["size"], 1),
-        settings["base_filters"],
-        settings["depth"],
-        settings["dropout"],
-        settings["mean"],
-        settings["std"],
-        structures=len(settings["structures"]),
-    )
-    rebuilt.set_weights(net.get_weights())
-    return rebuilt
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.dtype_policy.name == trained:
+            config["dtype"] = current
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(net, clone_function=clone)
+    copy.set_weights(net.get_weights())
+    return copy
 
 
 def load_models(results=RESULTS_DIR):
@@ -89,7 +88,7 @@ def load_models(results=RESULTS_DIR):
                 f"{structures} structure(s) but its {SETTINGS_FILE} says {settings['size'][0]}x{settings['size'][1]} "
                 f"and {', '.join(settings['structures'])}: retrain"
             )
-        nets.append(in_current_precision(net, settings))
+        nets.append(in_current_precision(net))
         kinds.add((tuple(settings["size"]), tuple(settings["structures"])))
         first = first or settings
     if len(kinds) > 1:
@@ -120,63 +119,72 @@ def predicted_masks(net, x, specs, batch_size=32):
 
 
 def predict_views(nets, images, tta="hflip", batch_size=32):
-    """Each model's and each view's (mask probabilities (n, h, w, K), presence (n, K)) of images at the models'
-    size, the mirror view's mirrored back: a list, one pair per model and view."""
+    """Each model's and each view's (mask probabilities (n, h, w, K), presence (n, K), out-of-distribution score
+    (n,), nan for a model without one) of images at the models' size, the mirror view's mirrored back: a list,
+    one triple per model and view."""
     x = np.asarray(images)[..., None].astype(np.float32)
     views = []
     for net in nets:
         for flip in VIEWS[tta]:
             out = network_outputs(net, x[:, :, ::-1] if flip else x, batch_size)
-            probs = out["mask"]
-            views.append((probs[:, :, ::-1] if flip else probs, out["present"].reshape(len(probs), -1)))
+            probs, n = out["mask"], len(out["mask"])
+            ood = out["ood"].reshape(n) if "ood" in out else np.full(n, np.nan, np.float32)
+            views.append((probs[:, :, ::-1] if flip else probs, out["present"].reshape(n, -1), ood))
     return views
 
 
 def mean_of_views(views):
-    """The average (probabilities, presence) of predict_views' pairs."""
+    """The average (probabilities, presence, out-of-distribution score) of predict_views' triples."""
     # in float32 whatever the views' dtype: out-of-fold maps are stored as float16
-    return tuple(np.mean([view[i] for view in views], axis=0, dtype=np.float32) for i in (0, 1))
+    return tuple(np.mean([view[i] for view in views], axis=0, dtype=np.float32) for i in range(3))
 
 
 def predict(nets, images, tta="hflip", batch_size=32):
-    """Mean (mask probabilities (n, h, w, K), presence (n, K)) over the models and views, at the models' size."""
+    """Mean (mask probabilities (n, h, w, K), presence (n, K), out-of-distribution score (n,)) over the models
+    and views, at the models' size."""
     return mean_of_views(predict_views(nets, images, tta, batch_size))
 
 
 def predict_chunks(nets, size, images, tta="hflip", batch_size=32, at_full_size=False, sizes=None):
-    """Yield (probabilities (n, h, w, K), presence (n, K)) of full-size uint8 images, CHUNK at a time: at the
-    models' size, or with at_full_size resized back to the images' own (`sizes`, (n, 2), where the arrays
-    hold them at another)."""
+    """Yield (probabilities (n, h, w, K), presence (n, K), out-of-distribution score (n,)) of full-size uint8
+    images, CHUNK at a time: at the models' size, or with at_full_size resized back to the images' own (`sizes`,
+    (n, 2), where the arrays hold them at another)."""
     for start in range(0, len(images), CHUNK):
         chunk = images[start : start + CHUNK]
-        probs, present = predict(nets, augment.resize_images(chunk, size), tta, batch_size)
+        probs, present, ood = predict(nets, augment.resize_images(chunk, size), tta, batch_size)
         if at_full_size:
             shapes = sizes[start : start + CHUNK] if sizes is not None else [np.shape(image) for image in chunk]
             probs = [full_size(p, tuple(shape)) for p, shape in zip(probs, shapes)]
             probs = np.stack(probs) if len({p.shape for p in probs}) <= 1 else probs
-        yield probs, present
+        yield probs, present, ood
 
 
 class Serving(keras.Model):
-    """Every model and view averaged, as one model: raw pixels (n, h, w, 1) in, {mask, present} out."""
+    """Every model and view averaged, as one model: raw pixels (n, h, w, 1) in, {mask, present} out, and `ood`
+    (n,) where the models have that output."""
 
     def __init__(self, nets, tta):
         super().__init__(name="serving")
         self.nets, self.flips = nets, VIEWS[tta]
+        self.scores_ood = all("ood" in net.output for net in nets)
         self(np.zeros((1, *nets[0].input_shape[1:]), np.float32))  # built, as export requires
 
     def call(self, image):
-        masks, presents = [], []
+        views = []
         for net in self.nets:
             for flip in self.flips:
                 out = net(ops.flip(image, axis=2) if flip else image)
-                masks.append(ops.flip(out["mask"], axis=2) if flip else out["mask"])
-                presents.append(out["present"])
-        return {"mask": ops.mean(ops.stack(masks), axis=0), "present": ops.mean(ops.stack(presents), axis=0)}
+                views.append({**out, "mask": ops.flip(out["mask"], axis=2) if flip else out["mask"]})
+        names = ("mask", "present", "ood") if self.scores_ood else ("mask", "present")
+        mean = {name: ops.mean(ops.stack([view[name] for view in views]), axis=0) for name in names}
+        if self.scores_ood:  # rank 1: runtimes that rename outputs are told them apart by rank
+            mean["ood"] = ops.reshape(mean["ood"], (-1,))
+        return mean
 
 
 def runner(kind, path):
-    """A function (n, h, w, 1) float32 -> (mask probabilities, presence) running an artefact with its own runtime."""
+    """A function (n, h, w, 1) float32 -> (mask probabilities, presence, out-of-distribution score) running an
+    artefact with its own runtime."""
     if kind == "savedmodel":
         import tensorflow as tf
 
@@ -214,6 +222,8 @@ def runner(kind, path):
 
 
 def mask_and_presence(outputs):
-    """(mask, present) from a runtime's named outputs, told apart by rank (LiteRT renames them)."""
+    """(mask, present, ood) from a runtime's named outputs, told apart by rank (LiteRT renames them); ood is nan
+    for an artefact without that output."""
     arrays = [np.asarray(v) for v in outputs.values()]
-    return next(a for a in arrays if a.ndim == 4), next(a for a in arrays if a.ndim == 2)
+    mask, present = next(a for a in arrays if a.ndim == 4), next(a for a in arrays if a.ndim == 2)
+    return mask, present, next((a for a in arrays if a.ndim == 1), np.full(len(mask), np.nan, np.float32))

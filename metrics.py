@@ -1,5 +1,5 @@
 """Scores of hard masks against the truth, all from per-image pixel counts: the leaderboard Dice (1 where truth
-and prediction are both empty), IoU, pixel precision and recall, presence accuracy and ROC AUC."""
+and prediction are both empty), IoU, pixel precision and recall, presence accuracy, ROC AUC and calibration."""
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -9,6 +9,13 @@ def presence(masks):
     """Whether each mask of (n, ...) marks any pixel."""
     masks = np.asarray(masks)
     return masks.reshape(len(masks), -1).any(axis=1)
+
+
+def structure_presence(labels, structures):
+    """(n, K): whether each label map marks structure k + 1, one map at a time (a memory-map stays on disk)."""
+    return np.array([[np.any(np.asarray(m) == k + 1) for k in range(structures)] for m in labels], bool).reshape(
+        -1, structures
+    )
 
 
 def pixel_counts(truth, masks):
@@ -48,6 +55,29 @@ def roc_auc(scores, labels):
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
+CALIBRATION_BINS = 10  # equal-width bins of predicted probability
+
+
+def calibration_bins(probs, labels, bins=CALIBRATION_BINS):
+    """Per equal-width bin of predicted probability: (images in it, their mean probability, the share of them
+    that are positive)."""
+    probs, labels = np.asarray(probs, np.float64).ravel(), np.asarray(labels, bool).ravel()
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    return (
+        count,
+        np.bincount(which, probs, bins) / np.maximum(count, 1),
+        np.bincount(which, labels, bins) / np.maximum(count, 1),
+    )
+
+
+def expected_calibration_error(probs, labels, bins=CALIBRATION_BINS):
+    """How far predicted probabilities are from the frequencies they claim: the mean over images of
+    |mean probability - share positive| in their bin."""
+    count, confidence, frequency = calibration_bins(probs, labels, bins)
+    return float((count * np.abs(confidence - frequency)).sum() / max(count.sum(), 1))
+
+
 def scores(tp, fp, fn, present):
     """The evaluation figures of one set of images, from their pixel counts and presence probabilities."""
     with_structure, predicted = (tp + fn) > 0, (tp + fp) > 0
@@ -64,6 +94,7 @@ def scores(tp, fp, fn, present):
         "leaderboard": float(dice.mean()),
         "presence_accuracy": float((predicted == with_structure).mean()),
         "presence_auc": roc_auc(present, with_structure),
+        "presence_ece": expected_calibration_error(present, with_structure),
         "iou_nonempty": over_positives(iou),
         "precision": float(tp.sum() / max(tp.sum() + fp.sum(), 1)),
         "recall": float(tp.sum() / max(tp.sum() + fn.sum(), 1)),

@@ -4,9 +4,13 @@ Outputs: `mask` (sigmoid, HxWxK), each structure's pixels; `present` (sigmoid, K
 the image shows each structure at all, read from the bottleneck through global pooling so that any input
 size divisible by 2**depth works. One structure (K = 1, the Kaggle nerve) is the original network.
 Losses average over the structures, each scored on its own channel.
+
+After training the network gets a third output, `ood`: how far the image's features lie from those of the
+frames it was trained on (with_ood), and its presence is calibrated by a temperature (calibrated).
 """
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 SMOOTH = 1.0  # Dice smoothing: an empty prediction on an empty mask scores 1
@@ -135,6 +139,42 @@ def build_model(
     p = layers.GlobalMaxPooling2D(name="presence_pool")(p)
     present = layers.Activation("sigmoid", dtype="float32", name="present")(p)
     return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
+
+
+def pooled_features(net):
+    """The network's features averaged over the image, (n, channels) float32, at every level of the encoder and
+    the bottleneck (texture at the top, anatomy at the bottom): what the out-of-distribution score measures."""
+    depth = sum(layer.name.endswith("_tconv") for layer in net.layers)
+    names = [f"down{level}b_elu" for level in range(depth)] + ["bottom_dropout"]
+    pooled = [
+        layers.GlobalAveragePooling2D(dtype="float32", name=f"ood_pool_{name}")(net.get_layer(name).output)
+        for name in names
+    ]
+    return layers.Concatenate(dtype="float32", name="ood_features")(pooled)
+
+
+def calibrated(net, temperature):
+    """The network with each structure's presence logit divided by its `temperature` before the sigmoid (a
+    temperature of 1 is the network as trained). Built from the layers' outputs, so applied again it replaces
+    the calibration; built-in layers only, so plain Keras still loads the saved model."""
+    scaled = layers.Rescaling([1.0 / t for t in temperature], dtype="float32", name="presence_calibration")(
+        net.get_layer("presence_pool").output
+    )
+    present = layers.Activation("sigmoid", dtype="float32", name="present")(scaled)
+    return keras.Model(net.input, {**net.output, "present": present}, name=net.name)
+
+
+def with_ood(net, mean, whitening, threshold):
+    """The network with an output `ood` (n, 1): the Mahalanobis distance ||(f - mean) @ whitening|| of the
+    image's pooled features f (pooled_features) from those of its training frames, over `threshold` (ood.py fits
+    the three). Applied again it replaces the output; built-in layers only."""
+    z = layers.Dense(len(mean), dtype="float32", name="ood_whiten")(pooled_features(net))
+    direction = layers.UnitNormalization(dtype="float32", name="ood_direction")(z)
+    distance = layers.Dot(axes=1, dtype="float32", name="ood_distance")([z, direction])  # z . z / |z| = |z|
+    score = layers.Rescaling(1.0 / threshold, dtype="float32", name="ood")(distance)
+    extended = keras.Model(net.input, {**net.output, "ood": score}, name=net.name)
+    extended.get_layer("ood_whiten").set_weights([whitening, -np.asarray(mean) @ whitening])
+    return extended
 
 
 def soft_dice_per_image(y_true, y_pred):

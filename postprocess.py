@@ -1,10 +1,15 @@
-"""Post-processing: how probabilities become masks, and how that is chosen on out-of-fold predictions.
+"""Post-processing: how probabilities become masks, and how that is chosen on out-of-fold predictions; and the
+presence's calibration, a temperature per structure fitted on them.
 
 A spec has four knobs: the pixel threshold, whether to keep only the largest component, and the gate,
 which empties a mask whose presence probability is under `presence_threshold` or whose area (at full size)
 is under `min_area`. Each structure has its own spec. train.py tunes them on the out-of-fold predictions of
 a K-fold run and saves them to results/postprocess.json; evaluate.py, submission.py and utils apply that file
 through load() and deploy.apply_each(), the one implementation an exported model's application calls too.
+
+The temperature T divides each view's presence logit before the sigmoid (Guo et al., 2017), fitted by the
+cross-entropy of the presence averaged over views, so that a presence of 0.9 means about nine in ten; train.py
+puts it into every model (model.calibrated) before the post-processing is tuned on the calibrated presence.
 """
 
 import itertools
@@ -25,6 +30,9 @@ from common import (
 )
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
+from sklearn.metrics import log_loss
 
 from deploy import DEFAULT, binary_mask, full_size, gate
 from metrics import dice_from_counts
@@ -45,6 +53,8 @@ CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel 
 # A gate learns from the images that lack the structure. Tuned on a few of them, it empties more true masks
 # on new images than it saves (docs/experiments.md), so with fewer than this it keeps its default.
 MIN_EMPTY_TO_GATE = 30
+LOG_TEMPERATURES = (np.log(0.05), np.log(20.0))  # the range a temperature is searched in
+EPSILON = 1e-6  # presence is clipped to [EPSILON, 1 - EPSILON] before its logit: saturated sigmoids stay finite
 
 
 def untuned(presence_weight):
@@ -152,3 +162,36 @@ def cross_fit(stats, present, fold, prior=DEFAULT, tuned=True):
         others = np.flatnonzero(fold != k)
         specs[int(k)] = tune(stats, present, others, prior) if len(others) else prior
     return specs, tune(stats, present, np.arange(len(fold)), prior)
+
+
+def calibrate(present, temperature):
+    """Presence probabilities (n, K) with each structure's logit divided by its temperature (K,)."""
+    return expit(logit(np.clip(np.asarray(present, np.float64), EPSILON, 1 - EPSILON)) / np.asarray(temperature))
+
+
+def fit_temperature(views, truth):
+    """The temperature that minimises the cross-entropy of one structure's presence, views (v, n) averaged after
+    calibration, against whether each image shows it; 1 where the images are all of one kind."""
+    if truth.all() or not truth.any():
+        return 1.0
+
+    def loss(log_t):
+        return log_loss(truth, np.mean([calibrate(v, np.exp(log_t)) for v in views], axis=0), labels=[False, True])
+
+    return float(np.exp(minimize_scalar(loss, bounds=LOG_TEMPERATURES, method="bounded").x))
+
+
+def temperatures(views, truth, fold):
+    """Each structure's temperature fitted on all images, and each image's presence calibrated by the one fitted
+    on the other folds (with one fold, on itself): [K], (n, K). views: presence (n, K) per view; truth (n, K)."""
+    views = np.stack([np.asarray(v, np.float64) for v in views])
+    structures = range(views.shape[-1])
+    final = [fit_temperature(views[..., s], truth[:, s]) for s in structures]
+    held_out = np.zeros(views.shape[1:])
+    for k in np.unique(fold):
+        idx, others = fold == k, fold != k
+        if not others.any():
+            others = idx
+        t = [fit_temperature(views[:, others, s], truth[others, s]) for s in structures]
+        held_out[idx] = np.mean([calibrate(v, t) for v in views[:, idx]], axis=0)
+    return final, held_out

@@ -10,7 +10,9 @@ evaluate.py and submission.py use (deploy.py's functions, which an exported mode
 Per image: {name}_mask.png (0/255 for one structure; labels 1..K for several) and {name}_overlay.png (each
 structure outlined in its colour, with its presence probability). Per video or multi-frame DICOM:
 {name}_overlay.mp4 and {name}_frames.csv (frame, time, and per structure presence, area, centroid and
-bounding box). For all still images: predictions.csv and predictions.json.
+bounding box). For all still images: predictions.csv and predictions.json. Every image and frame has its
+out-of-distribution score (ood_score; 1 is the threshold set on frames of subjects held out in training, ood.py):
+above --ood-threshold it is not a scan this model knows, and it gets no mask and says so.
 
 DICOM goes through pydicom: uncompressed pixel data (implicit or explicit VR little endian, explicit VR big
 endian, deflated) and RLE lossless decode everywhere; JPEG and JPEG 2000 syntaxes only where a pydicom
@@ -38,6 +40,7 @@ from common import (
     atomic_path,
     integer,
     list_of,
+    number,
     output_folder,
     read_state,
     run_cli,
@@ -67,6 +70,7 @@ DEPLOY_FIELDS = {  # what predict.py reads of export.py's deploy.json
     "postprocess": list_of(MAPPING),
     "models": integer(1),
     "tta": TEXT,
+    "ood_threshold": number(0),
 }
 
 
@@ -118,13 +122,15 @@ def dicom_frames(path):
             "lossless always work; for JPEG syntaxes install a pydicom decoder plugin (e.g. pylibjpeg)"
         ) from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    colour = ds.get("SamplesPerPixel", 1) == 3
+    palette = ds.get("PhotometricInterpretation") == "PALETTE COLOR"
+    if palette:  # indices into the file's colour table
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+    # pixel_array gives YBR colour as RGB already
+    colour = palette or ds.get("SamplesPerPixel", 1) == 3
     pixels = pixels.reshape(frames, *pixels.shape[-3 if colour else -2 :])
     if colour:
-        if str(ds.get("PhotometricInterpretation", "RGB")).startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
         pixels = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in pixels])
     pixels = to_uint8(pixels)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # 0 is white
@@ -175,8 +181,9 @@ class Predictor:
     """The run's models (through Keras, or an artefact export.py wrote, through its own runtime), views and
     tuned specs, predicting label maps at each image's own size."""
 
-    def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras"):
+    def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras", ood_threshold=None):
         self.batch_size, self.runtime = batch_size, runtime
+        self.ood_threshold = deploy.OOD_THRESHOLD if ood_threshold is None else ood_threshold
         if runtime == "keras":
             nets, self.size, settings = inference.load_models(results)
             self.nets = nets[:1] if fast else nets
@@ -190,8 +197,12 @@ class Predictor:
         kind = "onnx" if runtime == "openvino" else runtime
         folder = Path(results) / EXPORT_DIR / kind
         remedy = f"export it with `python export.py --format {kind} --results {results}`"
-        exported = read_state(folder / DEPLOY_FILE, DEPLOY_FIELDS, remedy)
+        # an export of an earlier release has no score: nan, which flags nothing
+        exported = read_state(
+            folder / DEPLOY_FILE, DEPLOY_FIELDS, remedy, lambda d: {"ood_threshold": deploy.OOD_THRESHOLD, **d}
+        )
         self.size, self.names, self.specs = tuple(exported["size"]), exported["structures"], exported["postprocess"]
+        self.ood_threshold = exported["ood_threshold"] if ood_threshold is None else ood_threshold
         self.views = f"{exported['models']} model(s), tta {exported['tta']}, {runtime}"
         self.run = inference.runner(runtime, folder / exported["artefact"])
 
@@ -199,7 +210,8 @@ class Predictor:
         return f"{self.views}, at {self.size[0]}x{self.size[1]}: {', '.join(self.names)}"
 
     def probabilities(self, images):
-        """(probabilities at the models' size (n, h, w, K), presence (n, K)) of gray uint8 images."""
+        """(probabilities at the models' size (n, h, w, K), presence (n, K), out-of-distribution score (n,)) of
+        gray uint8 images."""
         small = np.stack([deploy.resize(image, self.size) for image in images])
         if self.runtime == "keras":
             return inference.predict(self.nets, small, self.tta, self.batch_size)
@@ -207,23 +219,25 @@ class Predictor:
             self.run(small[i : i + self.batch_size, ..., None].astype(np.float32))
             for i in range(0, len(small), self.batch_size)
         ]
-        return tuple(np.concatenate([part[k] for part in parts]) for k in (0, 1))
+        return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
 
-    def masks(self, image, probs, present):
+    def masks(self, image, probs, present, ood):
         """(per-structure 0/1 masks at the image's size (H, W, K) before the gate, whether each structure is
-        shown (a mask that passes the gate), the probabilities at that size). What is drawn is masks * shown, or
-        masks * a decision smoothed over frames."""
+        shown (a mask that passes the gate, in a scan the model knows), whether the scan is unknown, the
+        probabilities at that size). What is drawn is masks * shown, or masks * a decision smoothed over frames."""
         full = deploy.full_size(probs, image.shape).reshape(*image.shape, -1)
         ungated = [{**spec, "presence_threshold": 0.0, "min_area": 0} for spec in self.specs]
         masks = deploy.apply_each(full[None], present[None], ungated)[0]
         area = masks.reshape(-1, masks.shape[-1]).sum(axis=0)
         gated = np.array([deploy.gate(present[k], area[k], spec)[0] for k, spec in enumerate(self.specs)])
-        return masks, gated & (area > 0), full
+        unknown = bool(deploy.unknown(ood, self.ood_threshold))
+        return masks, gated & (area > 0) & (not unknown), unknown, full
 
 
-def structure_row(names, present, masks):
-    """Per structure: presence probability, area, centroid and bounding box of its mask."""
-    row = {}
+def structure_row(names, present, masks, ood, unknown):
+    """The out-of-distribution score and flag, and per structure: presence probability, area, centroid and
+    bounding box of its mask."""
+    row = {"ood_score": round(float(ood), 4) if np.isfinite(ood) else "", "unknown_scan": unknown}
     for k, name in enumerate(names):
         ys, xs = np.nonzero(masks[..., k])
         found = len(xs) > 0
@@ -266,17 +280,17 @@ def predict_stills(predictor, files, out):
     for start in tqdm(range(0, len(files), inference.CHUNK), desc="images", unit="chunk", leave=False):
         chunk = files[start : start + inference.CHUNK]
         images = [read_still(path) for path, _ in chunk]
-        probs, present = predictor.probabilities(images)
-        for (path, name), image, p, q in zip(chunk, images, probs, present):
-            masks, kept, full = predictor.masks(image, p, q)
+        for (path, name), image, *prediction in zip(chunk, images, *predictor.probabilities(images)):
+            masks, kept, unknown, full = predictor.masks(image, *prediction)
             masks = masks * kept.astype(np.uint8)
             labels = deploy.label_map(masks[None], full[None])[0]
             mask_name = MASK_FILE.format(name=name)
             write_png(out / mask_name, mask_png(labels, len(predictor.names)))
-            overlay = annotated(image, labels, q, predictor.names)
+            overlay = annotated(image, labels, prediction[1], predictor.names, unknown)
             write_png(out / OVERLAY_FILE.format(name=name), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
             size = {"height": image.shape[0], "width": image.shape[1]}
-            rows.append({"file": str(path), **size, "mask": mask_name, **structure_row(predictor.names, q, masks)})
+            row = structure_row(predictor.names, prediction[1], masks, prediction[2], unknown)
+            rows.append({"file": str(path), **size, "mask": mask_name, **row})
     return rows
 
 
@@ -290,7 +304,7 @@ def read_still(path):
 
 
 def predict_sequence(predictor, frames, fps, count, name, out, smooth):
-    """The overlay video and per-frame CSV of a sequence of gray frames; return the number of frames."""
+    """The overlay video and per-frame CSV of a sequence of gray frames; return its rows."""
     rows, writer, state = [], None, deploy.Hysteresis(smooth, len(predictor.names))
     with atomic_path(out / OVERLAY_VIDEO_FILE.format(name=name)) as tmp:
         bar = tqdm(total=count, desc=name.name, unit="frame", leave=False)
@@ -299,25 +313,26 @@ def predict_sequence(predictor, frames, fps, count, name, out, smooth):
             if frame is not None:
                 batch.append(frame)
             if batch and (frame is None or len(batch) == inference.CHUNK):
-                probs, present = predictor.probabilities(batch)
-                for image, p, q in zip(batch, probs, present):
-                    masks, kept, full = predictor.masks(image, p, q)
+                for image, *prediction in zip(batch, *predictor.probabilities(batch)):
+                    masks, kept, unknown, full = predictor.masks(image, *prediction)
                     masks = masks * state.update(kept).astype(np.uint8)
                     labels = deploy.label_map(masks[None], full[None])[0]
-                    drawn = cv2.cvtColor(annotated(image, labels, q, predictor.names), cv2.COLOR_RGB2BGR)
+                    drawn = annotated(image, labels, prediction[1], predictor.names, unknown)
+                    drawn = cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)
                     if writer is None:
                         size = (image.shape[1], image.shape[0])
                         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
                     writer.write(drawn)
                     timing = {"frame": len(rows), "time_s": round(len(rows) / fps, 4)}
-                    rows.append({**timing, **structure_row(predictor.names, q, masks)})
+                    row = structure_row(predictor.names, prediction[1], masks, prediction[2], unknown)
+                    rows.append({**timing, **row})
                 bar.update(len(batch))
                 batch = []
         bar.close()
         if writer is not None:
             writer.release()
     write_csv(out / FRAMES_FILE.format(name=name), rows)
-    return len(rows)
+    return rows
 
 
 def main(argv=None):
@@ -333,14 +348,21 @@ def main(argv=None):
         default="keras",
         help="keras: the models in --results; else the artefact `python export.py --format RUNTIME` wrote",
     )
+    ap.add_argument(
+        "--ood-threshold",
+        type=float,
+        default=None,
+        help="out-of-distribution score above which an image is not a scan the model knows and gets no mask; "
+        f"unset: {deploy.OOD_THRESHOLD:g} (the threshold set on held-out subjects' frames), or deploy.json's",
+    )
     add_flags(ap, "results", "tta", "precision", "batch-size")
     args = ap.parse_args(argv)
-    if args.smooth < 0 or args.batch_size < 1:
-        raise UserError("--smooth must not be negative and --batch-size must be at least 1")
+    if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0:
+        raise UserError("--smooth and --ood-threshold must not be negative and --batch-size must be at least 1")
     files = input_files(args.paths)
     out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
     model.set_precision(args.precision)
-    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime)
+    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
     print(predictor.describe())
     stills, sequences = [], []
     for path, name in files:
@@ -355,14 +377,24 @@ def main(argv=None):
         else:
             stills.append((path, name))
     for path, name, frames, fps, count in sequences:
-        n = predict_sequence(predictor, frames, fps, count, name, out, args.smooth)
+        rows = predict_sequence(predictor, frames, fps, count, name, out, args.smooth)
         written = f"{OVERLAY_VIDEO_FILE.format(name=name)}, {FRAMES_FILE.format(name=name)}"
-        print(f"{path}: {n} frames -> {out}/{written}")
+        print(f"{path}: {len(rows)} frames{unknown_note(rows)} -> {out}/{written}")
     if stills:
         rows = predict_stills(predictor, stills, out)
         write_csv(out / SUMMARY_FILE.format(ext="csv"), rows)
-        write_json(out / SUMMARY_FILE.format(ext="json"), {"models": predictor.describe(), "images": rows})
-        print(f"{len(rows)} image(s) -> {out}/ (masks, overlays, {SUMMARY_FILE.format(ext='csv')} and .json)")
+        summary = {"models": predictor.describe(), "ood_threshold": predictor.ood_threshold, "images": rows}
+        write_json(out / SUMMARY_FILE.format(ext="json"), summary)
+        print(
+            f"{len(rows)} image(s){unknown_note(rows)} -> {out}/ (masks, overlays, "
+            f"{SUMMARY_FILE.format(ext='csv')} and .json)"
+        )
+
+
+def unknown_note(rows):
+    """', N not scans this model knows' where the out-of-distribution score flagged any of the rows."""
+    n = sum(row["unknown_scan"] for row in rows)
+    return f", {n} not scans this model knows (no mask)" if n else ""
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def write(args, output):
     pixels, digests, n_found = [], [], 0
     chunks = inference.predict_chunks(nets, size, images, tta, args.batch_size, at_full_size=True, sizes=sizes)
     with tqdm(total=len(ids), desc="predicting", unit="img", leave=False) as bar:
-        for probs, present in chunks:
+        for probs, present, _ in chunks:  # the competition's own frames: no out-of-distribution gate
             for prob, p in zip(probs, present):  # one at a time: sizes may differ
                 mask = deploy.apply(prob[None, ..., k], p[None, k], spec)[0]
                 pixels.append(rle_encode(mask))

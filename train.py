@@ -9,17 +9,25 @@ The best epoch is chosen on the validation leaderboard score (mean per-image Dic
 gate, 1 when truth and prediction are both empty), not on the loss. Validation holds out whole
 subjects, stratified by nerve presence: frames of one subject are near-duplicates.
 
+A share of the training samples (--crops) are crop views of the frames that leave a structure out or keep it
+in (augment.py): the presence head and the mask learn what "no nerve here" looks like from frames labelled only
+where the nerve is. After each model trains, its out-of-distribution score is fitted (ood.py): the training
+frames' features, thresholded on the validation subjects'.
+
 Every completed epoch is saved for --resume (see checkpoint.py), so a killed run loses at most the epoch it
-was in. After the last model, post-processing is chosen on the out-of-fold predictions (postprocess.py).
+was in. After the last model, the presence is calibrated and the post-processing chosen on the out-of-fold
+predictions (postprocess.py).
 """
 
 import contextlib
 import time
 
 from common import (
+    CALIBRATION_FILE,
     ENSEMBLE_FILE,
     MODEL_FILE,
     OOF_FILE,
+    RELIABILITY_FILE,
     TRAINING_LOG_FILE,
     UserError,
     add_flags,
@@ -30,6 +38,7 @@ from common import (
     parse_size,
     run_cli,
     run_record,
+    write_json,
     write_state,
 )
 
@@ -44,11 +53,13 @@ import evaluate
 import inference
 import model as unet
 import monitor
+import ood
 import planning
 import postprocess
 import splits
 from distribute import distribute, worker_outputs
-from metrics import presence
+from figures import reliability_png
+from metrics import expected_calibration_error, presence, structure_presence
 
 MASK_LOSSES = {"batch": unet.batch_dice_loss, "image": unet.dice_loss, "lovasz": unet.lovasz_hinge_loss}
 # --baseline: the original tutorials' recipe, as the flags it implies (flags given beside it win)
@@ -98,6 +109,9 @@ def flag_parser():
     ap.add_argument("--scale", type=float, default=0.0, help="random zoom by a factor in [1 - s, 1 + s] (0: off)")
     ap.add_argument("--gamma", type=float, default=0.0,
                     help="random gamma curve of exponent (1 + g) ** u, u in [-1, 1] (0: off)")
+    ap.add_argument("--crops", type=float, default=augment.CROPS,
+                    help="share of training samples that are crop views of a frame, half of them leaving a "
+                         "structure out (absent), half keeping it whole, at the same scales (0: off)")
     ap.add_argument("--conflicts", choices=("keep", "drop", "relabel"), default="keep",
                     help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
                          "keep them, drop them, or give them the twin's mask")
@@ -151,6 +165,7 @@ def parse_args(argv=None):
         (set(args.flips) <= {"horizontal", "vertical"}, "--flips takes horizontal, vertical or none"),
         (args.elastic >= 0 and args.workers >= 0, "--elastic and --workers must not be negative"),
         (0 <= args.scale < 1 and args.gamma >= 0, "--scale must be in [0, 1) and --gamma not negative"),
+        (0 <= args.crops <= 1, "--crops must be in [0, 1]"),
         (
             args.size is None or all(s % 2**args.depth == 0 for s in args.size),
             f"--size {'x'.join(map(str, args.size or ()))}: both sides must be divisible by 2**depth = {2**args.depth}",
@@ -186,9 +201,10 @@ def compile_model(args, mean, std, steps_per_epoch, structures=1):
     return net
 
 
-def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=contextlib.nullcontext):
+def train_model(args, train, val, originals, out_dir, log_dir, settings, state=None, scope=contextlib.nullcontext):
     """Train one model on train = (images, masks), choosing its best epoch on val = (images, masks), from
-    scratch or from a saved resume state; return the best score. The model is built in `scope`."""
+    scratch or from a saved resume state; return the best score. Crop views are cut from originals = (the
+    full-resolution images, label maps, each training image's row in them). The model is built in `scope`."""
     mean, std = float(train[0].mean()), float(train[0].std())
     start = state["epoch"] if state else 0
     structures = len(settings["structures"])
@@ -205,6 +221,8 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
         workers=args.workers,
         multiple=devices,
         structures=structures,
+        crops=args.crops,
+        originals=originals,
     )
     val_batches = augment.AugmentedBatches(
         *val, args.batch_size, augment=False, shuffle=False, workers=0, multiple=devices, structures=structures
@@ -262,10 +280,51 @@ def train_model(args, train, val, out_dir, log_dir, settings, state=None, scope=
     return best.best
 
 
-def out_of_fold(out_dir, images):
-    """The saved best model's predictions on held-out images, plain and of the mirror image mirrored back."""
-    (probs, present), (probs_flip, present_flip) = inference.predict_views([inference.load_model(out_dir)], images)
-    return {"probs": probs, "present": present, "probs_flip": probs_flip, "present_flip": present_flip}
+def fit_ood(args, out_dir, train_images, val_images, val_groups):
+    """Give the saved best model its out-of-distribution output (ood.py) and print what the fit found."""
+    net, report = ood.fit(inference.load_model(out_dir), train_images, val_images, val_groups, args.tta)
+    checkpoint.update_model(out_dir, net, ood=report)
+    flagged = report["held_out_flagged"]
+    estimate = "" if flagged is None else f"; a threshold set on half the subjects flags {flagged:.1%} of the others"
+    print(f"out-of-distribution score: threshold at distance {report['threshold_distance']:.1f}{estimate}")
+
+
+def out_of_fold(out_dir, images, structures):
+    """The saved best model's predictions on held-out images, plain and of the mirror image mirrored back, its
+    presence uncalibrated."""
+    net = unet.calibrated(inference.load_model(out_dir), [1.0] * structures)
+    plain, flipped = inference.predict_views([net], images)
+    names = ("probs", "present", "ood")
+    return {**dict(zip(names, plain)), **{f"{name}_flip": value for name, value in zip(names, flipped)}}
+
+
+def calibrate(args, oof, truth, dirs, names):
+    """Fit each structure's presence temperature on the out-of-fold predictions, put it into every model and
+    calibrate `oof` with it; write the calibration's figures and reliability diagram."""
+    views = ["present", "present_flip"] if args.tta == "hflip" else ["present"]
+    before = np.mean([oof[v] for v in views], axis=0)
+    temperature, held_out = postprocess.temperatures([oof[v] for v in views], truth, oof["fold"])
+    for folder in dirs:
+        net = unet.calibrated(inference.load_model(args.results / folder), temperature)
+        checkpoint.update_model(args.results / folder, net, presence_temperature=temperature)
+    for key in ("present", "present_flip"):
+        oof[key] = postprocess.calibrate(oof[key], temperature)
+    figures = {
+        name: {
+            "temperature": temperature[s],
+            "ece_before": expected_calibration_error(before[:, s], truth[:, s]),
+            "ece_after": expected_calibration_error(held_out[:, s], truth[:, s]),
+        }
+        for s, name in enumerate(names)
+    }
+    write_json(args.results / CALIBRATION_FILE, figures)
+    reliability_png(before, held_out, truth, names, args.results / RELIABILITY_FILE)
+    how = "each fold by the other folds' temperature" if len(dirs) > 1 else "on the images it was fitted on"
+    for name, f in figures.items():
+        print(
+            f"presence of {name} calibrated at temperature {f['temperature']:.2f}: expected calibration error "
+            f"{f['ece_before']:.3f} -> {f['ece_after']:.3f} ({how})"
+        )
 
 
 def training_labels(args, arrays, masks):
@@ -372,6 +431,7 @@ def train_folds(args, scope, policy):
                     args,
                     (images[train], fit_masks[train]),
                     (images[val], masks[val]),
+                    (arrays["train_images"], arrays["train_masks"], np.flatnonzero(train)),
                     out_dir,
                     args.logs / args.run / name,
                     settings,
@@ -379,7 +439,8 @@ def train_folds(args, scope, policy):
                     scope,
                 )
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
-            predictions = out_of_fold(out_dir, images[val])
+            fit_ood(args, out_dir, images[train], images[val], subjects[val])
+            predictions = out_of_fold(out_dir, images[val], len(names))
             monitor.model_pictures(
                 out_dir,
                 arrays,
@@ -404,6 +465,9 @@ def train_folds(args, scope, policy):
             f"{e}\nCompleted epochs are saved: continue with `python train.py --results {args.results} --resume`"
         ) from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
+    if args.presence_weight > 0:  # without a trained presence head there is nothing to calibrate
+        truth = structure_presence((arrays["train_masks"][i] for i in oof["index"]), len(names))
+        calibrate(args, oof, truth, dirs, names)
     oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
@@ -411,8 +475,9 @@ def train_folds(args, scope, policy):
     postprocess.save(args.results, report["postprocess"])
     print(evaluate.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
-    if line := evaluate.default_gate_line(report):
-        print(line)
+    for line in (evaluate.default_gate_line(report), evaluate.flagged_line(report)):
+        if line:
+            print(line)
     checkpoint.finish(args.results, record, dirs)
     print(f"trained in {(time.time() - started) / 60:.1f} min; TensorBoard: tensorboard --logdir {args.logs}")
 

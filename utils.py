@@ -45,7 +45,7 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     nets, names = [inference.load_model(folder)], settings["structures"]
     chunks = inference.predict_chunks(nets, tuple(settings["size"]), images, settings["tta"], at_full_size=True)
     specs = postprocess.load(results, names)
-    masks, present = zip(*((deploy.label_map(deploy.apply_each(pr, p, specs), pr), p) for pr, p in chunks))
+    masks, present = zip(*((deploy.label_map(deploy.apply_each(pr, p, specs), pr), p) for pr, p, _ in chunks))
     masks, present = np.concatenate(masks), np.concatenate(present)
     titles = [
         f"{i}  p={'/'.join(f'{v:.2f}' for v in p)}  dice={d:.2f}"

@@ -14,10 +14,28 @@ usgra: ../shared/data/usgra read as it is (folder pairs, palette masks, nerve an
 ids; files are numbered in acquisition order, so each run of ten numbers (0000-0009, 0010-0019, ...) is one
 group (USGRA_GROUPS). Neighbouring runs may still show one volunteer, so its figures lean optimistic.
 
-Each runs data.py, train.py --folds K and evaluate.py; the benchmark ends with `name: value` lines.
+Each runs data.py, train.py --folds K and evaluate.py; the benchmark ends with `name: value` lines (usgra's
+prefixed usgra_).
+
+Saying "no nerve here" and "not a scan I know", measured on real frames no threshold was tuned on:
+- ood_auroc: the out-of-distribution score of the held-out frames (each by the fold model that did not train
+  on it) against that of real ultrasound of other anatomy (../shared/data/us_other and the frames of the
+  DICOM files in ../shared/data/dicom that this install decodes), scored by every fold model;
+  ood_flagged_other and other_nerve_drawn: what predict.py (the fold ensemble) does with those frames: the share
+  it calls not a scan it knows, and the share it draws a nerve on; other_presence_over_half: the share whose
+  nerve presence is over 0.5; ood_flagged_heldout: the share of frames of new subjects the stored threshold
+  flags, estimated by each model on its validation subjects (ood.held_out_flagged), averaged.
+- absent_view_presence_auc, absent_view_nerve_drawn, present_view_nerve_found: one crop view of each held-out
+  frame drawn by the training rule (augment.crop_box: without the nerve or with it whole, a fair coin), predicted
+  by the model that did not train on it at the crop's own size with the run's post-processing: how well the
+  presence tells the two apart, how often a nerve is drawn where there is none, and how often it still is where
+  there is one.
+- presence_ece and presence_ece_uncalibrated: the expected calibration error of the out-of-fold presence
+  (calibration.json), after (each fold by the other folds' temperature) and before.
 """
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -26,10 +44,20 @@ import sys
 import time
 from pathlib import Path
 
-from common import EVALUATION_FILE, arg_parser, comma_choice
+from common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError, arg_parser, comma_choice, read_settings
 
-from data import load_arrays
+import numpy as np
+
+import augment
+import deploy
+import evaluate
+import inference
+import postprocess
+from data import load_arrays, read_image
 from duplicates import nearest_frame_agreement
+from layouts import IMAGE_SUFFIXES
+from metrics import roc_auc
+from predict import dicom_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -87,6 +115,110 @@ def cross_validate(work, real, name, folds, train_flags):
     return json.loads((results / EVALUATION_FILE).read_text())["metrics"], minutes
 
 
+def other_anatomy(shared):
+    """Real ultrasound of other anatomy: (gray frames, the files predict.py is given, DICOM files this install
+    cannot decode); None where ../shared has none (bench.gpu_check carries only the two labelled sets)."""
+    if not (shared / "data" / "us_other").is_dir():
+        print(f"no scans of other anatomy at {shared / 'data' / 'us_other'}: ood_auroc and other_* are left out")
+        return None
+    files = sorted(p for p in (shared / "data" / "us_other").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = [read_image(p) for p in files]
+    skipped = []
+    for path in sorted((shared / "data" / "dicom").glob("*.dcm")):
+        try:
+            frames += list(dicom_frames(path)[0])
+            files.append(path)
+        except UserError:  # a compressed syntax without its decoder
+            skipped.append(path.name)
+    return frames, files, skipped
+
+
+def fold_models(results):
+    """(each fold's model, its settings), in the order of the folds oof.npz numbers."""
+    return [(inference.load_model(d), read_settings(d)) for d in inference.model_dirs(results)]
+
+
+def ood_figures(results, other, work):
+    """ood_flagged_heldout and, with the other-anatomy frames, ood_auroc and what predict.py does with them."""
+    models = fold_models(results)
+    figures = {"ood_flagged_heldout": np.nanmean([s["ood"]["held_out_flagged"] or np.nan for _, s in models])}
+    if other is None:
+        return figures
+    frames, files, skipped = other
+    oof = evaluate.load_oof(results / OOF_FILE)
+    held_out = evaluate.oof_views(oof, read_settings(inference.model_dirs(results)[0])["tta"])[2]
+    scores = [
+        np.concatenate([c[2] for c in inference.predict_chunks([net], tuple(s["size"]), frames, s["tta"])])
+        for net, s in models
+    ]
+    other_scores = np.concatenate(scores)
+    labels = np.r_[np.zeros(len(held_out)), np.ones(len(other_scores))]
+    figures["ood_auroc"] = roc_auc(np.r_[held_out, other_scores], labels)
+    out = work / f"{results.name}-other-anatomy"
+    run(ROOT / "predict.py", *files, "--results", results, "--output", out)
+    rows = [r for path in sorted(out.glob("*.csv")) for r in csv.DictReader(path.open())]
+    figures["ood_flagged_other"] = np.mean([r["unknown_scan"] == "True" for r in rows])
+    figures["other_nerve_drawn"] = np.mean([int(r["nerve_area"]) > 0 for r in rows])
+    figures["other_presence_over_half"] = np.mean([float(r["nerve_presence"]) > 0.5 for r in rows])
+    figures["other_frames"] = len(rows)
+    if skipped:
+        print(f"other anatomy: {', '.join(skipped)} left out (no decoder for their transfer syntax here)")
+    return figures
+
+
+def absent_views(results, arrays, tries=20, seed=0):
+    """One crop view of each held-out frame by the training rule, for the nerve (label 1), predicted by the model
+    that did not train on it with the run's post-processing: the absent_view_* and present_view_* figures."""
+    oof = evaluate.load_oof(results / OOF_FILE)
+    models = fold_models(results)
+    names = models[0][1]["structures"]
+    specs = postprocess.load(results, names)
+    keeps, presence, drawn = [], [], []
+    for k, (net, settings) in enumerate(models):
+        views, kinds = [], []
+        for i in oof["index"][oof["fold"] == k]:
+            image, labels = arrays["train_images"][i], arrays["train_masks"][i]
+            rng = np.random.default_rng([seed, i])
+            for _ in range(tries):  # a frame where the rule finds no pair of crops at one scale may at another
+                crop, keep = augment.crop_box(rng, (labels == 1).astype(np.uint8), augment.tissue_box(image))
+                if crop is not None:
+                    y0, x0, h, w = crop
+                    views.append(np.asarray(image)[y0 : y0 + h, x0 : x0 + w])
+                    kinds.append(keep)
+                    break
+        for probs, present, _ in inference.predict_chunks(
+            [net], tuple(settings["size"]), views, settings["tta"], at_full_size=True
+        ):
+            for prob, p in zip(probs, present):
+                mask = deploy.apply_each(prob[None], p[None], specs)[0]
+                presence.append(p[0])
+                drawn.append(mask[..., 0].any())
+        keeps += kinds
+    keeps, presence, drawn = np.array(keeps), np.array(presence), np.array(drawn)
+    return {
+        "absent_view_presence_auc": roc_auc(presence, keeps),
+        "absent_view_nerve_drawn": drawn[~keeps].mean(),
+        "present_view_nerve_found": drawn[keeps].mean(),
+        "absent_views": int(np.count_nonzero(~keeps)),
+    }
+
+
+def presence_figures(results, other, arrays, work):
+    """The out-of-distribution, absent-view and calibration figures of a trained run."""
+    calibration = json.loads((results / CALIBRATION_FILE).read_text())["nerve"]
+    return {
+        **ood_figures(results, other, work),
+        **absent_views(results, arrays),
+        "presence_ece": calibration["ece_after"],
+        "presence_ece_uncalibrated": calibration["ece_before"],
+    }
+
+
+def as_lines(figures, prefix=""):
+    """Figures as the benchmark's `name: value` lines."""
+    return {f"{prefix}{k}": f"{v}" if isinstance(v, int) else f"{v:.4f}" for k, v in figures.items()}
+
+
 def kaggle(args, folds, flags):
     """The competition images: cross-validated figures and the labels' self-agreement."""
     tool = args.shared / "tools" / "make_real_input.py"
@@ -107,6 +239,7 @@ def kaggle(args, folds, flags):
         "cv_leaderboard": f"{nerve['leaderboard']:.4f}",
         "presence_auc": f"{float('nan') if auc is None else auc:.4f}",
         "train_minutes": f"{minutes:.1f}",
+        **as_lines(presence_figures(args.work / "default", args.other, arrays, args.work)),
     }
     if args.baseline:
         baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])
@@ -139,6 +272,8 @@ def usgra(args, folds, flags):
         {f"usgra_leaderboard_{name}": f"{sets['all folds']['leaderboard']:.4f}" for name, sets in rows.items()}
     )
     lines["usgra_train_minutes"] = f"{minutes:.1f}"
+    arrays = load_arrays(arrays, ("train_images", "train_masks"))
+    lines.update(as_lines(presence_figures(args.work / "usgra", args.other, arrays, args.work), "usgra_"))
     return lines
 
 
@@ -160,6 +295,7 @@ def main():
     if not (args.shared / "tools" / "make_real_input.py").exists():
         sys.exit(f"the real data tools are not at {args.shared}: this benchmark needs ../shared beside the repository")
     flags = [f for f in args.train_flags if f != "--"]
+    args.other = other_anatomy(args.shared)
     folds = args.folds or (2 if args.quick else 5)
     if args.quick:
         flags = ["--epochs", "1", "--size", "32x48", "--base-filters", "4", *flags]

@@ -118,3 +118,83 @@ def test_batches_take_zoom_and_gamma():
     varied = augment.AugmentedBatches(images, masks, batch_size=8, seed=3, workers=0, scale=0.3, gamma=0.5)[0]
     assert not np.array_equal(plain[0], varied[0]) and not np.array_equal(plain[1]["mask"], varied[1]["mask"])
     assert set(np.unique(varied[1]["mask"])) <= {0.0, 1.0}
+
+
+def _frame_with_a_structure(h=210, w=290, box=(60, 85, 40, 75), bars=30):
+    """A speckled frame between black bars (a scanner's letterbox) with one structure in `box` (y0, y1, x0, x1)."""
+    image = np.random.default_rng(0).integers(40, 200, (h, w), np.uint8)
+    image[:bars], image[h - bars :] = 0, 0
+    labels = np.zeros((h, w), np.uint8)
+    labels[box[0] : box[1], box[2] : box[3]] = 1
+    return image, labels
+
+
+def test_the_tissue_box_leaves_out_black_bars():
+    image, _ = _frame_with_a_structure(bars=30)
+    assert augment.tissue_box(image) == (30, 180, 0, 290)
+    assert augment.tissue_box(np.zeros((20, 30), np.uint8)) == (0, 20, 0, 30)  # all black: the whole frame
+
+
+def test_crops_leave_the_structure_out_or_keep_it_whole_inside_the_tissue():
+    image, labels = _frame_with_a_structure()
+    box = augment.tissue_box(image)
+    rng = np.random.default_rng(1)
+    kinds = []
+    for _ in range(300):
+        crop, keep = augment.crop_box(rng, labels, box)
+        if crop is None:
+            continue
+        y0, x0, h, w = crop
+        assert box[0] <= y0 and y0 + h <= box[1] and box[2] <= x0 and x0 + w <= box[3]  # no bar, no padding
+        np.testing.assert_allclose(h / w, 210 / 290, atol=0.02)  # the frame's aspect: resizing stretches nothing
+        inside = labels[y0 : y0 + h, x0 : x0 + w].sum()
+        assert inside == (labels.sum() if keep else 0)
+        kinds.append(keep)
+    assert 0.35 < np.mean(kinds) < 0.65 and len(kinds) > 100
+
+
+def test_whether_a_crop_shows_the_structure_cannot_be_told_from_its_scale():
+    # a structure near one side: crops without it fit at small scales only, so a rule that drew each kind where it
+    # fits would make small crops mostly empty; drawing both or neither keeps the kind a fair coin at every scale
+    image, labels = _frame_with_a_structure(box=(90, 130, 20, 70), bars=0)
+    rng = np.random.default_rng(2)
+    scales, kinds = [], []
+    for _ in range(3000):
+        crop, keep = augment.crop_box(rng, labels, augment.tissue_box(image))
+        if crop is not None:
+            scales.append(crop[2] / labels.shape[0])
+            kinds.append(keep)
+    from metrics import roc_auc
+
+    assert abs(roc_auc(scales, kinds) - 0.5) < 0.05
+    assert min(scales) < 0.5 and max(scales) > 0.6
+
+
+def test_a_frame_without_the_structure_or_without_room_gets_no_crop():
+    image, labels = _frame_with_a_structure()
+    rng = np.random.default_rng(0)
+    assert augment.crop_box(rng, np.zeros_like(labels), augment.tissue_box(image)) == (None, None)
+    everywhere = np.ones_like(labels)  # no crop can leave it out
+    assert augment.crop_box(rng, everywhere, (0, 210, 0, 290)) == (None, None)
+
+
+def test_a_crop_view_goes_through_the_resizing_of_a_whole_frame():
+    image, labels = _frame_with_a_structure()
+    view, mask = augment.crop_view(image, labels, (0, 0, 210, 290), (32, 48))
+    np.testing.assert_array_equal(view, augment.resize_images(image[None], (32, 48))[0])
+    np.testing.assert_array_equal(mask, augment.resize_masks(labels[None], (32, 48))[0])
+
+
+def test_batches_with_crop_views_teach_absence_and_leave_the_other_samples_as_they_were():
+    image, labels = _frame_with_a_structure()
+    full_images, full_labels = np.stack([image] * 16), np.stack([labels] * 16)
+    images, masks = augment.resize_images(full_images, (32, 48)), augment.resize_masks(full_labels, (32, 48))
+    originals = (full_images, full_labels, np.arange(16))
+    plain = augment.AugmentedBatches(images, masks, 16, seed=3, workers=0)[0]
+    cropped = augment.AugmentedBatches(images, masks, 16, seed=3, workers=0, crops=0.5, originals=originals)[0]
+    changed = (plain[0] != cropped[0]).any(axis=(1, 2, 3))
+    assert 0 < changed.sum() < 16
+    np.testing.assert_array_equal(plain[0][~changed], cropped[0][~changed])  # the same augmentation draws
+    assert plain[1]["present"].all() and not cropped[1]["present"].all()  # absent views among the crops
+    every = augment.AugmentedBatches(images, masks, 16, seed=3, workers=0, crops=1.0, originals=originals)[0]
+    assert 0.2 < every[1]["present"].mean() < 0.8

@@ -82,6 +82,7 @@ def test_settings_of_older_releases_keep_their_meaning(tmp_path):
         "cosine",
         0.1,
     )
+    assert old["crops"] == 0.0  # trained on whole frames, as it was: a resumed run goes on without crop views
 
 
 FIELDS = {"threshold": common.number(0, 1), "count": common.integer(0), "name": common.TEXT}

@@ -41,6 +41,15 @@ def test_an_image_goes_to_the_models_size_and_its_labels_come_back_at_its_own():
     assert (labels[:20] == 1).all() and (labels[30:] == 0).all()
 
 
+def test_a_scan_the_model_does_not_know_gets_no_mask():
+    probs = np.full((16, 32, 1), 0.9, np.float32)
+    assert deploy.labels(probs, [0.9], [DEFAULT], (50, 70), ood=0.8).all()
+    assert not deploy.labels(probs, [0.9], [DEFAULT], (50, 70), ood=1.2).any()
+    assert deploy.labels(probs, [0.9], [DEFAULT], (50, 70), ood=1.2, ood_threshold=1.5).all()
+    assert deploy.labels(probs, [0.9], [DEFAULT], (50, 70), ood=np.nan).all()  # no score: a model of before
+    assert deploy.unknown([0.5, 1.0, 1.01, np.nan]).tolist() == [False, False, True, False]
+
+
 def test_hysteresis_shows_a_structure_after_n_frames_and_hides_it_after_n():
     kept = [1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 1]
     smooth = deploy.Hysteresis(3, 1)

@@ -16,6 +16,8 @@ def out_of_fold(index):
         "probs_flip": probs[..., None],
         "present": present[:, None],
         "present_flip": present[:, None],
+        "ood": np.array([0.5, 0.9, 1.5, np.nan], np.float32),
+        "ood_flip": np.array([0.5, 0.9, 1.5, np.nan], np.float32),
         "fold": np.array([0, 1, 0, 1]),
         "index": np.asarray(index),
     }
@@ -84,6 +86,19 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
     assert set(report["metrics"]["nerve"]) == {"fold 0", "fold 1", "fold 2", "all folds"} and report["tta"] == "hflip"
     assert_picture(results / "worst_cases.png", 300, 700)
+    # every frame has its fold model's out-of-distribution score, and the report counts those over the threshold
+    assert np.isfinite(oof["ood"]).all() and np.isfinite(oof["ood_flip"]).all()
+    flagged = report["out_of_distribution"]
+    assert flagged["frames"] == 48 and 0 <= flagged["flagged"] <= 48 and "out-of-distribution threshold" in ev.stdout
+    assert flagged["flagged"] == np.count_nonzero((oof["ood"] + oof["ood_flip"]) / 2 > 1)
+    calibration = json.loads((results / "calibration.json").read_text())
+    assert set(calibration["nerve"]) == {"temperature", "ece_before", "ece_after"}
+    assert "calibrated at temperature" in train.stdout and "expected calibration error" in train.stdout
+    assert_picture(results / "reliability.png", 200, 200)
+    for k in range(3):
+        settings = json.loads((results / f"fold{k}" / "settings.json").read_text())
+        assert settings["presence_temperature"] == [calibration["nerve"]["temperature"]]
+        assert settings["ood"]["threshold_frames"] == len(val_ids[k])
 
     labelled = run_main("evaluate", "--input", tiny_input, "--results", results, "--tta", "none")
     assert labelled.returncode == 0, labelled.stderr[-3000:]
@@ -108,6 +123,16 @@ def test_non_finite_numbers_become_null_for_json():
     }
 
 
+def test_the_report_counts_the_frames_the_out_of_distribution_score_flags():
+    oof, truth = out_of_fold(np.arange(4))
+    report = evaluate.cross_validate(oof, truth, ["nerve"])
+    assert report["ood"] == {"frames": 4, "flagged": 1, "threshold": 1.0}  # 1.5 is over; nan (no score) is not
+    assert evaluate.flagged_line(report).startswith("1 of 4 frames (25.0%)")
+    without = {**oof, "ood": np.full(4, np.nan), "ood_flip": np.full(4, np.nan)}  # models of an earlier release
+    report = evaluate.cross_validate(without, truth, ["nerve"])
+    assert report["ood"] is None and evaluate.flagged_line(report) is None
+
+
 def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     oof, truth = out_of_fold(np.arange(4))
     report = evaluate.cross_validate(oof, truth, ["nerve"], "none", postprocess.NO_GATE, tuned=False)
@@ -116,3 +141,11 @@ def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     assert all(s == plain for s in report["fold_postprocess"]["nerve"].values())
     assert report["rows"]["nerve"]["all folds"]["false_positive_pixels"] > 0  # the false detections stay
     assert report["default_gate"] == []  # nothing was tuned
+
+
+def test_out_of_fold_predictions_of_the_previous_release_load_without_a_score(tmp_path):
+    oof, _ = out_of_fold(np.arange(4))
+    previous = {key: value for key, value in oof.items() if not key.startswith("ood")}
+    np.savez(tmp_path / "oof.npz", **previous, ids=np.array(["1_1", "1_2", "1_3", "1_4"]))
+    loaded = evaluate.load_oof(tmp_path / "oof.npz")
+    assert np.isnan(loaded["ood"]).all() and np.isnan(loaded["ood_flip"]).all() and len(loaded["ood"]) == 4

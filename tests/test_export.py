@@ -22,24 +22,34 @@ def test_an_exported_model_matches_keras_and_reproduces_predicts_masks(trained, 
     assert (tmp_path / "deploy.py").read_text() == (ROOT / "deploy.py").read_text()
     images = np.load(tiny_input / "train_images.npy", mmap_mode="r")[:3]
     x = np.concatenate([deploy.model_input(image, settings["size"]) for image in images])
-    mask, present = inference.runner(kind, tmp_path / settings["artefact"])(x)
+    mask, present, ood = inference.runner(kind, tmp_path / settings["artefact"])(x)
 
     predictor = predict.Predictor(results)
-    probs, expected_present = predictor.probabilities(list(images))
+    probs, expected_present, expected_ood = predictor.probabilities(list(images))
     np.testing.assert_allclose(mask, probs, atol=1e-4)
     np.testing.assert_allclose(present, expected_present, atol=1e-4)
-    for image, m, p, q, e in zip(images, mask, present, probs, expected_present):
-        masks, kept, full = predictor.masks(np.asarray(image), q, e)
+    np.testing.assert_allclose(ood, expected_ood, rtol=1e-4)
+    assert np.isfinite(ood).all() and settings["ood_threshold"] == deploy.OOD_THRESHOLD
+    # the same flags outside the project's code: a threshold between the images' scores flags the same ones
+    predictor.ood_threshold = float(np.median(expected_ood))
+    for image, m, p, o, q, e, f in zip(images, mask, present, ood, probs, expected_present, expected_ood):
+        masks, kept, unknown, full = predictor.masks(np.asarray(image), q, e, f)
         shown = deploy.label_map(masks[None] * kept.astype(np.uint8), full[None])[0]
-        np.testing.assert_array_equal(deploy.labels(m, p, settings["postprocess"], image.shape), shown)
+        exported = deploy.labels(m, p, settings["postprocess"], image.shape, o, predictor.ood_threshold)
+        np.testing.assert_array_equal(exported, shown)
+        assert unknown == deploy.unknown(o, predictor.ood_threshold)
 
 
 def test_the_serving_model_averages_the_models_and_the_mirror_view():
     import model
 
+    rng = np.random.default_rng(0)
     nets = [model.build_model((16, 32, 1), base_filters=4, depth=2) for _ in range(2)]
-    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 32, 1)).astype(np.float32)
+    nets = [model.with_ood(net, rng.normal(size=28), rng.normal(size=(28, 28)), 3.0) for net in nets]
+    x = rng.uniform(0, 255, (2, 16, 32, 1)).astype(np.float32)
     out = inference.Serving(nets, "hflip")(x)
-    probs, present = inference.predict(nets, x[..., 0], "hflip")
+    probs, present, ood = inference.predict(nets, x[..., 0], "hflip")
     np.testing.assert_allclose(np.asarray(out["mask"]), probs, atol=1e-6)
     np.testing.assert_allclose(np.asarray(out["present"]), present, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["ood"]), ood, rtol=1e-5)
+    assert np.asarray(out["ood"]).shape == (2,)  # rank 1: told from presence by rank where runtimes rename outputs

@@ -16,12 +16,13 @@ class Echo:
 def test_the_mirror_view_is_flipped_back_and_averaged():
     images = np.zeros((2, 4, 6), np.uint8)
     images[:, :, :2] = 255  # bright on the left
-    (plain, present), (mirror, present_mirror) = inference.predict_views([Echo()], images, "hflip")
+    (plain, present, ood), (mirror, present_mirror, _) = inference.predict_views([Echo()], images, "hflip")
+    assert np.isnan(ood).all() and ood.shape == (2,)  # a model without the out-of-distribution output
     np.testing.assert_allclose(mirror, plain)
     np.testing.assert_allclose(plain, images[..., None] / 255.0)
     np.testing.assert_allclose(present, [[2 / 3]] * 2, rtol=1e-6)
     np.testing.assert_array_equal(present_mirror, [[0.0]] * 2)
-    probs, averaged = inference.predict([Echo(), Echo()], images, "hflip")
+    probs, averaged, _ = inference.predict([Echo(), Echo()], images, "hflip")
     np.testing.assert_allclose(probs, images[..., None] / 255.0)
     np.testing.assert_allclose(averaged, [[1 / 3]] * 2)
     assert len(inference.predict_views([Echo()], images, "none")) == 1
@@ -52,3 +53,21 @@ def test_network_outputs_pad_for_devices_and_cut_the_padding(monkeypatch):
     assert padded["mask"].shape == (5, 32, 48, 1) and padded["present"].shape == (5, 1)
     # 1e-5: the same images in other batches differ in float32 rounding, a wrong cut by far more
     np.testing.assert_allclose(padded["mask"], plain["mask"], atol=1e-5)
+
+
+def test_a_model_trained_in_another_precision_predicts_the_same_in_this_one():
+    import keras
+
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        trained = model.build_model((32, 48, 1), base_filters=4, depth=2)
+        trained = model.with_ood(trained, np.zeros(28), np.eye(28), 2.0)  # 4 + 8 + 16 pooled channels
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    copy = inference.in_current_precision(trained)
+    assert copy.get_layer("bottoma_conv").dtype_policy.name == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 48, 1)).astype(np.float32)
+    expected, got = trained.predict(x, verbose=0), copy.predict(x, verbose=0)
+    assert set(got) == {"mask", "present", "ood"}
+    for name in got:  # bf16 rounding apart
+        np.testing.assert_allclose(got[name], expected[name], atol=0.05, rtol=0.05)

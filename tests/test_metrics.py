@@ -49,3 +49,21 @@ def test_pixel_counts_and_presence_of_masks():
     assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([1, 0], [2, 0], [2, 0])
     assert metrics.presence(truth).tolist() == [True, False]
     np.testing.assert_allclose(metrics.leaderboard_dice(truth, masks), [2 / 6, 1.0])
+
+
+def test_expected_calibration_error_on_hand_computed_cases():
+    labels = np.array([1, 1, 1, 0] * 25, bool)
+    assert metrics.expected_calibration_error(np.full(100, 0.75), labels) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error(np.full(100, 0.95), labels) == pytest.approx(0.2)
+    # two bins: 0.1 claimed where none are positive, 0.9 where all are: 0.1 off in each
+    probs, labels = np.r_[np.full(50, 0.1), np.full(50, 0.9)], np.r_[np.zeros(50), np.ones(50)]
+    assert metrics.expected_calibration_error(probs, labels) == pytest.approx(0.1)
+    count, confidence, frequency = metrics.calibration_bins(probs, labels)
+    assert count[[1, 9]].tolist() == [50, 50] and count.sum() == 100 and frequency[9] == 1.0
+    assert metrics.calibration_bins([1.0], [True])[0][-1] == 1  # a probability of 1 is in the last bin
+
+
+def test_presence_of_each_structure_in_label_maps():
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[0, 0, 0], labels[1, 1, 1], labels[1, 2, 2] = 1, 1, 2
+    assert metrics.structure_presence(labels, 2).tolist() == [[True, False], [True, True], [False, False]]

@@ -96,3 +96,19 @@ def test_standardisation_of_a_constant_image_is_zero_not_nan():
     out = np.asarray(layer(x))
     assert np.all(out[0] == 0) and np.isfinite(out).all()
     assert abs(out[1].mean()) < 1e-6 and out[1].std() == pytest.approx(1, rel=1e-5)
+
+
+def test_a_calibrated_network_divides_each_presence_logit_by_its_temperature(tmp_path):
+    net = model.build_model((32, 48, 1), base_filters=4, depth=2, structures=2)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 48, 1)).astype(np.float32)
+    raw = net.predict(x, verbose=0)["present"]
+    calibrated = model.calibrated(net, [2.0, 0.5])
+    logits = np.log(raw / (1 - raw))
+    np.testing.assert_allclose(
+        calibrated.predict(x, verbose=0)["present"], 1 / (1 + np.exp(-logits / [2.0, 0.5])), 1e-5
+    )
+    again = model.calibrated(calibrated, [1.0, 1.0])  # calibrated again: replaced, not stacked
+    np.testing.assert_allclose(again.predict(x, verbose=0)["present"], raw, rtol=1e-5)
+    calibrated.save(tmp_path / "net.keras")  # built-in layers only: plain Keras loads it without the project's code
+    loaded = keras.saving.load_model(tmp_path / "net.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0)["present"], calibrated.predict(x, verbose=0)["present"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import deploy
+import metrics
 import postprocess
 from conftest import stats_case
 from deploy import full_size
@@ -85,3 +86,17 @@ def test_the_tuned_specs_are_saved_and_loaded_per_structure(tmp_path):
 def test_release_2s_single_spec_is_the_first_structures(tmp_path):
     (tmp_path / "postprocess.json").write_text(json.dumps({"format": 2, **postprocess.NO_GATE}))
     assert postprocess.load(tmp_path, ["nerve"]) == [postprocess.NO_GATE]
+
+
+def test_a_temperature_calibrates_an_overconfident_presence_and_is_fitted_out_of_fold():
+    rng = np.random.default_rng(0)
+    honest = rng.uniform(0.02, 0.98, (2000, 1))
+    truth = rng.random(honest.shape) < honest  # a presence of p is right p of the time
+    overconfident = postprocess.calibrate(honest, [0.25])  # logits x4
+    fold = np.arange(2000) % 4
+    temperature, held_out = postprocess.temperatures([overconfident, overconfident], truth, fold)
+    assert 2.0 < temperature[0] < 8.0
+    ece = metrics.expected_calibration_error
+    assert ece(held_out[:, 0], truth[:, 0]) < ece(overconfident[:, 0], truth[:, 0]) / 2
+    np.testing.assert_allclose(postprocess.calibrate(postprocess.calibrate(honest, [2.0]), [0.5]), honest, atol=1e-6)
+    assert postprocess.fit_temperature(overconfident[None, :, 0], np.ones(2000, bool)) == 1.0  # nothing to learn

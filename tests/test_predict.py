@@ -12,7 +12,7 @@ import pytest
 
 import predict
 import synthetic
-from conftest import ROOT, assert_picture, run_script
+from conftest import ROOT, assert_picture, run_main, run_script
 
 FRAMES = 12
 
@@ -78,12 +78,49 @@ def test_images_folders_videos_and_dicom_come_back_at_their_own_size(trained, tm
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 3 and {r["width"] for r in rows} == {"300", "580"}
     assert {"nerve_presence", "nerve_area", "nerve_cx", "nerve_x", "nerve_h"} <= set(rows[0])
+    assert all(float(r["ood_score"]) >= 0 and r["unknown_scan"] in ("True", "False") for r in rows)
     assert len(json.loads((out / "predictions.json").read_text())["images"]) == 3
     for name, n in (("loop_mp4", FRAMES), ("loop_dcm", 5)):  # one stem, two inputs: neither overwrites the other
         per_frame = list(csv.DictReader(open(out / f"{name}_frames.csv")))
         assert [int(r["frame"]) for r in per_frame] == list(range(n)) and float(per_frame[1]["time_s"]) == 0.05
         video = cv2.VideoCapture(str(out / f"{name}_overlay.mp4"))
         assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == n and int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) == 580
+
+
+@pytest.mark.slow
+def test_a_scan_over_the_out_of_distribution_threshold_gets_no_mask_and_says_so(trained, tmp_path):
+    frames = _cine()
+    cv2.imwrite(str(tmp_path / "scan.png"), frames[FRAMES // 2])  # the nerve in view
+    write_dicom(tmp_path / "loop.dcm", frames[:4])
+    out = tmp_path / "out"
+    args = [tmp_path / "scan.png", tmp_path / "loop.dcm", "--results", trained[0], "--output", out]
+    args += ["--precision", "fp32"]  # the test process's own policy
+    known = run_main("predict", *args, "--ood-threshold", 1e9)
+    assert known.returncode == 0 and "not scans this model knows" not in known.stdout
+    assert list(csv.DictReader(open(out / "predictions.csv")))[0]["unknown_scan"] == "False"
+    unknown = run_main("predict", *args, "--ood-threshold", 0)
+    assert unknown.returncode == 0, unknown.stderr
+    assert "1 image(s), 1 not scans this model knows" in unknown.stdout
+    assert "4 frames, 4 not scans this model knows" in unknown.stdout
+    row = list(csv.DictReader(open(out / "predictions.csv")))[0]
+    assert row["unknown_scan"] == "True" and row["nerve_area"] == "0"
+    assert not cv2.imread(str(out / "scan_mask.png"), cv2.IMREAD_UNCHANGED).any()
+    assert all(r["unknown_scan"] == "True" for r in csv.DictReader(open(out / "loop_frames.csv")))
+
+
+def test_palette_colour_dicom_becomes_gray_through_its_colour_table():
+    folder = ROOT.parent / "shared" / "data" / "dicom"
+    if not (folder / "OBXXXX1A_rle_2frame.dcm").exists():
+        pytest.skip(f"the real DICOM files are not at {folder} (the ../shared folder beside the repo)")
+    import pydicom
+
+    frames, _ = predict.dicom_frames(folder / "OBXXXX1A_rle_2frame.dcm")  # 8-bit palette, RLE, two frames
+    indices = pydicom.dcmread(folder / "OBXXXX1A_rle_2frame.dcm").pixel_array
+    assert frames.shape == (2, 600, 800) and frames.dtype == np.uint8
+    assert not np.array_equal(frames, indices)  # the table's colours, not its indices
+    ybr, _ = predict.dicom_frames(folder / "US1_J2KR.dcm")  # JPEG 2000 in YBR_RCT: pydicom gives RGB already
+    rgb, _ = predict.dicom_frames(folder / "US1_UNCR.dcm")  # the same image uncompressed, in RGB
+    np.testing.assert_array_equal(ybr, rgb)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from conftest import ROOT, TINY, run_main, run_script, tiny_flags, training_log
         ["--mask-loss", "lovasz", "--bce-weight", "1"],
         ["--scale", "1"],
         ["--gamma", "-0.2"],
+        ["--crops", "1.5"],
     ],
 )
 def test_bad_flags_are_one_clear_error(flag):
@@ -44,6 +45,7 @@ def test_help_gives_every_flags_default_without_spelling_it():
         ("--mask-loss", "image"),
         ("--results", "results"),
         ("--precision", "auto"),
+        ("--crops", "0.3"),
     ):
         entry = text.split(f"\n  {flag} ", 1)[1].split("\n  --", 1)[0]
         assert f"(default: {default})" in " ".join(entry.split()), flag
