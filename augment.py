@@ -94,13 +94,27 @@ def crop_box(rng, labels, box, scale_range=CROP_SCALES):
     return (int(y0s[i]), int(x0s[j]), h, w), False
 
 
+def held_out_crop(image, labels, seed, tries=20):
+    """A crop (y0, x0, height, width) of a held-out frame by the training rule, drawn again where the rule finds
+    no pair of crops at the scale drawn; None where it finds none in `tries` draws (or the frame shows nothing)."""
+    rng, box = np.random.default_rng(seed), tissue_box(image)
+    for _ in range(tries):
+        crop, _ = crop_box(rng, np.asarray(labels), box)
+        if crop is not None:
+            return crop
+    return None
+
+
+def cropped(array, crop):
+    """The window crop = (y0, x0, height, width) of a frame or label map."""
+    y0, x0, h, w = crop
+    return np.asarray(array)[y0 : y0 + h, x0 : x0 + w]
+
+
 def crop_view(image, labels, crop, size, structures=1):
     """A crop (y0, x0, height, width) of a full-resolution frame and its label map, at the network's size:
     through the same resizing as a whole frame."""
-    y0, x0, h, w = crop
-    window = (slice(y0, y0 + h), slice(x0, x0 + w))
-    image, labels = np.asarray(image)[window], np.asarray(labels)[window]
-    return deploy.resize(image, size), resize_masks([labels], size, structures)[0]
+    return deploy.resize(cropped(image, crop), size), resize_masks([cropped(labels, crop)], size, structures)[0]
 
 
 def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX, scale=0.0):

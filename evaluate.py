@@ -35,6 +35,7 @@ from common import (
 
 import numpy as np
 
+import augment
 import data
 import deploy
 import inference
@@ -51,6 +52,8 @@ COLUMNS = [
     ("dice_nonempty", "{:.4f}"),
     ("leaderboard", "{:.4f}"),
     ("presence_accuracy", "{:.4f}"),
+    ("sensitivity", "{:.4f}"),
+    ("specificity", "{:.4f}"),
     ("presence_auc", "{:.4f}"),
     ("presence_ece", "{:.4f}"),
     ("iou_nonempty", "{:.4f}"),
@@ -90,32 +93,46 @@ def flagged_line(report):
     )
 
 
+def is_view(oof):
+    """Which out-of-fold rows are crop views of a held-out frame (train.py adds one per frame), not frames."""
+    return oof["crop"][:, 0] >= 0
+
+
+def row_labels(masks, oof):
+    """The label map of each out-of-fold row: its frame's, or the crop of it a view shows (one at a time)."""
+    for i, crop in zip(oof["index"], oof["crop"]):
+        yield augment.cropped(masks[i], crop) if crop[0] >= 0 else np.asarray(masks[i])
+
+
 def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=True):
     """Per-fold and overall scores of each structure's out-of-fold predictions against the label maps
-    masks[oof["index"]], each fold post-processed with the spec tuned on the other folds (postprocess.cross_fit),
-    and the specs tuned on all of them; `default_gate` names the structures too seldom absent to tune a gate."""
+    masks[oof["index"]] (cropped for the crop views), each fold post-processed with the spec tuned on the other
+    folds (postprocess.cross_fit), and the specs tuned on all of them; `default_gate` names the structures too
+    seldom absent to tune a gate. The specs are tuned on the frames and their crop views together, since the
+    views without the structure are the absent cases that datasets labelled only where it is lack; the fold
+    rows score the frames, the `crop views` row the views."""
     probs, present, ood = oof_views(oof, tta)
+    views = is_view(oof)
     report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs}
-    report["ood"] = flagged(ood)
+    report["ood"] = flagged(ood[~views])
     report["default_gate"] = []
     dice = np.zeros(present.shape)
     for s, name in enumerate(structures):
-        truth = (np.asarray(masks[i]) == s + 1 for i in oof["index"])
-        stats = postprocess.mask_stats(probs[..., s], truth)
+        stats = postprocess.mask_stats(probs[..., s], (labels == s + 1 for labels in row_labels(masks, oof)))
         fold_specs, final = postprocess.cross_fit(stats, present[:, s], oof["fold"], prior, tuned)
         tp, fp, fn = (np.zeros(len(probs)) for _ in range(3))
-        rows = {}
         for k, spec in fold_specs.items():
             idx = np.flatnonzero(oof["fold"] == k)
             tp[idx], fp[idx], fn[idx] = postprocess.counts_under(stats, present[:, s], spec, idx)
-            rows[f"fold {k}"] = scores(tp[idx], fp[idx], fn[idx], present[idx, s])
-        rows["all folds"] = scores(tp, fp, fn, present[:, s])
+        sets = {f"fold {k}": (oof["fold"] == k) & ~views for k in fold_specs}
+        sets.update({"all folds": ~views, "crop views": views} if views.any() else {"all folds": ~views})
+        rows = {row: scores(tp[m], fp[m], fn[m], present[m, s]) for row, m in sets.items()}
         report["rows"][name], report["postprocess"][name] = rows, final
         report["fold_postprocess"][name] = fold_specs
         if tuned and not postprocess.can_gate(stats, np.arange(len(probs))):
             report["default_gate"].append(name)
         dice[:, s] = dice_from_counts(tp, fp, fn)
-    report["dice"] = dice.mean(axis=1)
+    report["dice"] = np.where(views, np.inf, dice.mean(axis=1))  # the worst cases are frames
     return report
 
 
@@ -143,7 +160,7 @@ def table(rows):
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
 
 
-OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "ood", "ood_flip", "index", "fold", "ids")
+OOF_KEYS = ("probs", "probs_flip", "present", "present_flip", "ood", "ood_flip", "index", "fold", "ids", "crop")
 
 
 def save_oof(path, oof):
@@ -157,8 +174,8 @@ def save_oof(path, oof):
 
 def load_oof(path):
     """The out-of-fold predictions train.py kept, checked: every array there, one length for all; those of an
-    earlier release (one structure, without its axis) get it, and those without an out-of-distribution score get
-    nan for it."""
+    earlier release (one structure, without its axis) get it, those without an out-of-distribution score nan for
+    it, and those without crop views are all frames."""
     remedy = "retrain with `python train.py` (with --folds K for K-fold)"
     if not path.is_file():
         raise UserError(f"{path} not found: {remedy}")
@@ -167,9 +184,10 @@ def load_oof(path):
             oof = {key: stored[key] for key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} cannot be read ({e}; damaged?): {remedy}") from None
-    for key in ("ood", "ood_flip"):
-        if key not in oof and "fold" in oof:
-            oof[key] = np.full(len(oof["fold"]), np.nan, np.float32)
+    if "fold" in oof:
+        n = len(oof["fold"])
+        oof = {"ood": np.full(n, np.nan, np.float32), "crop": np.full((n, 4), -1), **oof}
+        oof.setdefault("ood_flip", oof["ood"])
     missing = [key for key in OOF_KEYS if key not in oof]
     lengths = {len(oof[key]) for key in OOF_KEYS if key in oof}
     if missing or len(lengths) > 1:

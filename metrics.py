@@ -1,5 +1,6 @@
 """Scores of hard masks against the truth, all from per-image pixel counts: the leaderboard Dice (1 where truth
-and prediction are both empty), IoU, pixel precision and recall, presence accuracy, ROC AUC and calibration."""
+and prediction are both empty), IoU, pixel precision and recall, presence accuracy, detection sensitivity and
+specificity (a mask drawn or not, image by image), ROC AUC and calibration."""
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -93,6 +94,8 @@ def scores(tp, fp, fn, present):
         "dice_nonempty": over_positives(dice),
         "leaderboard": float(dice.mean()),
         "presence_accuracy": float((predicted == with_structure).mean()),
+        "sensitivity": over_positives(predicted.astype(float)),
+        "specificity": float((~predicted[~with_structure]).mean()) if (~with_structure).any() else float("nan"),
         "presence_auc": roc_auc(present, with_structure),
         "presence_ece": expected_calibration_error(present, with_structure),
         "iou_nonempty": over_positives(iou),

@@ -107,14 +107,15 @@ def mask_stats(probs, truth, candidates=CANDIDATES):
     area = np.zeros((len(candidates), len(probs)))
     inter = np.zeros_like(area)
     truth_area = np.zeros(len(probs), int)
-    pixels = IMAGE_HEIGHT * IMAGE_WIDTH
+    pixels = 0  # the largest image's, that of the frames where crop views are among them
     for i, (prob, t) in enumerate(zip(probs, truth)):
         t = np.asarray(t) > 0
         prob = full_size(prob, t.shape)
-        truth_area[i], pixels = np.count_nonzero(t), t.size
+        truth_area[i], pixels = np.count_nonzero(t), max(pixels, t.size)
         for c, (threshold, keep_largest) in enumerate(candidates):
             m = binary_mask(prob, threshold, keep_largest) > 0
             area[c, i], inter[c, i] = np.count_nonzero(m), np.count_nonzero(m & t)
+    pixels = pixels or IMAGE_HEIGHT * IMAGE_WIDTH
     return {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area, "pixels": pixels}
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import augment
 import checkpoint
 import data
+import deploy
 import duplicates
 import evaluate
 import inference
@@ -289,13 +290,20 @@ def fit_ood(args, out_dir, train_images, val_images, val_groups):
     print(f"out-of-distribution score: threshold at distance {report['threshold_distance']:.1f}{estimate}")
 
 
-def out_of_fold(out_dir, images, structures):
-    """The saved best model's predictions on held-out images, plain and of the mirror image mirrored back, its
-    presence uncalibrated."""
+def out_of_fold(args, out_dir, images, arrays, val, structures):
+    """The saved best model's predictions on the held-out frames `val` (indices; `images` at the training size)
+    and on one crop view of each (augment.held_out_crop), plain and of the mirror image mirrored back, the
+    presence uncalibrated: the rows of oof.npz, frames first."""
     net = unet.calibrated(inference.load_model(out_dir), [1.0] * structures)
-    plain, flipped = inference.predict_views([net], images)
+    crops = {i: augment.held_out_crop(arrays["train_images"][i], arrays["train_masks"][i], [args.seed, i]) for i in val}
+    viewed = [i for i in val if crops[i] is not None]
+    views = [deploy.resize(augment.cropped(arrays["train_images"][i], crops[i]), args.size) for i in viewed]
+    plain, flipped = inference.predict_views([net], np.concatenate([images, np.reshape(views, (-1, *args.size))]))
     names = ("probs", "present", "ood")
-    return {**dict(zip(names, plain)), **{f"{name}_flip": value for name, value in zip(names, flipped)}}
+    rows = {**dict(zip(names, plain)), **{f"{name}_flip": value for name, value in zip(names, flipped)}}
+    frames = np.full((len(val), 4), -1)
+    boxes = np.reshape([crops[i] for i in viewed], (-1, 4))
+    return {**rows, "index": np.r_[val, viewed], "crop": np.concatenate([frames, boxes]).astype(int)}
 
 
 def calibrate(args, oof, truth, dirs, names):
@@ -412,7 +420,7 @@ def train_folds(args, scope, policy):
         for name in dirs
     }
     checkpoint.write_run(args.results, record, complete=False)
-    oof = {"index": [], "fold": []}
+    oof = {}
     try:
         for k, (val, name) in enumerate(zip(held_out, dirs)):
             train = ~val & use
@@ -440,21 +448,20 @@ def train_folds(args, scope, policy):
                 )
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
             fit_ood(args, out_dir, images[train], images[val], subjects[val])
-            predictions = out_of_fold(out_dir, images[val], len(names))
+            predictions = out_of_fold(args, out_dir, images[val], arrays, np.flatnonzero(val), len(names))
+            frames = np.count_nonzero(val)
             monitor.model_pictures(
                 out_dir,
                 arrays,
                 np.flatnonzero(val),
                 present[val],
-                predictions["probs"],
-                predictions["present"],
+                predictions["probs"][:frames],
+                predictions["present"][:frames],
                 postprocess.untuned(args.presence_weight),
                 names,
             )
-            for key, value in predictions.items():
+            for key, value in {**predictions, "fold": np.full(len(predictions["index"]), k)}.items():
                 oof.setdefault(key, []).append(value)
-            oof["index"].append(np.flatnonzero(val))
-            oof["fold"].append(np.full(np.count_nonzero(val), k))
     except KeyboardInterrupt:
         raise UserError(
             f"interrupted. Completed epochs are saved: continue with "
@@ -466,7 +473,7 @@ def train_folds(args, scope, policy):
         ) from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
     if args.presence_weight > 0:  # without a trained presence head there is nothing to calibrate
-        truth = structure_presence((arrays["train_masks"][i] for i in oof["index"]), len(names))
+        truth = structure_presence(evaluate.row_labels(arrays["train_masks"], oof), len(names))
         calibrate(args, oof, truth, dirs, names)
     oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})

@@ -25,11 +25,11 @@ Saying "no nerve here" and "not a scan I know", measured on real frames no thres
   it calls not a scan it knows, and the share it draws a nerve on; other_presence_over_half: the share whose
   nerve presence is over 0.5; ood_flagged_heldout: the share of frames of new subjects the stored threshold
   flags, estimated by each model on its validation subjects (ood.held_out_flagged), averaged.
-- absent_view_presence_auc, absent_view_nerve_drawn, present_view_nerve_found: one crop view of each held-out
-  frame drawn by the training rule (augment.crop_box: without the nerve or with it whole, a fair coin), predicted
-  by the model that did not train on it at the crop's own size with the run's post-processing: how well the
-  presence tells the two apart, how often a nerve is drawn where there is none, and how often it still is where
-  there is one.
+- absent_view_presence_auc, absent_view_nerve_drawn, present_view_nerve_found: evaluate.py's `crop views` row,
+  one crop view of each held-out frame drawn by the training rule (augment.held_out_crop: without the nerve or
+  with it whole, a fair coin), predicted by the model that did not train on it, under the run's post-processing:
+  how well the presence tells the two kinds apart, how often a nerve is drawn where there is none, and how often
+  one is where there is one.
 - presence_ece and presence_ece_uncalibrated: the expected calibration error of the out-of-fold presence
   (calibration.json), after (each fold by the other folds' temperature) and before.
 """
@@ -48,11 +48,8 @@ from common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError, arg_p
 
 import numpy as np
 
-import augment
-import deploy
 import evaluate
 import inference
-import postprocess
 from data import load_arrays, read_image
 from duplicates import nearest_frame_agreement
 from layouts import IMAGE_SUFFIXES
@@ -166,49 +163,17 @@ def ood_figures(results, other, work):
     return figures
 
 
-def absent_views(results, arrays, tries=20, seed=0):
-    """One crop view of each held-out frame by the training rule, for the nerve (label 1), predicted by the model
-    that did not train on it with the run's post-processing: the absent_view_* and present_view_* figures."""
-    oof = evaluate.load_oof(results / OOF_FILE)
-    models = fold_models(results)
-    names = models[0][1]["structures"]
-    specs = postprocess.load(results, names)
-    keeps, presence, drawn = [], [], []
-    for k, (net, settings) in enumerate(models):
-        views, kinds = [], []
-        for i in oof["index"][oof["fold"] == k]:
-            image, labels = arrays["train_images"][i], arrays["train_masks"][i]
-            rng = np.random.default_rng([seed, i])
-            for _ in range(tries):  # a frame where the rule finds no pair of crops at one scale may at another
-                crop, keep = augment.crop_box(rng, (labels == 1).astype(np.uint8), augment.tissue_box(image))
-                if crop is not None:
-                    y0, x0, h, w = crop
-                    views.append(np.asarray(image)[y0 : y0 + h, x0 : x0 + w])
-                    kinds.append(keep)
-                    break
-        for probs, present, _ in inference.predict_chunks(
-            [net], tuple(settings["size"]), views, settings["tta"], at_full_size=True
-        ):
-            for prob, p in zip(probs, present):
-                mask = deploy.apply_each(prob[None], p[None], specs)[0]
-                presence.append(p[0])
-                drawn.append(mask[..., 0].any())
-        keeps += kinds
-    keeps, presence, drawn = np.array(keeps), np.array(presence), np.array(drawn)
-    return {
-        "absent_view_presence_auc": roc_auc(presence, keeps),
-        "absent_view_nerve_drawn": drawn[~keeps].mean(),
-        "present_view_nerve_found": drawn[keeps].mean(),
-        "absent_views": int(np.count_nonzero(~keeps)),
-    }
-
-
-def presence_figures(results, other, arrays, work):
-    """The out-of-distribution, absent-view and calibration figures of a trained run."""
+def presence_figures(results, other, work, rows):
+    """The out-of-distribution, crop-view and calibration figures of a trained run (rows: evaluation.json's
+    metrics of its nerve)."""
     calibration = json.loads((results / CALIBRATION_FILE).read_text())["nerve"]
+    views = rows["crop views"]
     return {
         **ood_figures(results, other, work),
-        **absent_views(results, arrays),
+        "absent_view_presence_auc": views["presence_auc"],
+        "absent_view_nerve_drawn": 1 - views["specificity"],
+        "present_view_nerve_found": views["sensitivity"],
+        "absent_views": views["images"] - views["with_structure"],
         "presence_ece": calibration["ece_after"],
         "presence_ece_uncalibrated": calibration["ece_before"],
     }
@@ -239,7 +204,7 @@ def kaggle(args, folds, flags):
         "cv_leaderboard": f"{nerve['leaderboard']:.4f}",
         "presence_auc": f"{float('nan') if auc is None else auc:.4f}",
         "train_minutes": f"{minutes:.1f}",
-        **as_lines(presence_figures(args.work / "default", args.other, arrays, args.work)),
+        **as_lines(presence_figures(args.work / "default", args.other, args.work, rows["nerve"])),
     }
     if args.baseline:
         baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])
@@ -272,8 +237,7 @@ def usgra(args, folds, flags):
         {f"usgra_leaderboard_{name}": f"{sets['all folds']['leaderboard']:.4f}" for name, sets in rows.items()}
     )
     lines["usgra_train_minutes"] = f"{minutes:.1f}"
-    arrays = load_arrays(arrays, ("train_images", "train_masks"))
-    lines.update(as_lines(presence_figures(args.work / "usgra", args.other, arrays, args.work), "usgra_"))
+    lines.update(as_lines(presence_figures(args.work / "usgra", args.other, args.work, rows["nerve"]), "usgra_"))
     return lines
 
 

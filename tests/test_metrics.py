@@ -35,6 +35,7 @@ def test_scores_from_pixel_counts():
     assert m["dice_nonempty"] == pytest.approx((12 / 18 + 0) / 2)
     assert m["leaderboard"] == pytest.approx((12 / 18 + 1 + 0 + 0) / 4)
     assert m["presence_accuracy"] == 0.5 and m["presence_auc"] == 0.75
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5  # image 0 found, 3 missed; 1 left empty, 2 not
     assert m["iou_nonempty"] == pytest.approx((6 / 12 + 0) / 2)
     assert m["precision"] == pytest.approx(6 / 13) and m["recall"] == pytest.approx(6 / 14)
     assert m["false_positive_pixels"] == 7 and m["false_negative_pixels"] == 8
