@@ -24,7 +24,9 @@ Saying "no nerve here" and "not a scan I know", measured on real frames no thres
   ood_flagged_other and other_nerve_drawn: what predict.py (the fold ensemble) does with those frames: the share
   it calls not a scan it knows, and the share it draws a nerve on; other_presence_over_half: the share whose
   nerve presence is over 0.5; ood_flagged_heldout: the share of frames of new subjects the stored threshold
-  flags, estimated by each model on its validation subjects (ood.held_out_flagged), averaged.
+  flags, estimated by each model on its validation subjects (ood.held_out_flagged), averaged; ood_auroc's
+  held-out side is frames only; ood_flagged_crop_views: the share of the crop views below (zoomed-in views
+  of held-out frames) that the stored threshold flags.
 - absent_view_presence_auc, absent_view_nerve_drawn, present_view_nerve_found: evaluate.py's `crop views` row,
   one crop view of each held-out frame drawn by the training rule (augment.held_out_crop: without the nerve or
   with it whole, a fair coin), predicted by the model that did not train on it, under the run's post-processing:
@@ -48,6 +50,7 @@ from common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError, arg_p
 
 import numpy as np
 
+import deploy
 import evaluate
 import inference
 from data import load_arrays, read_image
@@ -138,12 +141,19 @@ def fold_models(results):
 def ood_figures(results, other, work):
     """ood_flagged_heldout and, with the other-anatomy frames, ood_auroc and what predict.py does with them."""
     models = fold_models(results)
-    figures = {"ood_flagged_heldout": np.nanmean([s["ood"]["held_out_flagged"] or np.nan for _, s in models])}
+    figures = {
+        "ood_flagged_heldout": np.nanmean(
+            [np.nan if s["ood"]["held_out_flagged"] is None else s["ood"]["held_out_flagged"] for _, s in models]
+        )
+    }
     if other is None:
         return figures
     frames, files, skipped = other
     oof = evaluate.load_oof(results / OOF_FILE)
-    held_out = evaluate.oof_views(oof, read_settings(inference.model_dirs(results)[0])["tta"])[2]
+    ood = evaluate.oof_views(oof, read_settings(inference.model_dirs(results)[0])["tta"])[2]
+    views = evaluate.is_view(oof)
+    held_out = ood[~views]  # frames only: crop views are zoomed in, not what predict.py is given
+    figures["ood_flagged_crop_views"] = float(np.mean(deploy.unknown(ood[views]))) if views.any() else np.nan
     scores = [
         np.concatenate([c[2] for c in inference.predict_chunks([net], tuple(s["size"]), frames, s["tta"])])
         for net, s in models
