@@ -141,11 +141,8 @@ def fold_models(results):
 def ood_figures(results, other, work):
     """ood_flagged_heldout and, with the other-anatomy frames, ood_auroc and what predict.py does with them."""
     models = fold_models(results)
-    figures = {
-        "ood_flagged_heldout": np.nanmean(
-            [np.nan if s["ood"]["held_out_flagged"] is None else s["ood"]["held_out_flagged"] for _, s in models]
-        )
-    }
+    estimates = np.array([s["ood"]["held_out_flagged"] for _, s in models], float)  # None (one group): nan
+    figures = {"ood_flagged_heldout": np.nanmean(estimates)}
     if other is None:
         return figures
     frames, files, skipped = other

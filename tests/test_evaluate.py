@@ -90,7 +90,8 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((results / "ensemble.json").read_text()) == {"format": 2, "models": ["fold0", "fold1", "fold2"]}
     oof = np.load(results / "oof.npz")
-    frames, views = oof["crop"][:, 0] < 0, oof["crop"][:, 0] >= 0
+    views = evaluate.is_view(oof)
+    frames = ~views
     assert sorted(oof["index"][frames].tolist()) == list(range(48))  # every image predicted once, out of fold
     assert views.any() and set(oof["index"][views]) <= set(range(48))  # and some by a crop view, in their fold
     fold_of = dict(zip(oof["index"][frames], oof["fold"][frames]))
