@@ -48,19 +48,21 @@ class StopOnNonFinite(keras.callbacks.Callback):
             )
 
 
-class StopOnCtrlC(keras.callbacks.Callback):
-    """Turns Ctrl-C into a KeyboardInterrupt at the end of the training or validation batch it came in. Python
-    raises it wherever the main thread is when its handler runs, and inside a finalizer or a function
-    TensorFlow calls back it can be printed and lost; a handler that only sets a flag loses nothing. A second
-    press acts at once."""
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Turns Ctrl-C (SIGINT) or a kill (SIGTERM, what a scheduler or `kill` sends) into a KeyboardInterrupt at the
+    end of the training or validation batch it came in. Python raises it wherever the main thread is when its
+    handler runs, and inside a finalizer or a function TensorFlow calls back it can be printed and lost; a
+    handler that only sets a flag loses nothing. A second signal of the same kind acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def on_train_begin(self, logs=None):
         self.pressed = False
-        self.previous = signal.signal(signal.SIGINT, self.press)
+        self.previous = {s: signal.signal(s, self.press) for s in self.SIGNALS}
 
     def press(self, signum, frame):
         self.pressed = True
-        signal.signal(signal.SIGINT, self.previous)
+        signal.signal(signum, self.previous[signum])
 
     def on_train_batch_end(self, batch, logs=None):
         if self.pressed:
@@ -69,7 +71,8 @@ class StopOnCtrlC(keras.callbacks.Callback):
     on_test_batch_end = on_train_batch_end  # fit's validation pass calls the same callbacks
 
     def on_train_end(self, logs=None):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class ValidationImages(keras.callbacks.Callback):

@@ -264,7 +264,7 @@ def train_model(args, train, val, originals, out_dir, log_dir, settings, state=N
         keras.callbacks.CSVLogger(str(out_dir / TRAINING_LOG_FILE), append=bool(state)),
         *monitor.tensorboard_callbacks(log_dir, *val, spec, structures),
         monitor.StopOnNonFinite(),
-        monitor.StopOnCtrlC(),
+        monitor.StopOnInterrupt(),
         checkpoint.ResumePoint(out_dir, args.run, best, plateau),
     ]
     # shuffle=False: AugmentedBatches already shuffles by (seed, epoch); Keras' own shuffling of the batch

@@ -143,3 +143,34 @@ def stats_case(empty=2):
     probs[:2, 10:20, 10:25] = 0.9
     probs[2:, 30:32, 40:42] = 0.8
     return probs, truth, np.array([0.9, 0.8] + [0.3, 0.2] * (empty // 2) + [0.3] * (empty % 2))
+
+
+# A hand-worked two-fold case: the specs tuned on one fold alone differ from those tuned on the other.
+TWO_FOLD_FALSE_PRESENCE = (0.6, 0.3)  # presence of the false detections on the empty images of fold 0, fold 1
+# Tuned on the other fold: a presence threshold just above its false detections' presence. The nerve's 0.9 is
+# upsampled bilinearly, so its edge crosses 0.45 where the true edge is: 0.4 and 0.5 draw it equally well, and the
+# first of equals is kept.
+TWO_FOLD_SPECS = (
+    {"presence_threshold": 0.35, "pixel_threshold": 0.4, "min_area": 0, "keep_largest": False},
+    {"presence_threshold": 0.65, "pixel_threshold": 0.4, "min_area": 0, "keep_largest": False},
+)
+
+
+def two_fold_case():
+    """(probabilities at 42x58, full-size truth, presence, fold) of two folds, each of two nerve images found well
+    (presence 0.9) and enough empty images to tune a gate on, whose false detections are as large as a nerve
+    (no minimum area tells them apart), at a presence that differs between the folds."""
+    import numpy as np
+
+    from postprocess import MIN_EMPTY_TO_GATE
+
+    n = 2 + MIN_EMPTY_TO_GATE
+    probs = np.zeros((2 * n, 42, 58), np.float32)
+    truth = np.zeros((2 * n, 420, 580), np.uint8)
+    present = np.zeros(2 * n)
+    for k, false_presence in enumerate(TWO_FOLD_FALSE_PRESENCE):
+        fold = slice(k * n, (k + 1) * n)
+        truth[fold][:2, 100:200, 100:250] = 1
+        probs[fold][:, 10:20, 10:25] = 0.9
+        present[fold] = [0.9, 0.9] + [false_presence] * MIN_EMPTY_TO_GATE
+    return probs, truth, present, np.repeat([0, 1], n)

@@ -8,8 +8,8 @@ import pytest
 
 def test_parse_size():
     assert common.parse_size("96x128") == (96, 128)
-    for bad in ("96", "ax5", "0x16"):
-        with pytest.raises(common.UserError):
+    for bad, why in (("96", "is not HxW"), ("ax5", "is not HxW"), ("0x16", "must be positive")):
+        with pytest.raises(common.UserError, match=f"^size '{bad}' {why}"):
             common.parse_size(bad)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 import evaluate
 import postprocess
-from conftest import ROOT, TINY, assert_picture, run_main, run_script, stats_case
+from conftest import ROOT, TINY, TWO_FOLD_SPECS, assert_picture, run_main, run_script, stats_case, two_fold_case
 
 
 def out_of_fold(index):
@@ -26,16 +26,33 @@ def out_of_fold(index):
 
 
 def test_cross_validation_tunes_each_fold_on_the_others_only():
-    oof, truth = out_of_fold([1, 3, 2, 0])
-    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
-    stats = postprocess.mask_stats(oof["probs"][..., 0], truth)
-    for k in (0, 1):
-        others = np.flatnonzero(oof["fold"] != k)
-        assert report["fold_postprocess"]["nerve"][k] == postprocess.tune(stats, oof["present"][:, 0], others)
-    assert set(report["rows"]["nerve"]) == {"fold 0", "fold 1", "all folds"}
-    assert report["default_gate"] == ["nerve"]  # two images without a nerve are too few to tune a gate on
+    probs, truth, present, fold = two_fold_case()
+    order = np.random.default_rng(0).permutation(len(fold))  # rows stored in another order than data.py's
+    oof = {
+        "probs": probs[order, ..., None],
+        "present": present[order, None],
+        "ood": np.zeros(len(fold), np.float32),
+        "fold": fold[order],
+        "index": order,
+        "crop": np.full((len(fold), 4), -1),
+    }
+    report = evaluate.cross_validate(oof, truth, ["nerve"], tta="none")
+    assert report["fold_postprocess"]["nerve"] == dict(enumerate(TWO_FOLD_SPECS))
+    assert report["postprocess"]["nerve"] == TWO_FOLD_SPECS[1] and report["default_gate"] == []
+    rows = report["rows"]["nerve"]
+    # fold 1's gate (0.65) empties fold 1's false detections (0.3); fold 0's (0.35) keeps fold 0's (0.6)
+    assert rows["fold 1"]["leaderboard"] > 0.99 and rows["fold 0"]["leaderboard"] < 0.1
     lines = evaluate.table(report["rows"]).splitlines()
     assert "dice_nonempty" in lines[0] and lines[1].split()[:2] == ["fold", "0"]  # one structure: no name
+
+
+def test_too_few_images_without_the_structure_keep_the_default_gate():
+    oof, truth = out_of_fold([1, 3, 2, 0])
+    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
+    assert report["default_gate"] == ["nerve"]  # two images without a nerve are too few to tune a gate on
+    gates = [(spec["presence_threshold"], spec["min_area"]) for spec in report["fold_postprocess"]["nerve"].values()]
+    assert gates == [(postprocess.DEFAULT["presence_threshold"], postprocess.DEFAULT["min_area"])] * 2
+    assert set(report["rows"]["nerve"]) == {"fold 0", "fold 1", "all folds"}
 
 
 def test_crop_views_are_scored_on_their_own_row_against_their_crop_and_tuned_with_the_frames():

@@ -8,7 +8,7 @@ import pytest
 import deploy
 import metrics
 import postprocess
-from conftest import stats_case
+from conftest import TWO_FOLD_SPECS, stats_case, two_fold_case
 from deploy import full_size
 from metrics import dice_from_counts, pixel_counts
 
@@ -53,16 +53,14 @@ def test_too_few_images_without_the_structure_leave_the_gate_at_its_default():
 
 
 def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec():
-    probs, truth, present = stats_case()
+    probs, truth, present, fold = two_fold_case()
     stats = postprocess.mask_stats(probs, truth)
-    fold = np.array([0, 1, 0, 1])
     specs, final = postprocess.cross_fit(stats, present, fold)
-    for k in (0, 1):
-        assert specs[k] == postprocess.tune(stats, present, np.flatnonzero(fold != k))
-    assert final == postprocess.tune(stats, present, np.arange(4))
+    assert specs == dict(enumerate(TWO_FOLD_SPECS))  # tuned on the held-out fold itself, each would be the other's
+    assert final == TWO_FOLD_SPECS[1]  # on both folds: above the higher false presence
     specs, final = postprocess.cross_fit(stats, present, fold, postprocess.NO_GATE, tuned=False)
     assert final == postprocess.NO_GATE and all(s == postprocess.NO_GATE for s in specs.values())
-    specs, _ = postprocess.cross_fit(stats, present, np.zeros(4), postprocess.NO_GATE)
+    specs, _ = postprocess.cross_fit(stats, present, np.zeros(len(fold)), postprocess.NO_GATE)
     assert specs == {0: postprocess.NO_GATE}  # one fold: nothing to tune it on
 
 

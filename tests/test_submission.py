@@ -4,6 +4,8 @@ import csv
 import json
 import shutil
 
+import cv2
+import keras
 import numpy as np
 
 import utils
@@ -23,19 +25,29 @@ def test_training_writes_model_settings_and_logs(trained):
     assert "val: " in stdout and "best val_leaderboard" in stdout
 
 
-def test_submission_lists_every_test_id_and_decodes(trained, tiny_input):
+def test_submission_lists_every_test_id_and_decodes_to_the_models_masks(trained, tiny_input):
     results, _, _ = trained
-    result = run_script(
-        ROOT / "submission.py", "--input", tiny_input, "--results", results, "--presence-threshold", 0.0
-    )
+    threshold = 0.3  # low enough that the two-epoch model draws something
+    flags = ["--presence-threshold", 0.0, "--pixel-threshold", threshold, "--tta", "none"]
+    result = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(results / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["img", "pixels"]
     assert [int(r[0]) for r in rows[1:]] == list(range(1, 17))
-    for _, pixels in rows[1:]:
+    # the model's own masks, predicted here: its input size, back to 420x580, thresholded
+    net = keras.saving.load_model(results / "net.keras")
+    images = np.load(tiny_input / "test_images.npy")[np.argsort(np.load(tiny_input / "test_ids.npy"))]
+    x = np.stack([cv2.resize(i, (48, 32), interpolation=cv2.INTER_AREA) for i in images])[..., None]
+    probs = net.predict(x.astype(np.float32), verbose=0)["mask"][..., 0]
+    drawn = 0
+    for (_, pixels), prob in zip(rows[1:], probs):
         mask = utils.rle_decode(pixels)
         assert utils.rle_encode(mask) == pixels
+        want = cv2.resize(prob, (580, 420), interpolation=cv2.INTER_LINEAR) >= threshold
+        assert np.mean(mask.astype(bool) != want) < 0.001  # the same mask, up to pixels on the threshold
+        drawn += bool(mask.any())
+    assert drawn, "every mask is empty: the comparison proves nothing"
     # a second run, in bf16 (the fp32 weights copied into a bf16 network), keeps the first CSV
     again = run_script(ROOT / "submission.py", "--input", tiny_input, "--results", results, "--precision", "bf16")
     assert again.returncode == 0 and "kept the earlier submission" in again.stdout

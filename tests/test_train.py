@@ -17,23 +17,23 @@ from conftest import ROOT, TINY, run_main, run_script, tiny_flags, training_log
 
 
 @pytest.mark.parametrize(
-    "flag",
+    "flag, message",
     [
-        ["--size", "95x130"],
-        ["--epochs", "0"],
-        ["--val-fraction", "1.5"],
-        ["--lr", "-1"],
-        ["--size", "big"],
-        ["--flips", "diagonal"],
-        ["--bce-weight", "-0.5"],
-        ["--mask-loss", "lovasz", "--bce-weight", "1"],
-        ["--scale", "1"],
-        ["--gamma", "-0.2"],
-        ["--crops", "1.5"],
+        (["--size", "95x130"], r"--size 95x130: both sides must be divisible by 2\*\*depth = 16"),  # README's example
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--size", "big"], "size 'big' is not HxW, e.g. 96x128"),
+        (["--flips", "diagonal"], "--flips takes horizontal, vertical or none"),
+        (["--bce-weight", "-0.5"], "loss weights must not be negative"),
+        (["--mask-loss", "lovasz", "--bce-weight", "1"], "--bce-weight adds to a Dice loss"),
+        (["--scale", "1"], r"--scale must be in \[0, 1\)"),
+        (["--gamma", "-0.2"], r"--scale must be in \[0, 1\) and --gamma not negative"),
+        (["--crops", "1.5"], r"--crops must be in \[0, 1\]"),
     ],
 )
-def test_bad_flags_are_one_clear_error(flag):
-    with pytest.raises(common.UserError):
+def test_bad_flags_are_one_clear_error(flag, message):
+    with pytest.raises(common.UserError, match=f"^{message}"):
         train.parse_args(flag)
 
 
@@ -169,11 +169,12 @@ def test_killed_run_resumes_exactly_where_it_stopped(trained, tiny_input, tmp_pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_with_the_completed_epochs_saved(tiny_input, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_a_kill_stops_cleanly_with_the_completed_epochs_saved(tiny_input, tmp_path, signum):
     results = tmp_path / "results"
     # more epochs than the wait below: a run that ends by itself would prove nothing
     proc = start_training(tiny_input, results, tmp_path / "logs", epochs=500, run="interrupted")
-    proc.send_signal(signal.SIGINT)  # one press is enough (monitor.StopOnCtrlC)
+    proc.send_signal(signum)  # one is enough (monitor.StopOnInterrupt)
     try:
         _, stderr = proc.communicate(timeout=120)
     finally:
