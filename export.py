@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import (
+from nerve.common import (
     DEPLOY_FILE,
     EXPORT_DIR,
     UserError,
@@ -33,10 +33,7 @@ from common import (
 import keras
 import numpy as np
 
-import deploy
-import inference
-import model
-import postprocess
+from nerve import deploy, inference, model, postprocess
 
 FORMATS = {
     "savedmodel": ("tf_saved_model", "model"),

@@ -11,7 +11,7 @@ Per image: {name}_mask.png (0/255 for one structure; labels 1..K for several) an
 structure outlined in its colour, with its presence probability). Per video or multi-frame DICOM:
 {name}_overlay.mp4 and {name}_frames.csv (frame, time, and per structure presence, area, centroid and
 bounding box). For all still images: predictions.csv and predictions.json. Every image and frame has its
-out-of-distribution score (ood_score; 1 is the threshold set on frames of subjects held out in training, ood.py):
+out-of-distribution score (ood_score; 1 is the threshold set on frames of subjects held out in training, nerve/ood.py):
 above --ood-threshold it is not a scan this model knows, and it gets no mask and says so.
 
 DICOM goes through pydicom: uncompressed pixel data (implicit or explicit VR little endian, explicit VR big
@@ -23,7 +23,7 @@ import csv
 import itertools
 from pathlib import Path
 
-from common import (
+from nerve.common import (
     DEPLOY_FILE,
     EXPORT_DIR,
     FRAMES_FILE,
@@ -51,17 +51,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import data
-import deploy
-import inference
-import model
-import postprocess
-from figures import annotated
-from layouts import IMAGE_SUFFIXES
+from nerve import deploy, inference, model, postprocess
+from nerve.figures import annotated
+from nerve.images import read_image
+from nerve.layouts import IMAGE_SUFFIXES
+from nerve.sources import DEFAULT_FPS, VIDEO_SUFFIXES, dicom_frames, input_files, video_frames
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-DEFAULT_FPS = 25.0  # for a cine loop that does not say its frame rate
 RUNTIMES = ("keras", "onnx", "litert", "savedmodel", "openvino")  # openvino runs the onnx export
 DEPLOY_FIELDS = {  # what predict.py reads of export.py's deploy.json
     "artefact": TEXT,
@@ -72,109 +67,6 @@ DEPLOY_FIELDS = {  # what predict.py reads of export.py's deploy.json
     "tta": TEXT,
     "ood_threshold": number(0),
 }
-
-
-def input_files(paths):
-    """Every file to predict: the files given, and the images, videos and DICOM files under folders given."""
-    known = IMAGE_SUFFIXES + VIDEO_SUFFIXES + DICOM_SUFFIXES
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
-            if not inside:
-                raise UserError(f"{path}/ holds no images, videos or DICOM files ({', '.join(known)})")
-            found += [(p, path.name / p.relative_to(path).with_suffix("")) for p in inside]
-        elif path.is_file():
-            if path.suffix.lower() not in known and not _is_dicom(path):
-                raise UserError(f"{path}: not an image, video or DICOM file this reads ({', '.join(known)})")
-            found.append((path, Path(path.stem)))
-        else:
-            raise UserError(f"{path} not found")
-    seen = {}
-    for path, name in found:  # scan.png and scan.dcm must not write over each other's outputs
-        seen.setdefault(name, []).append(path)
-    return [(p, n.with_name(f"{n.name}_{p.suffix[1:]}") if len(seen[n]) > 1 else n) for p, n in found]
-
-
-def _is_dicom(path):
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
-
-
-def dicom_frames(path):
-    """(frames (n, h, w) uint8 gray, frames per second or None) of a DICOM file."""
-    import pydicom
-    from pydicom.pixels import pixel_array
-
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:  # pydicom raises many types for files that are not DICOM
-        raise UserError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
-    if "PixelData" not in ds:
-        raise UserError(f"{path}: a DICOM file without pixel data")
-    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-    try:
-        pixels = pixel_array(ds)
-    except Exception as e:  # a transfer syntax without an installed decoder, or damaged pixel data
-        name = getattr(syntax, "name", syntax)
-        raise UserError(
-            f"{path}: cannot decode its pixel data, transfer syntax {name} ({syntax}): {e}. Uncompressed and RLE "
-            "lossless always work; for JPEG syntaxes install a pydicom decoder plugin (e.g. pylibjpeg)"
-        ) from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    palette = ds.get("PhotometricInterpretation") == "PALETTE COLOR"
-    if palette:  # indices into the file's colour table
-        from pydicom.pixels import apply_color_lut
-
-        pixels = apply_color_lut(pixels, ds)
-    # pixel_array gives YBR colour as RGB already
-    colour = palette or ds.get("SamplesPerPixel", 1) == 3
-    pixels = pixels.reshape(frames, *pixels.shape[-3 if colour else -2 :])
-    if colour:
-        pixels = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in pixels])
-    pixels = to_uint8(pixels)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # 0 is white
-        pixels = 255 - pixels
-    fps = None
-    if "FrameTime" in ds and float(ds.FrameTime) > 0:  # milliseconds per frame
-        fps = 1000.0 / float(ds.FrameTime)
-    elif "CineRate" in ds:
-        fps = float(ds.CineRate)
-    return pixels, fps
-
-
-def to_uint8(pixels):
-    """Gray pixels of any integer depth as uint8, scaled by the highest bit in use (as data.read_image)."""
-    if pixels.dtype == np.uint8:
-        return pixels
-    if pixels.dtype.kind not in "ui":
-        raise UserError(f"pixels of type {pixels.dtype}: expected whole numbers")
-    pixels = np.clip(pixels, 0, None)
-    bits = max(8, int(pixels.max()).bit_length())
-    return np.round(pixels * (255 / (2**bits - 1))).astype(np.uint8)
-
-
-def video_frames(path):
-    """(a generator of gray uint8 frames, frames per second, frame count) of a video, through OpenCV."""
-    capture = cv2.VideoCapture(str(path))
-    ok, first = capture.read() if capture.isOpened() else (False, None)
-    if not ok:
-        capture.release()
-        raise UserError(f"{path}: OpenCV cannot decode this video (unsupported codec or a damaged file)")
-    fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-
-    def frames():
-        frame = first
-        try:
-            while frame is not None:
-                yield cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-                ok, frame = capture.read()
-                frame = frame if ok else None
-        finally:
-            capture.release()
-
-    return frames(), fps, count
 
 
 class Predictor:
@@ -298,7 +190,7 @@ def read_still(path):
     if path.suffix.lower() not in IMAGE_SUFFIXES:  # input_files let it in as DICOM
         return dicom_frames(path)[0][0]
     try:
-        return data.read_image(path)
+        return read_image(path)
     except ValueError as e:
         raise UserError(f"{path} {e}") from None
 

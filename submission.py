@@ -14,17 +14,22 @@ import hashlib
 import time
 from pathlib import Path
 
-from common import SUBMISSION_FILE, UserError, add_flags, arg_parser, atomic_path, exclusive, output_folder, run_cli
+from nerve.common import (
+    SUBMISSION_FILE,
+    UserError,
+    add_flags,
+    arg_parser,
+    atomic_path,
+    exclusive,
+    output_folder,
+    run_cli,
+)
 
 import numpy as np
 from tqdm import tqdm
 
-import data
-import deploy
-import inference
-import model
-import postprocess
-from rle import rle_decode, rle_encode
+from nerve import deploy, inference, model, postprocess, store
+from nerve.rle import rle_decode, rle_encode
 
 
 def mask_digest(mask):
@@ -99,7 +104,7 @@ def write(args, output):
     tta = args.tta or settings["tta"]
     knobs = {"presence_threshold": args.presence_threshold, "pixel_threshold": args.pixel_threshold}
     spec = {**postprocess.load(args.results, names)[k], **{key: v for key, v in knobs.items() if v is not None}}
-    arrays = data.load_arrays(args.input, ("test_images", "test_ids", "test_sizes"))
+    arrays = store.load_arrays(args.input, ("test_images", "test_ids", "test_sizes"))
     images, ids, sizes = arrays["test_images"], arrays["test_ids"].tolist(), arrays["test_sizes"]
     print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {tta}, {name}: post-processing {spec}")
     pixels, digests, n_found = [], [], 0

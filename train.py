@@ -11,18 +11,18 @@ subjects, stratified by nerve presence: frames of one subject are near-duplicate
 
 A share of the training samples (--crops) are crop views of the frames that leave a structure out or keep it
 in (augment.py): the presence head and the mask learn what "no nerve here" looks like from frames labelled only
-where the nerve is. After each model trains, its out-of-distribution score is fitted (ood.py): the training
+where the nerve is. After each model trains, its out-of-distribution score is fitted (nerve/ood.py): the training
 frames' features, thresholded on the validation subjects'.
 
-Every completed epoch is saved for --resume (see checkpoint.py), so a killed run loses at most the epoch it
+Every completed epoch is saved for --resume (see nerve/checkpoint.py), so a killed run loses at most the epoch it
 was in. After the last model, the presence is calibrated and the post-processing chosen on the out-of-fold
-predictions (postprocess.py).
+predictions (nerve/postprocess.py).
 """
 
 import contextlib
 import time
 
-from common import (
+from nerve.common import (
     CALIBRATION_FILE,
     ENSEMBLE_FILE,
     MODEL_FILE,
@@ -45,22 +45,24 @@ from common import (
 import keras
 import numpy as np
 
-import augment
-import checkpoint
-import data
-import deploy
-import duplicates
-import evaluate
-import inference
-import model as unet
-import monitor
-import ood
-import planning
-import postprocess
-import splits
-from distribute import distribute, worker_outputs
-from figures import reliability_png
-from metrics import expected_calibration_error, presence, structure_presence
+from nerve import (
+    augment,
+    checkpoint,
+    crossval,
+    deploy,
+    inference,
+    monitor,
+    neardup,
+    ood,
+    planning,
+    postprocess,
+    splits,
+    store,
+)
+from nerve import model as unet
+from nerve.distribute import distribute, worker_outputs
+from nerve.figures import reliability_png
+from nerve.metrics import expected_calibration_error, presence, structure_presence
 
 MASK_LOSSES = {"batch": unet.batch_dice_loss, "image": unet.dice_loss, "lovasz": unet.lovasz_hinge_loss}
 # --baseline: the original tutorials' recipe, as the flags it implies (flags given beside it win)
@@ -71,11 +73,11 @@ def flag_parser():
     """train.py's flags, each with its default."""
     # fmt: off
     ap = arg_parser(__doc__)
-    ap.add_argument("--epochs", type=int, default=None, help="passes over the training images; unset: planned "
-                    f"(planning.py), {planning.EPOCHS}, or as many as show the network {planning.MIN_IMAGES:,} images")
+    ap.add_argument("--epochs", type=int, default=None, help="passes over the training images; unset: planned (nerve/"
+                    f"planning.py), {planning.EPOCHS}, or as many as show the network {planning.MIN_IMAGES:,} images")
     ap.add_argument("--batch-size", type=int, default=4, help="images per step")
     ap.add_argument("--size", default=None, help="network input HxW, each side divisible by 2**depth; unset: "
-                    "planned from the dataset (planning.py), 96x128 for the Kaggle frames")
+                    "planned from the dataset (nerve/planning.py), 96x128 for the Kaggle frames")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's starting learning rate")
     ap.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
                     help="cosine: decay to 0 over the run, step by step; "
@@ -282,7 +284,7 @@ def train_model(args, train, val, originals, out_dir, log_dir, settings, state=N
 
 
 def fit_ood(args, out_dir, train_images, val_images, val_groups):
-    """Give the saved best model its out-of-distribution output (ood.py) and print what the fit found."""
+    """Give the saved best model its out-of-distribution output (nerve/ood.py) and print what the fit found."""
     net, report = ood.fit(inference.load_model(out_dir), train_images, val_images, val_groups, args.tta)
     checkpoint.update_model(out_dir, net, ood=report)
     flagged = report["held_out_flagged"]
@@ -339,9 +341,9 @@ def training_labels(args, arrays, masks):
     """Which frames to train on and their masks at the training size, after --conflicts."""
     if args.conflicts == "keep":
         return np.ones(len(masks), bool), masks
-    pairs, distances, _ = duplicates.near_pairs(arrays["train_images"], arrays["train_subjects"])
-    one_empty = duplicates.pair_stats(arrays["train_masks"], pairs)["one_empty"]
-    use, fixed = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, args.conflicts)
+    pairs, distances, _ = neardup.near_pairs(arrays["train_images"], arrays["train_subjects"])
+    one_empty = neardup.pair_stats(arrays["train_masks"], pairs)["one_empty"]
+    use, fixed = neardup.resolve_conflicts(masks, pairs, distances, one_empty, args.conflicts)
     changed = (
         np.count_nonzero(~use) if args.conflicts == "drop" else np.count_nonzero((fixed != masks).any(axis=(1, 2)))
     )
@@ -393,8 +395,8 @@ def main(argv=None):
 def train_folds(args, scope, policy):
     """Train the run's models (one, or one per fold), then tune post-processing on their held-out predictions."""
     started = time.time()
-    arrays = data.load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
-    names = data.structures(args.input)
+    arrays = store.load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
+    names = store.structures(args.input)
     present, subjects = presence(arrays["train_masks"]), arrays["train_subjects"]
     held_out, dirs = held_out_sets(args, present, subjects)
     if args.size is None:
@@ -473,16 +475,16 @@ def train_folds(args, scope, policy):
         ) from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
     if args.presence_weight > 0:  # without a trained presence head there is nothing to calibrate
-        truth = structure_presence(evaluate.row_labels(arrays["train_masks"], oof), len(names))
+        truth = structure_presence(crossval.row_labels(arrays["train_masks"], oof), len(names))
         calibrate(args, oof, truth, dirs, names)
-    oof = evaluate.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
+    oof = crossval.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
-    report = evaluate.cross_validate(oof, arrays["train_masks"], names, args.tta, *postprocess.for_run(record))
+    report = crossval.cross_validate(oof, arrays["train_masks"], names, args.tta, *postprocess.for_run(record))
     postprocess.save(args.results, report["postprocess"])
-    print(evaluate.table(report["rows"]))
+    print(crossval.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
-    for line in (evaluate.default_gate_line(report), evaluate.flagged_line(report)):
+    for line in (crossval.default_gate_line(report), crossval.flagged_line(report)):
         if line:
             print(line)
     checkpoint.finish(args.results, record, dirs)

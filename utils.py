@@ -8,18 +8,14 @@
 
 from pathlib import Path
 
-from common import EXAMINE_FILE, INPUT_DIR, INSPECT_FILE, RESULTS_DIR, UserError, read_settings
+from nerve.common import EXAMINE_FILE, INPUT_DIR, INSPECT_FILE, RESULTS_DIR, UserError, read_settings
 
 import numpy as np
 
-import augment
-import data
-import deploy
-import inference
-import postprocess
-from figures import label_dice, overlay_grid, show_or_save
-from metrics import mean_dice
-from rle import rle_decode, rle_encode
+from nerve import augment, deploy, inference, postprocess, store
+from nerve.figures import label_dice, overlay_grid, show_or_save
+from nerve.metrics import mean_dice
+from nerve.rle import rle_decode, rle_encode
 
 __all__ = ["inspect_set", "examine_generator", "rle_encode", "rle_decode", "mean_dice"]
 
@@ -37,7 +33,7 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
         raise UserError(f"subset must be 'train' or 'val', not {subset!r}")
     folder = inference.model_dirs(results)[0]
     settings = read_settings(folder)
-    arrays = data.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
+    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
     is_val = np.isin(arrays["train_ids"], settings["val_ids"])
     pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
@@ -62,8 +58,8 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     Extra keyword arguments go to augment.AugmentedBatches (e.g. flips=("horizontal", "vertical")).
     Returns the PNG path when no display is available.
     """
-    arrays = data.load_arrays(input_dir, ("train_images", "train_masks"))
-    names = data.structures(input_dir)
+    arrays = store.load_arrays(input_dir, ("train_images", "train_masks"))
+    names = store.structures(input_dir)
     n = min(n, len(arrays["train_images"]))
     idx = np.sort(np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False))
     images = augment.resize_images(arrays["train_images"][idx], size)

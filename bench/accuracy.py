@@ -7,7 +7,7 @@
 
 kaggle: a Kaggle-layout folder made from ../shared/data/nerve with ../shared/tools/make_real_input.py, folds
 grouped by subject. That real set is 2% empty (Kaggle's is 59%), so cv_leaderboard is dominated by images
-with a nerve and presence_auc rests on few negatives. `label_agreement` (duplicates.nearest_frame_agreement)
+with a nerve and presence_auc rests on few negatives. `label_agreement` (neardup.nearest_frame_agreement)
 says how far the labels agree with themselves, the scale to read the others against.
 
 usgra: ../shared/data/usgra read as it is (folder pairs, palette masks, nerve and vessel). It has no subject
@@ -46,18 +46,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError, arg_parser, comma_choice, read_settings
+from nerve.common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError, arg_parser, comma_choice, read_settings
 
 import numpy as np
 
-import deploy
-import evaluate
-import inference
-from data import load_arrays, read_image
-from duplicates import nearest_frame_agreement
-from layouts import IMAGE_SUFFIXES
-from metrics import roc_auc
-from predict import dicom_frames
+from nerve import crossval, deploy, inference
+from nerve.images import read_image
+from nerve.layouts import IMAGE_SUFFIXES
+from nerve.metrics import roc_auc
+from nerve.neardup import nearest_frame_agreement
+from nerve.sources import dicom_frames
+from nerve.store import load_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -146,9 +145,9 @@ def ood_figures(results, other, work):
     if other is None:
         return figures
     frames, files, skipped = other
-    oof = evaluate.load_oof(results / OOF_FILE)
-    ood = evaluate.oof_views(oof, read_settings(inference.model_dirs(results)[0])["tta"])[2]
-    views = evaluate.is_view(oof)
+    oof = crossval.load_oof(results / OOF_FILE)
+    ood = crossval.oof_views(oof, read_settings(inference.model_dirs(results)[0])["tta"])[2]
+    views = crossval.is_view(oof)
     held_out = ood[~views]  # frames only: crop views are zoomed in, not what predict.py is given
     figures["ood_flagged_crop_views"] = float(np.mean(deploy.unknown(ood[views]))) if views.any() else np.nan
     scores = [

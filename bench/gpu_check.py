@@ -35,9 +35,9 @@ import threading
 import time
 from pathlib import Path
 
-from common import arg_parser, comma_choice
+from nerve.common import arg_parser, comma_choice
 
-import planning
+from nerve import planning
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"  # ignored by git; the device tool's `carry` takes it along

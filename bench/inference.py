@@ -21,18 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import arg_parser
+from nerve.common import arg_parser
 
 import cv2
 import keras
 import numpy as np
 
-import deploy
-import inference
-import model
-import synthetic
 from bench.throughput import forward_flops, matmul_gflops
-from figures import annotated
+from nerve import deploy, inference, model, synthetic
+from nerve.figures import annotated
 
 MODELS = {"default": 32, "small": 16}
 SIZES = ((64, 80), (96, 128))

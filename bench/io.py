@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import common
-from common import arg_parser
+from nerve.common import arg_parser
 
 import numpy as np
 
-import data
-import rle
-import synthetic
+from nerve import common, rle, store, synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 KAGGLE_TRAIN, KAGGLE_TEST, FRAMES = 5635, 5508, 120
@@ -103,7 +100,7 @@ def rle_loop(mask):
 
 def submission_time(root, results, n_test):
     """Seconds per test image for submission.py with an untrained default model."""
-    import model
+    from nerve import model
 
     net = model.build_model((96, 128, 1), mean=100.0, std=50.0)
     results.mkdir(parents=True, exist_ok=True)
@@ -160,7 +157,7 @@ def main():
 
     data_s, data_mib = timed_process([ROOT / "data.py", "--input", root, "--force"])
     plain_s, plain_mib = timed_process(["-c", PLAIN_LOOP, root])
-    array_mib = sum((root / f"{a}.npy").stat().st_size for a in data.ARRAYS) / 2**20
+    array_mib = sum((root / f"{a}.npy").stat().st_size for a in store.ARRAYS) / 2**20
     print(
         f"data.py: {data_s:.1f} s, peak {data_mib:.0f} MiB; plain loop: {plain_s:.1f} s, peak {plain_mib:.0f} MiB; "
         f"arrays {array_mib:.0f} MiB"

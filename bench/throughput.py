@@ -19,15 +19,15 @@ KERAS_BACKEND.
 import time
 from pathlib import Path
 
-from common import arg_parser
+from nerve.common import arg_parser
 
 import keras
 import numpy as np
 
-import augment
-import model as unet
 import train
 from bench.accuracy import device
+from nerve import augment
+from nerve import model as unet
 
 ROOT = Path(__file__).resolve().parent.parent
 

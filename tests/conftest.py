@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common  # first: it sets TensorFlow's log level and checks KERAS_BACKEND
+import nerve.common as common  # first: it sets TensorFlow's log level and checks KERAS_BACKEND
 
 import keras
 import pytest
@@ -162,7 +162,7 @@ def two_fold_case():
     (no minimum area tells them apart), at a presence that differs between the folds."""
     import numpy as np
 
-    from postprocess import MIN_EMPTY_TO_GATE
+    from nerve.postprocess import MIN_EMPTY_TO_GATE
 
     n = 2 + MIN_EMPTY_TO_GATE
     probs = np.zeros((2 * n, 42, 58), np.float32)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-import augment
+from nerve import augment
 
 
 def _pair(h=96, w=128):
@@ -164,7 +164,7 @@ def test_whether_a_crop_shows_the_structure_cannot_be_told_from_its_scale():
         if crop is not None:
             scales.append(crop[2] / labels.shape[0])
             kinds.append(keep)
-    from metrics import roc_auc
+    from nerve.metrics import roc_auc
 
     assert abs(roc_auc(scales, kinds) - 0.5) < 0.05
     assert min(scales) < 0.5 and max(scales) > 0.6

@@ -4,13 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import common
-
 import pytest
 
-import checkpoint
 import train
 from conftest import tiny_flags
+from nerve import checkpoint, common
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
 import argparse
 import json
 
-import common
-
 import pytest
+
+from nerve import common
 
 
 def test_parse_size():
@@ -125,7 +125,7 @@ def test_a_held_folder_is_refused_to_a_second_holder(tmp_path):
 
     with common.exclusive(tmp_path):
         other = subprocess.run(
-            [sys.executable, "-c", f"import common; common.exclusive({str(tmp_path)!r}).__enter__()"],
+            [sys.executable, "-c", f"from nerve import common; common.exclusive({str(tmp_path)!r}).__enter__()"],
             capture_output=True,
             text=True,
             cwd=common.Path(__file__).parent.parent,

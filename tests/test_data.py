@@ -1,20 +1,18 @@
 import shutil
 
-import common
-
 import numpy as np
 import pytest
 import tifffile
 
-import data
 from conftest import ROOT, run_script
+from nerve import common, store
 
 
 def test_original_kaggle_tiffs_convert_exactly(shared_nerve, tmp_path):
     for part in ("train", "test"):
         shutil.copytree(shared_nerve / "tiff" / part, tmp_path / part)
-    data.convert(tmp_path, workers=2)
-    a = data.load_arrays(tmp_path, data.ARRAYS)
+    store.convert(tmp_path, workers=2)
+    a = store.load_arrays(tmp_path, store.ARRAYS)
     assert a["train_images"].shape == a["train_masks"].shape == (77, 420, 580)
     assert a["train_images"].dtype == a["train_masks"].dtype == np.uint8
     assert set(np.unique(a["train_masks"])) == {0, 1}
@@ -32,7 +30,7 @@ def test_original_kaggle_tiffs_convert_exactly(shared_nerve, tmp_path):
 
 
 def test_synthetic_tree_converts(tiny_input):
-    a = data.load_arrays(tiny_input, data.ARRAYS)
+    a = store.load_arrays(tiny_input, store.ARRAYS)
     assert a["train_images"].shape == (48, 420, 580) and a["test_images"].shape == (16, 420, 580)
     assert sorted(set(a["train_subjects"].tolist())) == [1, 2, 3]
     assert a["train_ids"][0] == "1_1" and sorted(a["test_ids"].tolist()) == list(range(1, 17))
@@ -44,9 +42,9 @@ def test_rerun_is_a_no_op_until_forced(tiny_input):
         return {p.name: p.stat().st_mtime_ns for p in tiny_input.iterdir() if p.is_file()}
 
     before = written()
-    assert "up to date" in data.convert(tiny_input)
+    assert "up to date" in store.convert(tiny_input)
     assert written() == before  # nothing rewritten, nothing added
-    assert "wrote" in data.convert(tiny_input, force=True)
+    assert "wrote" in store.convert(tiny_input, force=True)
     after = written()
     assert all(after[name] > before[name] for name in before if name.endswith(".npy"))
 
@@ -67,7 +65,7 @@ def _tree(tmp_path, train=((1, 1),), test=(1,)):
 
 def _error(tmp_path):
     with pytest.raises(common.UserError) as e:
-        data.convert(tmp_path, workers=1)
+        store.convert(tmp_path, workers=1)
     assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".tmp*")), "partial output left"
     return str(e.value)
 
@@ -83,9 +81,9 @@ def test_image_without_mask_and_mask_without_image(tmp_path):
 def test_other_sizes_are_stored_at_the_common_one_with_each_images_own_size(tmp_path):
     _tree(tmp_path, train=((1, 1), (1, 2), (2, 1)))
     tifffile.imwrite(tmp_path / "test" / "1.tif", np.full((400, 500), 9, np.uint8))
-    summary = data.convert(tmp_path, workers=1)
+    summary = store.convert(tmp_path, workers=1)
     assert "stored at 420x580" in summary
-    a = data.load_arrays(tmp_path, data.ARRAYS)
+    a = store.load_arrays(tmp_path, store.ARRAYS)
     assert a["test_images"].shape == (1, 420, 580) and a["test_sizes"].tolist() == [[400, 500]]
     assert (a["test_images"][0] == 9).all() and a["train_sizes"].tolist() == [[420, 580]] * 3
 
@@ -98,8 +96,8 @@ def test_16_bit_images_are_scaled_by_their_highest_bit_and_colour_becomes_gray(t
     rgb = np.zeros((420, 580, 3), np.uint8)
     rgb[..., 1] = 100  # pure green: gray 59 (ITU-R 601 weights)
     tifffile.imwrite(tmp_path / "test" / "1.tif", rgb, photometric="rgb")
-    data.convert(tmp_path, workers=1)
-    a = data.load_arrays(tmp_path, ("train_images", "test_images"))
+    store.convert(tmp_path, workers=1)
+    a = store.load_arrays(tmp_path, ("train_images", "test_images"))
     assert a["train_images"][0, 0, :3].tolist() == [255, 128, 0]
     assert abs(int(a["test_images"][0, 0, 0]) - 59) <= 1
 
@@ -127,8 +125,8 @@ def test_bad_names_and_empty_folders(tmp_path):
 def test_the_test_part_is_optional(tmp_path):
     _tree(tmp_path, test=())
     (tmp_path / "test").rmdir()
-    assert "1 train pairs and 0 test images" in data.convert(tmp_path, workers=1)
-    assert data.load_arrays(tmp_path, ("test_images",))["test_images"].shape == (0, 420, 580)
+    assert "1 train pairs and 0 test images" in store.convert(tmp_path, workers=1)
+    assert store.load_arrays(tmp_path, ("test_images",))["test_images"].shape == (0, 420, 580)
 
 
 def test_missing_folder(tmp_path):
@@ -175,17 +173,17 @@ def write_arrays(folder, n=3, **replace):
 def test_arrays_from_another_run_are_refused(tmp_path, replace, problem):
     names = write_arrays(tmp_path, **replace)
     with pytest.raises(common.UserError, match=f"(?s)data.py --input {tmp_path} --force.*{problem}"):
-        data.load_arrays(tmp_path, names)
+        store.load_arrays(tmp_path, names)
 
 
 def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
     names = write_arrays(tmp_path)
-    assert len(data.load_arrays(tmp_path, names)["train_images"]) == 3
+    assert len(store.load_arrays(tmp_path, names)["train_images"]) == 3
     (tmp_path / common.MANIFEST).write_text('{"train": 5, "test": 2, "newest_input_mtime": 0.0}')
     with pytest.raises(common.UserError, match="train_images.npy holds 3 train images, expected 5"):
-        data.load_arrays(tmp_path, names)
+        store.load_arrays(tmp_path, names)
     (tmp_path / common.MANIFEST).unlink()
     whole = (tmp_path / "train_images.npy").read_bytes()
     (tmp_path / "train_images.npy").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(common.UserError, match="train_images.npy cannot be read"):
-        data.load_arrays(tmp_path, names)
+        store.load_arrays(tmp_path, names)

@@ -1,6 +1,6 @@
 import numpy as np
 
-import deploy
+from nerve import deploy
 
 DEFAULT, NO_GATE = deploy.DEFAULT, {**deploy.DEFAULT, "presence_threshold": 0.0}
 

@@ -5,21 +5,20 @@ import subprocess
 import sys
 import time
 
-import common
-
 import numpy as np
 import pytest
 
-import distribute
 import train
 from conftest import ROOT, run_script, training_log
+from nerve import common, distribute
 
 TWO_CPUS = """
 import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import common, train
+import train
+from nerve import common
 common.run_cli(lambda: train.main(sys.argv[1:]))
 """
 # fp32: where the CPU has native bf16, "auto" picks it, and bf16 rounding differs between device counts

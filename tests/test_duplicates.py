@@ -4,6 +4,7 @@ import numpy as np
 
 import duplicates
 from conftest import assert_picture
+from nerve import neardup
 
 
 def frames_with_twins():
@@ -23,23 +24,23 @@ def frames_with_twins():
 
 def test_finds_twins_within_subjects_only_and_flags_the_conflict():
     images, masks, subjects = frames_with_twins()
-    pairs, distances, every = duplicates.near_pairs(images, subjects)
+    pairs, distances, every = neardup.near_pairs(images, subjects)
     assert pairs.tolist() == [[0, 1], [2, 3]]
     assert (distances < 0.005).all() and len(every) == 10 + 3  # all within-subject pairs, for the histogram
-    stats = duplicates.pair_stats(masks, pairs)
+    stats = neardup.pair_stats(masks, pairs)
     assert stats["one_empty"].tolist() == [False, True] and stats["conflict"].tolist() == [False, True]
     assert stats["area"].tolist() == [[10000, 10000], [10000, 0]] and stats["dice"][0] == 1.0
 
 
 def test_conflicts_are_kept_dropped_or_relabelled():
     images, masks, subjects = frames_with_twins()
-    pairs, distances, _ = duplicates.near_pairs(images, subjects)
-    one_empty = duplicates.pair_stats(masks, pairs)["one_empty"]
-    use, same = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, "keep")
+    pairs, distances, _ = neardup.near_pairs(images, subjects)
+    one_empty = neardup.pair_stats(masks, pairs)["one_empty"]
+    use, same = neardup.resolve_conflicts(masks, pairs, distances, one_empty, "keep")
     assert use.all() and np.array_equal(same, masks)
-    use, same = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, "drop")
+    use, same = neardup.resolve_conflicts(masks, pairs, distances, one_empty, "drop")
     assert np.flatnonzero(~use).tolist() == [3] and np.array_equal(same, masks)
-    use, fixed = duplicates.resolve_conflicts(masks, pairs, distances, one_empty, "relabel")
+    use, fixed = neardup.resolve_conflicts(masks, pairs, distances, one_empty, "relabel")
     assert (
         use.all()
         and np.array_equal(fixed[3], masks[2])
@@ -66,7 +67,7 @@ def test_command_writes_the_pairs_csv_histogram_and_side_by_side_pictures(tmp_pa
 
 def test_each_nerve_mask_is_compared_with_its_closest_frame_in_the_subject():
     images, masks, subjects = frames_with_twins()
-    agreement, duplicate = duplicates.nearest_frame_agreement(images, masks, subjects)
+    agreement, duplicate = neardup.nearest_frame_agreement(images, masks, subjects)
     # frames 0 and 1: twins marked alike; frame 2: its twin 3 left empty; frame 6: its subject's other
     # frames are unrelated and empty (its exact copy, frame 0, belongs to another subject)
     assert agreement.tolist() == [1.0, 1.0, 0.0, 0.0]

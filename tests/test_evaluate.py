@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import evaluate
-import postprocess
 from conftest import ROOT, TINY, TWO_FOLD_SPECS, assert_picture, run_main, run_script, stats_case, two_fold_case
+from nerve import crossval, postprocess
 
 
 def out_of_fold(index):
@@ -36,19 +36,19 @@ def test_cross_validation_tunes_each_fold_on_the_others_only():
         "index": order,
         "crop": np.full((len(fold), 4), -1),
     }
-    report = evaluate.cross_validate(oof, truth, ["nerve"], tta="none")
+    report = crossval.cross_validate(oof, truth, ["nerve"], tta="none")
     assert report["fold_postprocess"]["nerve"] == dict(enumerate(TWO_FOLD_SPECS))
     assert report["postprocess"]["nerve"] == TWO_FOLD_SPECS[1] and report["default_gate"] == []
     rows = report["rows"]["nerve"]
     # fold 1's gate (0.65) empties fold 1's false detections (0.3); fold 0's (0.35) keeps fold 0's (0.6)
     assert rows["fold 1"]["leaderboard"] > 0.99 and rows["fold 0"]["leaderboard"] < 0.1
-    lines = evaluate.table(report["rows"]).splitlines()
+    lines = crossval.table(report["rows"]).splitlines()
     assert "dice_nonempty" in lines[0] and lines[1].split()[:2] == ["fold", "0"]  # one structure: no name
 
 
 def test_too_few_images_without_the_structure_keep_the_default_gate():
     oof, truth = out_of_fold([1, 3, 2, 0])
-    report = evaluate.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
+    report = crossval.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
     assert report["default_gate"] == ["nerve"]  # two images without a nerve are too few to tune a gate on
     gates = [(spec["presence_threshold"], spec["min_area"]) for spec in report["fold_postprocess"]["nerve"].values()]
     assert gates == [(postprocess.DEFAULT["presence_threshold"], postprocess.DEFAULT["min_area"])] * 2
@@ -65,13 +65,13 @@ def test_crop_views_are_scored_on_their_own_row_against_their_crop_and_tuned_wit
     views = {key: np.concatenate([oof[key], view[key]]) for key in view}
     views.update(fold=np.r_[oof["fold"], 0, 1], index=np.r_[oof["index"], 0, 1])
     views["crop"] = np.concatenate([oof["crop"], [[0, 0, 90, 90]] * 2])
-    report = evaluate.cross_validate(views, truth, ["nerve"])
+    report = crossval.cross_validate(views, truth, ["nerve"])
     rows = report["rows"]["nerve"]
-    assert rows["all folds"] == evaluate.cross_validate(oof, truth, ["nerve"])["rows"]["nerve"]["all folds"]
+    assert rows["all folds"] == crossval.cross_validate(oof, truth, ["nerve"])["rows"]["nerve"]["all folds"]
     assert rows["crop views"]["images"] == 2 and rows["crop views"]["with_structure"] == 0  # the crop misses it
     assert rows["crop views"]["specificity"] == 1.0 and rows["crop views"]["leaderboard"] == 1.0
     assert np.isinf(report["dice"][4:]).all()  # the worst cases are frames
-    assert [labels.shape for labels in evaluate.row_labels(truth, views)][3:] == [(420, 580), (90, 90), (90, 90)]
+    assert [labels.shape for labels in crossval.row_labels(truth, views)][3:] == [(420, 580), (90, 90), (90, 90)]
 
 
 def test_several_structures_are_scored_and_tuned_each_on_its_own_labels():
@@ -79,10 +79,10 @@ def test_several_structures_are_scored_and_tuned_each_on_its_own_labels():
     second = {
         key: np.concatenate([oof[key]] * 2, axis=-1) for key in ("probs", "probs_flip", "present", "present_flip")
     }
-    report = evaluate.cross_validate({**oof, **second}, truth * 2, ["nerve", "vessel"])  # label 2: the vessel
+    report = crossval.cross_validate({**oof, **second}, truth * 2, ["nerve", "vessel"])  # label 2: the vessel
     nerve, vessel = (report["rows"][name]["all folds"] for name in ("nerve", "vessel"))
     assert nerve["with_structure"] == 0 and vessel["with_structure"] == 2 and vessel["dice_nonempty"] > 0.5
-    assert evaluate.table(report["rows"]).splitlines()[-1].split()[:3] == ["vessel", "all", "folds"]
+    assert crossval.table(report["rows"]).splitlines()[-1].split()[:3] == ["vessel", "all", "folds"]
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((results / "ensemble.json").read_text()) == {"format": 2, "models": ["fold0", "fold1", "fold2"]}
     oof = np.load(results / "oof.npz")
-    views = evaluate.is_view(oof)
+    views = crossval.is_view(oof)
     frames = ~views
     assert sorted(oof["index"][frames].tolist()) == list(range(48))  # every image predicted once, out of fold
     assert views.any() and set(oof["index"][views]) <= set(range(48))  # and some by a crop view, in their fold
@@ -173,17 +173,17 @@ def test_non_finite_numbers_become_null_for_json():
 
 def test_the_report_counts_the_frames_the_out_of_distribution_score_flags():
     oof, truth = out_of_fold(np.arange(4))
-    report = evaluate.cross_validate(oof, truth, ["nerve"])
+    report = crossval.cross_validate(oof, truth, ["nerve"])
     assert report["ood"] == {"frames": 4, "flagged": 1, "threshold": 1.0}  # 1.5 is over; nan (no score) is not
-    assert evaluate.flagged_line(report).startswith("1 of 4 frames (25.0%)")
+    assert crossval.flagged_line(report).startswith("1 of 4 frames (25.0%)")
     without = {**oof, "ood": np.full(4, np.nan), "ood_flip": np.full(4, np.nan)}  # models of an earlier release
-    report = evaluate.cross_validate(without, truth, ["nerve"])
-    assert report["ood"] is None and evaluate.flagged_line(report) is None
+    report = crossval.cross_validate(without, truth, ["nerve"])
+    assert report["ood"] is None and crossval.flagged_line(report) is None
 
 
 def test_a_fixed_spec_is_scored_without_gate_or_tuning():
     oof, truth = out_of_fold(np.arange(4))
-    report = evaluate.cross_validate(oof, truth, ["nerve"], "none", postprocess.NO_GATE, tuned=False)
+    report = crossval.cross_validate(oof, truth, ["nerve"], "none", postprocess.NO_GATE, tuned=False)
     plain = postprocess.NO_GATE
     assert report["postprocess"]["nerve"] == plain
     assert all(s == plain for s in report["fold_postprocess"]["nerve"].values())
@@ -195,5 +195,5 @@ def test_out_of_fold_predictions_of_the_previous_release_load_without_a_score(tm
     oof, _ = out_of_fold(np.arange(4))
     previous = {key: value for key, value in oof.items() if not key.startswith("ood")}
     np.savez(tmp_path / "oof.npz", **previous, ids=np.array(["1_1", "1_2", "1_3", "1_4"]))
-    loaded = evaluate.load_oof(tmp_path / "oof.npz")
+    loaded = crossval.load_oof(tmp_path / "oof.npz")
     assert np.isnan(loaded["ood"]).all() and np.isnan(loaded["ood_flip"]).all() and len(loaded["ood"]) == 4

@@ -1,7 +1,7 @@
 import numpy as np
 
-import figures
 from conftest import assert_picture
+from nerve import figures
 
 
 def test_overlay_colours_true_and_false_positives_and_false_negatives():

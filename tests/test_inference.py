@@ -1,7 +1,6 @@
 import numpy as np
 
-import inference
-import model
+from nerve import inference, model
 
 
 class Echo:

@@ -3,16 +3,12 @@ size and colour; grouping; and one clear message for every bad input, with nothi
 
 import json
 
-import common
-
 import cv2
 import numpy as np
 import pytest
 
-import data
-import layouts
-import synthetic
 from conftest import ROOT, run_script
+from nerve import common, layouts, store, synthetic
 
 
 def _pairs(root, masks, shapes=((60, 80),), colour_images=True):
@@ -38,7 +34,7 @@ def _palette_mask(shape, *labels):
 
 def _error(root, **options):
     with pytest.raises(common.UserError) as e:
-        data.convert(root, workers=1, **options)
+        store.convert(root, workers=1, **options)
     assert not list(root.glob("*.npy")) and not list(root.glob(".tmp*")), "partial output left"
     return str(e.value)
 
@@ -49,13 +45,13 @@ def test_the_voc_palette():
 
 def test_nnunet_layout_at_another_size_with_two_structures(tmp_path):
     synthetic.write_dataset(tmp_path, 2, 5, 1, seed=3, layout="nnunet", size=(210, 290), vessels=True)
-    summary = data.convert(tmp_path, workers=1, group_pattern=r"^(s\d+)_")
+    summary = store.convert(tmp_path, workers=1, group_pattern=r"^(s\d+)_")
     assert "nnU-Net layout, 2 classes (nerve, vessel), 10 training cases, 5 test images" in summary
     assert "groups from the pattern" in summary and "stored at 210x290" in summary
-    a = data.load_arrays(tmp_path, data.ARRAYS)
+    a = store.load_arrays(tmp_path, store.ARRAYS)
     assert a["train_images"].shape == (10, 210, 290) and set(np.unique(a["train_masks"])) == {0, 1, 2}
     assert sorted(set(a["train_subjects"].tolist())) == ["s1", "s2"] and a["test_ids"][0].startswith("t")
-    assert data.structures(tmp_path) == ["nerve", "vessel"]
+    assert store.structures(tmp_path) == ["nerve", "vessel"]
 
 
 def test_nnunet_labels_in_release_1_form_and_region_labels(tmp_path):
@@ -73,12 +69,12 @@ def test_mixed_size_rgb_pngs_with_0_255_masks(tmp_path):
         mask[20:40, 20:40] = 255
         masks.append(mask)
     _pairs(tmp_path, masks)
-    summary = data.convert(tmp_path, workers=1)
+    summary = store.convert(tmp_path, workers=1)
     assert "folder pairs layout" in summary and "every image is its own group" in summary
     assert "stored at 60x80 (the median size: 1 of 3 train images resized" in summary
-    a = data.load_arrays(tmp_path, data.ARRAYS)
+    a = store.load_arrays(tmp_path, store.ARRAYS)
     assert a["train_sizes"].tolist() == [[60, 80], [60, 80], [90, 70]]
-    assert set(np.unique(a["train_masks"])) == {0, 1} and data.structures(tmp_path) == ["class1"]
+    assert set(np.unique(a["train_masks"])) == {0, 1} and store.structures(tmp_path) == ["class1"]
     gray = cv2.cvtColor(cv2.imread(str(tmp_path / "images" / "case0.png")), cv2.COLOR_BGR2GRAY)
     np.testing.assert_array_equal(a["train_images"][0], gray)
     assert len(set(a["train_subjects"].tolist())) == 3  # each image its own group
@@ -86,13 +82,13 @@ def test_mixed_size_rgb_pngs_with_0_255_masks(tmp_path):
 
 def test_palette_masks_with_names_from_a_flag_or_classes_json(tmp_path):
     _pairs(tmp_path, [_palette_mask((60, 80), 1, 2), _palette_mask((60, 80), 1)])
-    data.convert(tmp_path, workers=1, classes="nerve,vessel", output_dir=tmp_path / "arrays")
-    masks = data.load_arrays(tmp_path / "arrays", ("train_masks",))["train_masks"]
+    store.convert(tmp_path, workers=1, classes="nerve,vessel", output_dir=tmp_path / "arrays")
+    masks = store.load_arrays(tmp_path / "arrays", ("train_masks",))["train_masks"]
     assert (masks[0, 10:15] == 1).all() and (masks[0, 20:25] == 2).all() and not (masks[1] == 2).any()
-    assert data.structures(tmp_path / "arrays") == ["nerve", "vessel"]
+    assert store.structures(tmp_path / "arrays") == ["nerve", "vessel"]
     (tmp_path / "classes.json").write_text(json.dumps({"background": 0, "nerve": 1, "vessel": 2}))
-    data.convert(tmp_path, workers=1, force=True)
-    assert data.structures(tmp_path) == ["nerve", "vessel"]
+    store.convert(tmp_path, workers=1, force=True)
+    assert store.structures(tmp_path) == ["nerve", "vessel"]
 
 
 def test_label_maps_and_groups_from_a_csv(tmp_path):
@@ -101,11 +97,11 @@ def test_label_maps_and_groups_from_a_csv(tmp_path):
     labels[30:40] = 2
     _pairs(tmp_path, [labels, labels, labels], colour_images=False)
     (tmp_path / "groups.csv").write_text("case,group\ncase0,a\ncase1,a\ncase2,b\n")
-    summary = data.convert(tmp_path, workers=1, groups=tmp_path / "groups.csv", output_dir=tmp_path / "ok")
+    summary = store.convert(tmp_path, workers=1, groups=tmp_path / "groups.csv", output_dir=tmp_path / "ok")
     assert "groups from" in summary
-    a = data.load_arrays(tmp_path / "ok", ("train_masks", "train_subjects"))
+    a = store.load_arrays(tmp_path / "ok", ("train_masks", "train_subjects"))
     assert a["train_subjects"].tolist() == ["a", "a", "b"] and set(np.unique(a["train_masks"])) == {0, 1, 2}
-    assert data.structures(tmp_path / "ok") == ["class1", "class2"]
+    assert store.structures(tmp_path / "ok") == ["class1", "class2"]
     labels[0, :3] = (100, 128, 200)  # a mask that is no label map: far more labels than structures
     cv2.imwrite(str(tmp_path / "masks" / "case2.png"), labels)
     assert "case2.png has label 200: name the classes" in _error(tmp_path, force=True)
@@ -137,9 +133,9 @@ def test_the_cli_names_the_layout_it_found(tmp_path):
 
 
 def test_the_usgra_set_reads_as_it_is(shared_usgra, tmp_path):
-    summary = data.convert(shared_usgra, output_dir=tmp_path, classes="nerve,vessel", group_pattern=r"^(\d{3})")
+    summary = store.convert(shared_usgra, output_dir=tmp_path, classes="nerve,vessel", group_pattern=r"^(\d{3})")
     assert "folder pairs layout, 2 classes (nerve, vessel), 204 training cases" in summary
-    a = data.load_arrays(tmp_path, ("train_masks", "train_sizes", "train_subjects"))
+    a = store.load_arrays(tmp_path, ("train_masks", "train_sizes", "train_subjects"))
     assert a["train_masks"].shape == (204, 512, 534) and set(np.unique(a["train_masks"])) == {0, 1, 2}
     assert {tuple(s) for s in a["train_sizes"].tolist()} == {(512, 534), (512, 512), (632, 761)}
     assert (a["train_masks"] == 1).any(axis=(1, 2)).all()  # every image shows a nerve

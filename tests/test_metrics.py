@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-import metrics
+from nerve import metrics
 
 
 def test_mean_dice_on_hand_computed_cases():

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-import model
+from nerve import model
 
 
 @pytest.mark.parametrize("size", [(64, 80), (96, 128)])

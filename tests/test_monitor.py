@@ -2,7 +2,7 @@ import signal
 
 import pytest
 
-from monitor import StopOnInterrupt
+from nerve.monitor import StopOnInterrupt
 
 
 @pytest.mark.parametrize("where", ["on_train_batch_end", "on_test_batch_end"])

@@ -1,9 +1,7 @@
 import keras
 import numpy as np
 
-import inference
-import model
-import ood
+from nerve import inference, model, ood
 
 
 def _net():

@@ -1,6 +1,6 @@
 import numpy as np
 
-import planning
+from nerve import planning
 
 
 def _masks(shape, side, n=20):

@@ -1,16 +1,12 @@
 import json
 
-import common
-
 import numpy as np
 import pytest
 
-import deploy
-import metrics
-import postprocess
 from conftest import TWO_FOLD_SPECS, stats_case, two_fold_case
-from deploy import full_size
-from metrics import dice_from_counts, pixel_counts
+from nerve import common, deploy, metrics, postprocess
+from nerve.deploy import full_size
+from nerve.metrics import dice_from_counts, pixel_counts
 
 
 def test_the_gate_is_one_rule_for_masks_and_for_tuning():

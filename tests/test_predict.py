@@ -4,15 +4,13 @@ multi-frame and single-frame DICOM; and its one-line errors."""
 import csv
 import json
 
-import common
-
 import cv2
 import numpy as np
 import pytest
 
 import predict
-import synthetic
 from conftest import ROOT, assert_picture, run_main, run_script
+from nerve import common, sources, synthetic
 
 FRAMES = 12
 
@@ -114,12 +112,12 @@ def test_palette_colour_dicom_becomes_gray_through_its_colour_table():
         pytest.skip(f"the real DICOM files are not at {folder} (the ../shared folder beside the repo)")
     import pydicom
 
-    frames, _ = predict.dicom_frames(folder / "OBXXXX1A_rle_2frame.dcm")  # 8-bit palette, RLE, two frames
+    frames, _ = sources.dicom_frames(folder / "OBXXXX1A_rle_2frame.dcm")  # 8-bit palette, RLE, two frames
     indices = pydicom.dcmread(folder / "OBXXXX1A_rle_2frame.dcm").pixel_array
     assert frames.shape == (2, 600, 800) and frames.dtype == np.uint8
     assert not np.array_equal(frames, indices)  # the table's colours, not its indices
-    ybr, _ = predict.dicom_frames(folder / "US1_J2KR.dcm")  # JPEG 2000 in YBR_RCT: pydicom gives RGB already
-    rgb, _ = predict.dicom_frames(folder / "US1_UNCR.dcm")  # the same image uncompressed, in RGB
+    ybr, _ = sources.dicom_frames(folder / "US1_J2KR.dcm")  # JPEG 2000 in YBR_RCT: pydicom gives RGB already
+    rgb, _ = sources.dicom_frames(folder / "US1_UNCR.dcm")  # the same image uncompressed, in RGB
     np.testing.assert_array_equal(ybr, rgb)
 
 

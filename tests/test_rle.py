@@ -3,7 +3,7 @@ import csv
 import numpy as np
 import pytest
 
-from rle import rle_decode, rle_encode
+from nerve.rle import rle_decode, rle_encode
 
 
 def test_rle_reproduces_every_official_mask_string(shared_nerve):

@@ -1,9 +1,9 @@
-from common import UserError
+from nerve.common import UserError
 
 import numpy as np
 import pytest
 
-import splits
+from nerve import splits
 
 
 def _subjects(seed=0, n=30):

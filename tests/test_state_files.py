@@ -7,12 +7,11 @@ import json
 import shutil
 import zipfile
 
-import common
-
 import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, run_main, run_script
+from nerve import common
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def results(trained, tmp_path):
 
 
 def snapshot(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".lock")}
 
 
 def one_clear_line(result, *expected):

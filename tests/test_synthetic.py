@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import tifffile
 
-import synthetic
+from nerve import synthetic
 
 
 def _frames(seed, subject=1, n=6):

@@ -5,15 +5,12 @@ import subprocess
 import sys
 import time
 
-import common
-
 import numpy as np
 import pytest
 
-import model
-import planning
 import train
 from conftest import ROOT, TINY, run_main, run_script, tiny_flags, training_log
+from nerve import common, model, planning
 
 
 @pytest.mark.parametrize(
@@ -51,7 +48,7 @@ def test_help_gives_every_flags_default_without_spelling_it():
         assert f"(default: {default})" in " ".join(entry.split()), flag
     assert "unset: planned from the dataset" in " ".join(text.split())
     epochs = text.split("\n  --epochs ", 1)[1].split("\n  --", 1)[0]
-    assert f"unset: planned (planning.py), {planning.EPOCHS}" in " ".join(epochs.split())
+    assert f"unset: planned (nerve/planning.py), {planning.EPOCHS}" in " ".join(epochs.split())
 
 
 def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant():

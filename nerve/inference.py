@@ -7,7 +7,7 @@ train.py (out-of-fold predictions), evaluate.py, submission.py and utils.inspect
 
 from pathlib import Path
 
-from common import (
+from nerve.common import (
     ENSEMBLE_FILE,
     MODEL_FILE,
     RESULTS_DIR,
@@ -23,9 +23,8 @@ import keras
 import numpy as np
 from keras import ops
 
-import augment
-import deploy
-from deploy import full_size
+from nerve import augment, deploy
+from nerve.deploy import full_size
 
 CHUNK = 64  # images resized and predicted together: bounds memory at full size
 VIEWS = {"none": (False,), "hflip": (False, True)}  # --tta: which mirror views are averaged

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UserError, listing
+from nerve.common import UserError, listing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LAYOUTS = ("kaggle", "nnunet", "folders")

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import UserError
+from nerve.common import UserError
 
 import keras
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from common import (
+from nerve.common import (
     BOOLEAN,
     LAST_FILE,
     LEGACY_MODEL_FILE,
@@ -36,8 +36,8 @@ from common import (
 import keras
 import numpy as np
 
-from inference import predicted_masks
-from metrics import structure_dice
+from nerve.inference import predicted_masks
+from nerve.metrics import structure_dice
 
 MOVABLE_FLAGS = {"input", "logs", "workers"}  # may differ from the stored run on --resume
 RESUME_FLAGS = {"results", "resume", "force"}  # say which run to continue, not how

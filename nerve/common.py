@@ -1,13 +1,12 @@
 """The ground every stage stands on: folders, file names, the run record, one-line errors, atomic writes,
 the checked reading of every state file, and the flags several scripts share.
 
-It imports no other module, of the project or outside the standard library, so every script imports it
-first (pyproject.toml's import order): the Keras backend is checked here before Keras is imported anywhere.
+It imports no other module of the project, and outside the standard library only filelock, so every script
+imports it first (pyproject.toml's import order): the Keras backend is checked here before Keras is imported anywhere.
 """
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import json
 import math
@@ -15,12 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+import filelock
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before anything loads it
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 420, 580  # the Kaggle frames
 INPUT_DIR, RESULTS_DIR, LOGS_DIR = Path("input"), Path("results"), Path("logs")
 
 # Every file the pipeline writes, in one table: no other module spells a name.
+LOCK_FILE = ".lock"  # an output folder: held by the one process writing into it (exclusive)
+LOCK_HOLDER_FILE = ".lock.holder"  # beside it: which process that is
 MANIFEST = "arrays.json"  # input/: what data.py built the arrays from
 RUN_FILE = "run.json"  # results/: the run's settings and whether it finished, for --resume
 ENSEMBLE_FILE = "ensemble.json"  # results/: the model folders whose predictions are averaged
@@ -137,23 +140,23 @@ def output_folder(path, flag):
 @contextlib.contextmanager
 def exclusive(folder, flag="--results"):
     """Hold the folder for this process alone: a second run writing the same results is refused, not
-    interleaved. The lock goes with the process, however it ends."""
-    lock = open(output_folder(folder, flag) / ".lock", "a+")
+    interleaved. The lock (filelock: flock on Linux and macOS, msvcrt on Windows) goes with the process, however
+    it ends; who holds it is written beside it, since a locked file cannot be read on every system."""
+    folder = output_folder(folder, flag)
+    lock = filelock.FileLock(folder / LOCK_FILE)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"{folder}/ is in use by {holder}: wait for it to finish, or use another {flag}") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})"[:300])
-    lock.flush()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = folder / LOCK_HOLDER_FILE
+        who = (holder.read_text().strip() if holder.exists() else "") or "another process"
+        raise UserError(f"{folder}/ is in use by {who}: wait for it to finish, or use another {flag}") from None
     try:
+        (folder / LOCK_HOLDER_FILE).write_text(
+            f"pid {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})"[:300]
+        )
         yield
     finally:
-        lock.close()
+        lock.release()
 
 
 def write_json(path, obj):

@@ -15,8 +15,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import IMAGE_HEIGHT as H
-from common import IMAGE_WIDTH as W
+from nerve.common import IMAGE_HEIGHT as H
+from nerve.common import IMAGE_WIDTH as W
 
 import cv2
 import numpy as np

@@ -22,8 +22,8 @@ import keras
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
-import model
-from inference import VIEWS, network_outputs
+from nerve import model
+from nerve.inference import VIEWS, network_outputs
 
 QUANTILE = 0.99  # of the validation frames' distances, times MARGIN: the threshold
 MARGIN = 1.25

@@ -1,7 +1,7 @@
 """Kaggle's run-length encoding of masks: 1-based starts and lengths, column-major (top to bottom, then left
 to right), an empty string for an empty mask."""
 
-from common import IMAGE_HEIGHT, IMAGE_WIDTH
+from nerve.common import IMAGE_HEIGHT, IMAGE_WIDTH
 
 import numpy as np
 

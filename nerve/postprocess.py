@@ -15,7 +15,7 @@ puts it into every model (model.calibrated) before the post-processing is tuned 
 import itertools
 from pathlib import Path
 
-from common import (
+from nerve.common import (
     BOOLEAN,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
@@ -34,8 +34,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.metrics import log_loss
 
-from deploy import DEFAULT, binary_mask, full_size, gate
-from metrics import dice_from_counts
+from nerve.deploy import DEFAULT, binary_mask, full_size, gate
+from nerve.metrics import dice_from_counts
 
 FIELDS = {
     "presence_threshold": number(0, 1),

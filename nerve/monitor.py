@@ -6,16 +6,16 @@ import signal
 import sys
 from pathlib import Path
 
-from common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
+from nerve.common import CURVES_FILE, TRAINING_LOG_FILE, VAL_OVERLAYS_FILE, UserError
 
 import keras
 import numpy as np
 
-import deploy
-from deploy import full_size
-from figures import cases_png, overlay, training_curves
-from inference import network_outputs
-from metrics import presence
+from nerve import deploy
+from nerve.deploy import full_size
+from nerve.figures import cases_png, overlay, training_curves
+from nerve.inference import network_outputs
+from nerve.metrics import presence
 
 TENSORBOARD_IMAGES = 8  # validation images shown in TensorBoard each epoch
 REPORT_IMAGES = 12  # validation images in val_overlays.png

@@ -7,12 +7,12 @@ import csv
 import os
 from pathlib import Path
 
-from common import UserError, atomic_path
+from nerve.common import UserError, atomic_path
 
 import cv2
 import numpy as np
 
-from metrics import calibration_bins, structure_dice
+from nerve.metrics import calibration_bins, structure_dice
 
 # Distinct under the common colour-vision deficiencies: yellow, red and blue differ in lightness too
 TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (255, 215, 0), (230, 30, 30), (30, 130, 255)

@@ -8,7 +8,7 @@ is the first of round(1 / val_fraction) such folds, so one algorithm serves both
 
 import warnings
 
-from common import UserError
+from nerve.common import UserError
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold

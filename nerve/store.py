@@ -1,0 +1,311 @@
+"""The array store: a dataset's images and label maps as .npy arrays at one size, with each image's own size
+beside them, arrays.json saying what they were built from; convert() writes them (every file checked first),
+load_arrays() reads them back, checked."""
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from nerve.common import (
+    INPUT_DIR,
+    MANIFEST,
+    TEXT,
+    UserError,
+    atomic_path,
+    integer,
+    list_of,
+    listing,
+    number,
+    output_folder,
+    read_state,
+    write_state,
+)
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from nerve import layouts
+from nerve.images import image_shape, read_image, read_labels
+
+# The arrays data.py writes into the input folder, by name.
+ARRAYS = (
+    "train_images",
+    "train_masks",
+    "train_ids",
+    "train_subjects",
+    "train_sizes",
+    "test_images",
+    "test_ids",
+    "test_sizes",
+)
+
+
+WORKERS = min(8, os.cpu_count() or 1)  # decoding threads: OpenCV's decoders release the GIL
+
+
+MAX_UNNAMED = 20  # structures a dataset may label without naming them: more is a mask that is no label map
+
+
+def storage_size(shapes):
+    """The size the arrays hold every image at: the most common one when over half share it (every Kaggle
+    frame is 420x580), else the median height and width."""
+    shapes = [s for s in shapes if s]
+    if not shapes:
+        return 1, 1
+    values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+    if counts.max() * 2 > len(shapes):
+        return tuple(int(v) for v in values[counts.argmax()])
+    return tuple(int(v) for v in np.median(np.array(shapes), axis=0).round())
+
+
+def to_size(array, size, labels):
+    """An image (area-averaged or linear) or a label map (nearest label) at size (h, w)."""
+    if array.shape == tuple(size):
+        return array
+    shrink = array.shape[0] * array.shape[1] > size[0] * size[1]
+    interpolation = cv2.INTER_NEAREST if labels else cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(array, size[::-1], interpolation=interpolation)
+
+
+def decode_all(paths, reader, out, size, workers, desc, labels=False):
+    """Decode paths[i] (at size into out[i], or only check when out is None); return the problems found,
+    each file's own (height, width) and its largest value (the highest label of a mask)."""
+    shapes, top = np.zeros((len(paths), 2), np.int32), np.zeros(len(paths), np.int64)
+
+    def one(i):
+        try:
+            array = reader(paths[i])
+        except ValueError as e:
+            return f"{paths[i]} {e}"
+        shapes[i], top[i] = array.shape, array.max(initial=0)
+        if out is not None:
+            out[i] = to_size(array, size, labels)
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(
+            tqdm(
+                pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False, mininterval=0.5
+            )
+        )
+    return [r for r in results if r], shapes, top
+
+
+def _newest_mtime(folders):
+    return max((e.stat().st_mtime for f in folders for e in os.scandir(f)), default=0.0)
+
+
+MANIFEST_FIELDS = {
+    "train": integer(0),
+    "test": integer(0),
+    "newest_input_mtime": number(),
+    "structures": list_of(TEXT),
+    "size": list_of(integer(1), 2),
+}
+
+
+def rebuild(arrays_dir):
+    """How to rebuild the arrays in arrays_dir."""
+    return (
+        f"rebuild the arrays with `python data.py --input {arrays_dir} --force` (with `--input DATASET --output "
+        f"{arrays_dir}` where they were made from another folder)"
+    )
+
+
+def _release_2_manifest(manifest):
+    """Before other layouts: a Kaggle folder of 420x580 frames with one structure, the nerve."""
+    return {"structures": ["nerve"], "size": [420, 580], "source": {"layout": "Kaggle"}, **manifest}
+
+
+def read_manifest(input_dir):
+    """arrays.json: what data.py built the arrays from (counts, layout, structures, the size it stored)."""
+    return read_state(
+        Path(input_dir) / MANIFEST,
+        MANIFEST_FIELDS,
+        rebuild(input_dir),
+        _release_2_manifest,
+    )
+
+
+def structures(input_dir):
+    """The names of the structures the arrays in input_dir label, in label order."""
+    return read_manifest(input_dir)["structures"]
+
+
+def _is_current(output_dir, manifest):
+    if not all((output_dir / f"{a}.npy").exists() for a in ARRAYS):
+        return False
+    try:
+        built = read_manifest(output_dir)
+    except UserError:  # a missing or damaged manifest: the arrays are rebuilt, which is its remedy anyway
+        return False
+    return all(built.get(k) == v for k, v in manifest.items() if k not in ("structures", "size", "grouping"))
+
+
+def convert(
+    input_dir=INPUT_DIR,
+    force=False,
+    check_only=False,
+    workers=WORKERS,
+    output_dir=None,
+    layout="auto",
+    classes=None,
+    groups=None,
+    group_pattern=None,
+):
+    """Validate the dataset in input_dir and write its arrays to output_dir (unset: input_dir itself); return
+    a summary of what was found and done."""
+    input_dir = Path(input_dir)
+    output_dir = Path(output_dir or input_dir)
+    dataset = layouts.find(input_dir, layout, classes, groups, group_pattern)
+    found = [dataset.describe()]
+    if not dataset.grouping:
+        found.append(
+            "warning: no subject ids, so every image is its own group: near-duplicate frames of one subject will "
+            "leak across validation folds and flatter the scores (give --groups CSV or --group-pattern REGEX)"
+        )
+    else:
+        found.append(f"validation groups: {dataset.grouping}")
+    source = {"input": str(input_dir.resolve()), "layout": dataset.layout, "classes": classes}
+    source.update(groups=groups and str(Path(groups).resolve()), group_pattern=group_pattern)
+    manifest = {
+        "train": len(dataset.train),
+        "test": len(dataset.test),
+        "newest_input_mtime": _newest_mtime(dataset.folders),
+        "source": source,
+    }
+    if not check_only and not force and _is_current(output_dir, manifest):
+        counts = f"{len(dataset.train)} train, {len(dataset.test)} test"
+        return "\n".join([*found, f"arrays in {output_dir}/ are up to date ({counts}); use --force to rebuild"])
+
+    train_paths = [c.image for c in dataset.train]
+    mask_paths = [c.mask for c in dataset.train]
+    test_paths = [c.image for c in dataset.test]
+    size = storage_size(image_shape(p) for p in train_paths)
+    jobs = [
+        ("train_images", train_paths, read_image, False),
+        ("train_masks", mask_paths, lambda p: read_labels(p, dataset.masks), True),
+        ("test_images", test_paths, read_image, False),
+    ]
+    if not check_only:
+        output_folder(output_dir, "--output")
+    with contextlib.ExitStack() as stack:
+        tmp = {} if check_only else {a: stack.enter_context(atomic_path(output_dir / f"{a}.npy")) for a in ARRAYS}
+        problems, shapes, tops = [], {}, {}
+        for name, paths, reader, labels in jobs:
+            # decode straight into the memory-mapped output: no list-then-stack copy in memory
+            out = None if check_only else np.lib.format.open_memmap(tmp[name], "w+", np.uint8, (len(paths), *size))
+            desc = f"checking {name}" if check_only else name
+            found_problems, shapes[name], tops[name] = decode_all(paths, reader, out, size, workers, desc, labels)
+            problems += found_problems
+            if out is not None:
+                out.flush()
+                del out
+        problems += _label_problems(dataset, shapes, tops)
+        if check_only:
+            if problems:
+                raise UserError(f"{len(problems)} problem(s) in {input_dir}/:{listing(problems)}")
+            fine = f"{input_dir}/ is fine: {len(train_paths)} train pairs, {len(test_paths)} test images"
+            return "\n".join([*found, fine])
+        if problems:
+            raise UserError(f"fix these input files (nothing was written):{listing(problems)}")
+        names = dataset.structures or [f"class{k}" for k in range(1, max(1, int(tops["train_masks"].max())) + 1)]
+        groups_found = [c.group for c in dataset.train]
+        numeric = all(isinstance(g, int) for g in groups_found)
+        small = {
+            "train_ids": np.array([c.id for c in dataset.train]),
+            "train_subjects": np.array(groups_found, np.int32 if numeric else str),
+            "train_sizes": shapes["train_images"],
+            "test_ids": np.array([int(c.id) for c in dataset.test], np.int32)
+            if dataset.layout == "Kaggle"
+            else np.array([c.id for c in dataset.test], str),
+            "test_sizes": shapes["test_images"].reshape(-1, 2),
+        }
+        for name, array in small.items():
+            np.save(tmp[name], array)
+    write_state(
+        output_dir / MANIFEST, {**manifest, "structures": names, "size": list(size), "grouping": dataset.grouping}
+    )
+    resized = int(np.count_nonzero((shapes["train_images"] != size).any(axis=1)))
+    stored = f"stored at {size[0]}x{size[1]}" + (
+        f" (the median size: {resized} of {len(train_paths)} train images resized; predictions go back to each "
+        "image's own size)"
+        if resized
+        else ""
+    )
+    return "\n".join(
+        [
+            *found,
+            f"wrote {len(train_paths)} train pairs and {len(test_paths)} test images to {output_dir}/*.npy, {stored}",
+        ]
+    )
+
+
+def _label_problems(dataset, shapes, tops):
+    """Masks whose size differs from their image's, or whose labels go beyond the named structures."""
+    problems = []
+    for case, image, mask, top in zip(
+        dataset.train, shapes["train_images"], shapes["train_masks"], tops["train_masks"]
+    ):
+        if mask.any() and image.any() and tuple(mask) != tuple(image):
+            problems.append(f"{case.mask} is {mask[1]}x{mask[0]} pixels but its image is {image[1]}x{image[0]}")
+        if not dataset.structures and top > MAX_UNNAMED:
+            problems.append(
+                f"{case.mask} has label {top}: name the classes with --classes if there are that many, "
+                "else the mask is not a label map (an anti-aliased edge?)"
+            )
+        if dataset.structures and top > len(dataset.structures):
+            names = ", ".join(dataset.structures)
+            problems.append(
+                f"{case.mask} has label {top}, beyond the {len(dataset.structures)} classes named ({names})"
+            )
+    return problems
+
+
+def _array_problem(name, array, size):
+    """What is wrong with one array data.py wrote, or None."""
+    if name.endswith(("_images", "_masks")):
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[1:] != tuple(size):
+            return f"{name}.npy is {array.shape} {array.dtype}, expected (n, {size[0]}, {size[1]}) uint8"
+    elif name.endswith("_sizes"):
+        if array.ndim != 2 or array.shape[1:] != (2,):
+            return f"{name}.npy has shape {array.shape}, expected (n, 2)"
+    elif array.ndim != 1:
+        return f"{name}.npy has shape {array.shape}, expected one value per image"
+    return None
+
+
+def load_arrays(input_dir, names):
+    """Load the named arrays data.py wrote, memory-mapped, after checking that they belong together:
+    shapes and dtypes as data.py writes them, one length per set, the counts in its manifest."""
+    input_dir = Path(input_dir)
+    missing = [n for n in names if not (input_dir / f"{n}.npy").exists()]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found in {input_dir}/: run `python data.py` first")
+    manifest = read_manifest(input_dir) if (input_dir / MANIFEST).exists() else {}
+    arrays, problems = {}, []
+    for name in names:
+        try:
+            arrays[name] = np.load(input_dir / f"{name}.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:  # truncated or not an .npy file at all
+            problems.append(f"{name}.npy cannot be read ({e})")
+            continue
+        if name.endswith(("_images", "_masks")):  # without a manifest, the first of these sets the size
+            manifest.setdefault("size", arrays[name].shape[1:3])
+        problem = _array_problem(name, arrays[name], manifest.get("size"))
+        if problem:
+            problems.append(problem)
+    for prefix in ("train", "test"):
+        lengths = {n: len(a) for n, a in arrays.items() if n.startswith(prefix + "_")}
+        expected = manifest.get(prefix, next(iter(lengths.values()), None))
+        problems += [
+            f"{n}.npy holds {k} {prefix} images, expected {expected}" for n, k in lengths.items() if k != expected
+        ]
+    if problems:
+        raise UserError(
+            f"the arrays in {input_dir}/ do not match what data.py writes (an older or interrupted run?); "
+            f"{rebuild(input_dir)}:\n  " + "\n  ".join(problems)
+        )
+    return arrays
