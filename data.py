@@ -5,12 +5,11 @@
     python data.py --synthetic                       # first write a synthetic dataset there (no data needed)
     python data.py --check                           # report every problem in the input folders, write nothing
 
-Images may be PNG, JPEG, TIFF or BMP, 8- or 16-bit, gray or RGB(A) (converted to gray), of any size. They are
-stored at one size, the dataset's median (all of Kaggle's are 420x580, stored as they are), with each image's
-own size beside them so that predictions go back to it. Masks become label maps: 0 background, k the k-th
-structure. Arrays: train_images, train_masks, train_ids, train_subjects (the groups validation holds out
-together), train_sizes, test_images, test_ids, test_sizes; arrays.json says what they were built from.
-load_arrays() reads them back, checked.
+Images may be PNG, JPEG, TIFF or BMP, 8- or 16-bit, gray or RGB(A) (converted to gray), of any size. Each is
+kept at its own size, in the top left of a canvas as large as the largest (all of Kaggle's are 420x580), with
+its size beside it. Masks become label maps: 0 background, k the k-th structure. Arrays: train_images,
+train_masks, train_ids, train_subjects (the groups validation holds out together), train_sizes, test_images,
+test_ids, test_sizes; arrays.json says what they were built from. nerve/store.py reads them back, checked.
 """
 
 from pathlib import Path

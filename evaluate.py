@@ -55,26 +55,21 @@ def evaluate_oof(results, input_dir, tta=None):
     oof = load_oof(path)
     settings = read_settings(inference.model_dirs(results)[0])
     tta, names = tta or settings["tta"], settings["structures"]
-    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
+    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
+    images, truth = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
-    scored = cross_validate(oof, arrays["train_masks"], names, tta, *postprocess.for_run(settings))
+    scored = cross_validate(oof, truth, names, tta, *postprocess.for_run(settings))
     report = {**scored, "tta": tta, "structures": names}
     folds = report["fold_postprocess"]
 
     def masks_of(i):
-        full = full_size(report["probs"][i], arrays["train_masks"].shape[1:])
+        full = full_size(report["probs"][i], truth[index[i]].shape)
         specs = [folds[name][int(oof["fold"][i])] for name in names]
         return deploy.label_map(deploy.apply_each(full[None], report["present"][i : i + 1], specs), full)[0]
 
-    return report, *_worst(
-        report,
-        lambda w: arrays["train_images"][index[w]],
-        lambda w: arrays["train_masks"][index[w]],
-        oof["ids"],
-        masks_of,
-    )
+    return report, *_worst(report, lambda w: images[index[w]], lambda w: truth[index[w]], oof["ids"], masks_of)
 
 
 def evaluate_folder(results, folder, tta=None, batch_size=32):
@@ -95,7 +90,7 @@ def evaluate_folder(results, folder, tta=None, batch_size=32):
 
 
 def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size):
-    arrays = store.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids"))
+    arrays = store.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
     names = settings["structures"]
     found = store.structures(arrays_dir) if (arrays_dir / MANIFEST).exists() else names
     if found != names:
@@ -105,7 +100,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
         )
     tta = tta or settings["tta"]
     specs = postprocess.load(results, names)
-    images, truth = arrays["train_images"], arrays["train_masks"]
+    images, truth = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
     chunks = list(inference.predict_chunks(nets, size, images, tta, batch_size))
     probs, present, ood = (np.concatenate([chunk[i] for chunk in chunks]) for i in range(3))
     rows, dice = {}, np.zeros(present.shape)
@@ -119,7 +114,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
     report["dice"], report["ood"] = dice.mean(axis=1), flagged(ood)
 
     def masks_of(i):
-        full = full_size(probs[i], truth.shape[1:])
+        full = full_size(probs[i], truth[i].shape)
         return deploy.label_map(deploy.apply_each(full[None], present[i : i + 1], specs), full)[0]
 
     return report, *_worst(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)

@@ -93,7 +93,11 @@ class Predictor:
         exported = read_state(
             folder / DEPLOY_FILE, DEPLOY_FIELDS, remedy, lambda d: {"ood_threshold": deploy.OOD_THRESHOLD, **d}
         )
-        self.size, self.names, self.specs = tuple(exported["size"]), exported["structures"], exported["postprocess"]
+        self.size, self.names, self.specs = (
+            tuple(exported["size"]),
+            exported["structures"],
+            [deploy.upgraded(s) for s in exported["postprocess"]],
+        )
         self.ood_threshold = exported["ood_threshold"] if ood_threshold is None else ood_threshold
         self.views = f"{exported['models']} model(s), tta {exported['tta']}, {runtime}"
         self.run = inference.runner(runtime, folder / exported["artefact"])
@@ -118,7 +122,7 @@ class Predictor:
         shown (a mask that passes the gate, in a scan the model knows), whether the scan is unknown, the
         probabilities at that size). What is drawn is masks * shown, or masks * a decision smoothed over frames."""
         full = deploy.full_size(probs, image.shape).reshape(*image.shape, -1)
-        ungated = [{**spec, "presence_threshold": 0.0, "min_area": 0} for spec in self.specs]
+        ungated = [{**spec, "presence_threshold": 0.0, "min_area_fraction": 0.0} for spec in self.specs]
         masks = deploy.apply_each(full[None], present[None], ungated)[0]
         area = masks.reshape(-1, masks.shape[-1]).sum(axis=0)
         gated = np.array([deploy.gate(present[k], area[k], spec)[0] for k, spec in enumerate(self.specs)])

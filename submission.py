@@ -105,10 +105,10 @@ def write(args, output):
     knobs = {"presence_threshold": args.presence_threshold, "pixel_threshold": args.pixel_threshold}
     spec = {**postprocess.load(args.results, names)[k], **{key: v for key, v in knobs.items() if v is not None}}
     arrays = store.load_arrays(args.input, ("test_images", "test_ids", "test_sizes"))
-    images, ids, sizes = arrays["test_images"], arrays["test_ids"].tolist(), arrays["test_sizes"]
+    images, ids, sizes = store.frames(arrays, "test_images"), arrays["test_ids"].tolist(), arrays["test_sizes"]
     print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {tta}, {name}: post-processing {spec}")
     pixels, digests, n_found = [], [], 0
-    chunks = inference.predict_chunks(nets, size, images, tta, args.batch_size, at_full_size=True, sizes=sizes)
+    chunks = inference.predict_chunks(nets, size, images, tta, args.batch_size, at_full_size=True)
     with tqdm(total=len(ids), desc="predicting", unit="img", leave=False) as bar:
         for probs, present, _ in chunks:  # the competition's own frames: no out-of-distribution gate
             for prob, p in zip(probs, present):  # one at a time: sizes may differ

@@ -292,14 +292,14 @@ def fit_ood(args, out_dir, train_images, val_images, val_groups):
     print(f"out-of-distribution score: threshold at distance {report['threshold_distance']:.1f}{estimate}")
 
 
-def out_of_fold(args, out_dir, images, arrays, val, structures):
+def out_of_fold(args, out_dir, images, frames, labels, val, structures):
     """The saved best model's predictions on the held-out frames `val` (indices; `images` at the training size)
-    and on one crop view of each (augment.held_out_crop), plain and of the mirror image mirrored back, the
-    presence uncalibrated: the rows of oof.npz, frames first."""
+    and on one crop view of each (augment.held_out_crop of the frame at its own size), plain and of the mirror
+    image mirrored back, the presence uncalibrated: the rows of oof.npz, frames first."""
     net = unet.calibrated(inference.load_model(out_dir), [1.0] * structures)
-    crops = {i: augment.held_out_crop(arrays["train_images"][i], arrays["train_masks"][i], [args.seed, i]) for i in val}
+    crops = {i: augment.held_out_crop(frames[i], labels[i], [args.seed, i]) for i in val}
     viewed = [i for i in val if crops[i] is not None]
-    views = [deploy.resize(augment.cropped(arrays["train_images"][i], crops[i]), args.size) for i in viewed]
+    views = [deploy.resize(augment.cropped(frames[i], crops[i]), args.size) for i in viewed]
     plain, flipped = inference.predict_views([net], np.concatenate([images, np.reshape(views, (-1, *args.size))]))
     names = ("probs", "present", "ood")
     rows = {**dict(zip(names, plain)), **{f"{name}_flip": value for name, value in zip(names, flipped)}}
@@ -395,17 +395,20 @@ def main(argv=None):
 def train_folds(args, scope, policy):
     """Train the run's models (one, or one per fold), then tune post-processing on their held-out predictions."""
     started = time.time()
-    arrays = store.load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
+    arrays = store.load_arrays(
+        args.input, ("train_images", "train_masks", "train_ids", "train_subjects", "train_sizes")
+    )
     names = store.structures(args.input)
+    # every stage sees each frame at its own size: the arrays' canvas is only how they are kept
+    frames, labels = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
     present, subjects = presence(arrays["train_masks"]), arrays["train_subjects"]
     held_out, dirs = held_out_sets(args, present, subjects)
     if args.size is None:
-        args.size, why = planning.training_size(
-            arrays["train_masks"], arrays["train_masks"].shape[1:], names, args.depth
-        )
+        typical = store.typical_size(arrays["train_sizes"])
+        args.size, why = planning.training_size(arrays["train_masks"], typical, names, args.depth)
         print(f"training size {why} (give --size to choose)")
-    images = augment.resize_images(arrays["train_images"], args.size)
-    masks = augment.resize_masks(arrays["train_masks"], args.size, len(names))
+    images = augment.resize_images(frames, args.size)
+    masks = augment.resize_masks(labels, args.size, len(names))
     use, fit_masks = training_labels(args, arrays, masks)
     if args.epochs is None:  # from the first model's training set: folds differ by a few images, the record is one
         args.epochs, why = planning.epochs(np.count_nonzero(~held_out[0] & use))
@@ -441,7 +444,7 @@ def train_folds(args, scope, policy):
                     args,
                     (images[train], fit_masks[train]),
                     (images[val], masks[val]),
-                    (arrays["train_images"], arrays["train_masks"], np.flatnonzero(train)),
+                    (frames, labels, np.flatnonzero(train)),
                     out_dir,
                     args.logs / args.run / name,
                     settings,
@@ -450,15 +453,15 @@ def train_folds(args, scope, policy):
                 )
                 print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
             fit_ood(args, out_dir, images[train], images[val], subjects[val])
-            predictions = out_of_fold(args, out_dir, images[val], arrays, np.flatnonzero(val), len(names))
-            frames = np.count_nonzero(val)
+            predictions = out_of_fold(args, out_dir, images[val], frames, labels, np.flatnonzero(val), len(names))
+            n_val = np.count_nonzero(val)
             monitor.model_pictures(
                 out_dir,
-                arrays,
+                (frames, labels, arrays["train_ids"]),
                 np.flatnonzero(val),
                 present[val],
-                predictions["probs"][:frames],
-                predictions["present"][:frames],
+                predictions["probs"][:n_val],
+                predictions["present"][:n_val],
                 postprocess.untuned(args.presence_weight),
                 names,
             )
@@ -475,12 +478,12 @@ def train_folds(args, scope, policy):
         ) from None
     oof = {key: np.concatenate(value) for key, value in oof.items()}
     if args.presence_weight > 0:  # without a trained presence head there is nothing to calibrate
-        truth = structure_presence(crossval.row_labels(arrays["train_masks"], oof), len(names))
+        truth = structure_presence(crossval.row_labels(labels, oof), len(names))
         calibrate(args, oof, truth, dirs, names)
     oof = crossval.save_oof(args.results / OOF_FILE, {**oof, "ids": arrays["train_ids"][oof["index"]]})
     write_state(args.results / ENSEMBLE_FILE, {"models": dirs})
 
-    report = crossval.cross_validate(oof, arrays["train_masks"], names, args.tta, *postprocess.for_run(record))
+    report = crossval.cross_validate(oof, labels, names, args.tta, *postprocess.for_run(record))
     postprocess.save(args.results, report["postprocess"])
     print(crossval.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")

@@ -33,16 +33,19 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
         raise UserError(f"subset must be 'train' or 'val', not {subset!r}")
     folder = inference.model_dirs(results)[0]
     settings = read_settings(folder)
-    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids"))
+    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
     is_val = np.isin(arrays["train_ids"], settings["val_ids"])
     pool = np.flatnonzero(is_val if subset == "val" else ~is_val)
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
-    images, truth = arrays["train_images"][pick], arrays["train_masks"][pick]
+    images, truth = store.frames(arrays, "train_images")[pick], store.frames(arrays, "train_masks")[pick]
     nets, names = [inference.load_model(folder)], settings["structures"]
     chunks = inference.predict_chunks(nets, tuple(settings["size"]), images, settings["tta"], at_full_size=True)
     specs = postprocess.load(results, names)
-    masks, present = zip(*((deploy.label_map(deploy.apply_each(pr, p, specs), pr), p) for pr, p, _ in chunks))
-    masks, present = np.concatenate(masks), np.concatenate(present)
+    masks, present = [], []
+    for probs, presence, _ in chunks:  # one image at a time: each at its own size
+        for prob, p in zip(probs, presence):
+            masks.append(deploy.label_map(deploy.apply_each(prob[None], p[None], specs), prob[None])[0])
+            present.append(p)
     titles = [
         f"{i}  p={'/'.join(f'{v:.2f}' for v in p)}  dice={d:.2f}"
         for i, p, d in zip(arrays["train_ids"][pick], present, label_dice(truth, masks, len(names)))
@@ -58,12 +61,12 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     Extra keyword arguments go to augment.AugmentedBatches (e.g. flips=("horizontal", "vertical")).
     Returns the PNG path when no display is available.
     """
-    arrays = store.load_arrays(input_dir, ("train_images", "train_masks"))
+    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_sizes"))
     names = store.structures(input_dir)
     n = min(n, len(arrays["train_images"]))
     idx = np.sort(np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False))
-    images = augment.resize_images(arrays["train_images"][idx], size)
-    masks = augment.resize_masks(arrays["train_masks"][idx], size, len(names))
+    images = augment.resize_images(store.frames(arrays, "train_images")[idx], size)
+    masks = augment.resize_masks(store.frames(arrays, "train_masks")[idx], size, len(names))
     batches = augment.AugmentedBatches(images, masks, n, seed, shuffle=False, structures=len(names), **options)
     x, y = batches[0]
     labels = (y["mask"] * np.arange(1, len(names) + 1)).max(axis=-1).astype(np.uint8)

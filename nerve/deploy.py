@@ -17,7 +17,9 @@ An image whose out-of-distribution score is above the threshold is not a scan th
 import cv2
 import numpy as np
 
-DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area": 0, "keep_largest": False}
+# The gate's area is a share of the image's pixels, so that an image gets the same decision at any size
+DEFAULT = {"presence_threshold": 0.5, "pixel_threshold": 0.5, "min_area_fraction": 0.0, "keep_largest": False}
+KAGGLE_FRAME_PIXELS = 420 * 580  # the pixels that earlier releases' `min_area` counted
 # the models' `ood` output is a distance in units of the threshold ood.py set on frames of held-out subjects
 OOD_THRESHOLD = 1.0
 
@@ -54,9 +56,21 @@ def binary_mask(prob, pixel_threshold, keep_largest):
     return largest_component(mask) if keep_largest else mask
 
 
-def gate(present, area, spec):
-    """Which masks survive: presence probability and predicted area both at or above the spec's thresholds."""
-    return (np.asarray(present).reshape(-1) >= spec["presence_threshold"]) & (np.asarray(area) >= spec["min_area"])
+def gate(present, area_fraction, spec):
+    """Which masks survive: presence probability and predicted area (a share of the image) both at or above the
+    spec's thresholds."""
+    present, area_fraction = np.asarray(present).reshape(-1), np.asarray(area_fraction)
+    return (present >= spec["presence_threshold"]) & (area_fraction >= spec["min_area_fraction"])
+
+
+def upgraded(spec):
+    """A spec as this release reads it: earlier releases gave the gate's area in pixels of a 420x580 frame."""
+    if "min_area" not in spec:
+        return dict(spec)
+    spec = dict(spec)
+    spec.setdefault("min_area_fraction", spec.pop("min_area") / KAGGLE_FRAME_PIXELS)
+    spec.pop("min_area", None)
+    return spec
 
 
 def apply(probs, present, spec=None):
@@ -65,7 +79,7 @@ def apply(probs, present, spec=None):
     if not len(probs):
         return np.zeros(np.shape(probs), np.uint8)
     masks = np.stack([binary_mask(p, spec["pixel_threshold"], spec["keep_largest"]) for p in probs])
-    keep = gate(present, masks.reshape(len(masks), -1).sum(axis=1), spec)
+    keep = gate(present, masks.reshape(len(masks), -1).mean(axis=1), spec)
     return masks * keep[:, None, None].astype(np.uint8)
 
 

@@ -144,16 +144,15 @@ def predict(nets, images, tta="hflip", batch_size=32):
     return mean_of_views(predict_views(nets, images, tta, batch_size))
 
 
-def predict_chunks(nets, size, images, tta="hflip", batch_size=32, at_full_size=False, sizes=None):
-    """Yield (probabilities (n, h, w, K), presence (n, K), out-of-distribution score (n,)) of full-size uint8
-    images, CHUNK at a time: at the models' size, or with at_full_size resized back to the images' own (`sizes`,
-    (n, 2), where the arrays hold them at another)."""
+def predict_chunks(nets, size, images, tta="hflip", batch_size=32, at_full_size=False):
+    """Yield (probabilities (n, h, w, K), presence (n, K), out-of-distribution score (n,)) of uint8 images at their
+    own sizes (a list, an array or store.Frames), CHUNK at a time: at the models' size, or with at_full_size
+    resized back to each image's own (a list where they differ)."""
     for start in range(0, len(images), CHUNK):
         chunk = images[start : start + CHUNK]
         probs, present, ood = predict(nets, augment.resize_images(chunk, size), tta, batch_size)
         if at_full_size:
-            shapes = sizes[start : start + CHUNK] if sizes is not None else [np.shape(image) for image in chunk]
-            probs = [full_size(p, tuple(shape)) for p, shape in zip(probs, shapes)]
+            probs = [full_size(p, np.shape(image)) for p, image in zip(probs, chunk)]
             probs = np.stack(probs) if len({p.shape for p in probs}) <= 1 else probs
         yield probs, present, ood
 

@@ -123,21 +123,21 @@ def tensorboard_callbacks(log_dir, val_images, val_masks, spec, structures=1):
     ]
 
 
-def model_pictures(folder, arrays, index, has_structure, probs, present, spec, names):
-    """curves.png from the training log, and val_overlays.png: a fixed set of the validation images
-    arrays[...][index] at full size with the best model's masks (probs and present: its predictions of all of
-    them, at the training size; has_structure: which of them show one; names: the structures)."""
+def model_pictures(folder, frames, index, has_structure, probs, present, spec, names):
+    """curves.png from the training log, and val_overlays.png: a fixed set of the validation images `index` of
+    frames = (images, label maps, ids), each at its own size, with the best model's masks (probs and present: its
+    predictions of all of them, at the training size; has_structure: which of them show one; names: the
+    structures)."""
     folder = Path(folder)
     training_curves(folder / TRAINING_LOG_FILE, folder / CURVES_FILE)
+    images, labels, ids = frames
     pick = example_indices(has_structure, REPORT_IMAGES)
-    truth = arrays["train_masks"][index[pick]]
-    full = np.stack([full_size(probs[i], mask.shape) for i, mask in zip(pick, truth)])
-    masks = deploy.apply_each(full, present[pick], [spec] * len(names))
+    truth = [labels[i] for i in index[pick]]
+    full = [full_size(probs[i], mask.shape) for i, mask in zip(pick, truth)]
+    masks = [
+        deploy.label_map(deploy.apply_each(f[None], present[i : i + 1], [spec] * len(names)), f[None])[0]
+        for i, f in zip(pick, full)
+    ]
     return cases_png(
-        arrays["train_images"][index[pick]],
-        truth,
-        deploy.label_map(masks, full),
-        arrays["train_ids"][index[pick]],
-        folder / VAL_OVERLAYS_FILE,
-        names,
+        [images[i] for i in index[pick]], truth, masks, ids[index[pick]], folder / VAL_OVERLAYS_FILE, names
     )

@@ -2,10 +2,11 @@
 presence's calibration, a temperature per structure fitted on them.
 
 A spec has four knobs: the pixel threshold, whether to keep only the largest component, and the gate,
-which empties a mask whose presence probability is under `presence_threshold` or whose area (at full size)
-is under `min_area`. Each structure has its own spec. train.py tunes them on the out-of-fold predictions of
-a K-fold run and saves them to results/postprocess.json; evaluate.py, submission.py and utils apply that file
-through load() and deploy.apply_each(), the one implementation an exported model's application calls too.
+which empties a mask whose presence probability is under `presence_threshold` or whose area (at the image's
+own size, as a share of its pixels) is under `min_area_fraction`. Each structure has its own spec. train.py
+tunes them on the out-of-fold predictions of a K-fold run and saves them to results/postprocess.json;
+evaluate.py, submission.py and utils apply that file through load() and deploy.apply_each(), the one
+implementation an exported model's application calls too.
 
 The temperature T divides each view's presence logit before the sigmoid (Guo et al., 2017), fitted by the
 cross-entropy of the presence averaged over views, so that a presence of 0.9 means about nine in ten; train.py
@@ -23,7 +24,6 @@ from nerve.common import (
     POSTPROCESS_FILE,
     UserError,
     field_problems,
-    integer,
     number,
     read_state,
     write_state,
@@ -34,13 +34,13 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.metrics import log_loss
 
-from nerve.deploy import DEFAULT, binary_mask, full_size, gate
+from nerve.deploy import DEFAULT, binary_mask, full_size, gate, upgraded
 from nerve.metrics import dice_from_counts
 
 FIELDS = {
     "presence_threshold": number(0, 1),
     "pixel_threshold": number(0, 1),
-    "min_area": integer(0),
+    "min_area_fraction": number(0, 1),
     "keep_largest": BOOLEAN,
 }
 NO_GATE = {**DEFAULT, "presence_threshold": 0.0}  # for a run without a trained presence head
@@ -48,7 +48,8 @@ NO_GATE = {**DEFAULT, "presence_threshold": 0.0}  # for a run without a trained 
 # The grid tune() searches
 PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
-MIN_AREAS = (0, 250, 500, 1000, 1500, 2000, 3000, 4000)  # pixels at 580x420, scaled to other image sizes
+# the gate's areas: 0 to 4000 pixels of a 420x580 Kaggle frame, as shares of an image
+MIN_AREA_FRACTIONS = tuple(a / (IMAGE_HEIGHT * IMAGE_WIDTH) for a in (0, 250, 500, 1000, 1500, 2000, 3000, 4000))
 CANDIDATES = list(itertools.product(PIXEL_THRESHOLDS, (False, True)))  # (pixel threshold, keep largest)
 # A gate learns from the images that lack the structure. Tuned on a few of them, it empties more true masks
 # on new images than it saves (docs/experiments.md), so with fewer than this it keeps its default.
@@ -81,6 +82,7 @@ def load(results, structures):
         spec = stored["structures"].get(name)
         if not isinstance(spec, dict):
             raise UserError(f"{path} has no spec for {name}: {remedy}")
+        spec = upgraded(spec)
         problems = field_problems(spec, FIELDS)
         if problems:
             raise UserError(
@@ -101,29 +103,28 @@ def save(results, specs):
 
 
 def mask_stats(probs, truth, candidates=CANDIDATES):
-    """Predicted area and overlap with the truth at full size, per (pixel threshold, keep largest) candidate
-    and image: every gate and score follows from these counts without keeping masks. `truth` is iterated in
-    step with `probs`, one full-size mask at a time (a memory-map stays on disk)."""
+    """Predicted area and overlap with the truth at each image's own size, per (pixel threshold, keep largest)
+    candidate and image: every gate and score follows from these counts without keeping masks. `truth` is
+    iterated in step with `probs`, one label map at a time (a memory-map stays on disk)."""
     area = np.zeros((len(candidates), len(probs)))
     inter = np.zeros_like(area)
-    truth_area = np.zeros(len(probs), int)
-    pixels = 0  # the largest image's, that of the frames where crop views are among them
+    truth_area, pixels = np.zeros(len(probs), int), np.ones(len(probs))
     for i, (prob, t) in enumerate(zip(probs, truth)):
         t = np.asarray(t) > 0
         prob = full_size(prob, t.shape)
-        truth_area[i], pixels = np.count_nonzero(t), max(pixels, t.size)
+        truth_area[i], pixels[i] = np.count_nonzero(t), t.size
         for c, (threshold, keep_largest) in enumerate(candidates):
             m = binary_mask(prob, threshold, keep_largest) > 0
             area[c, i], inter[c, i] = np.count_nonzero(m), np.count_nonzero(m & t)
-    pixels = pixels or IMAGE_HEIGHT * IMAGE_WIDTH
-    return {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area, "pixels": pixels}
+    stats = {"candidates": list(candidates), "area": area, "inter": inter, "truth_area": truth_area}
+    return {**stats, "fraction": area / pixels}  # the gate's unit: a share of each image's own pixels
 
 
 def counts_under(stats, present, spec, idx):
     """Per-image true positive, false positive and false negative pixels of images idx under a spec."""
     c = stats["candidates"].index((spec["pixel_threshold"], spec["keep_largest"]))
     area, inter = stats["area"][c, idx], stats["inter"][c, idx]
-    kept = gate(present[idx], area, spec)
+    kept = gate(present[idx], stats["fraction"][c, idx], spec)
     tp = np.where(kept, inter, 0)
     return tp, np.where(kept, area - inter, 0), stats["truth_area"][idx] - tp
 
@@ -136,15 +137,14 @@ def can_gate(stats, idx):
 def tune(stats, present, idx, prior=DEFAULT):
     """The spec with the best mean leaderboard Dice on images idx; unless can_gate(), the gate stays prior's."""
     best, best_score = None, -1.0
-    scale = stats["pixels"] / (IMAGE_HEIGHT * IMAGE_WIDTH)  # the grid's areas are pixels of a Kaggle frame
-    min_areas, presences = sorted({round(a * scale) for a in MIN_AREAS}), PRESENCE_THRESHOLDS
+    min_areas, presences = MIN_AREA_FRACTIONS, PRESENCE_THRESHOLDS
     if not can_gate(stats, idx):
-        min_areas, presences = [prior["min_area"]], [prior["presence_threshold"]]
+        min_areas, presences = [prior["min_area_fraction"]], [prior["presence_threshold"]]
     for (threshold, keep_largest), p, a in itertools.product(stats["candidates"], presences, min_areas):
         spec = {
             "presence_threshold": float(p),
             "pixel_threshold": float(threshold),
-            "min_area": int(a),
+            "min_area_fraction": float(a),
             "keep_largest": bool(keep_largest),
         }
         score = dice_from_counts(*counts_under(stats, present, spec, idx)).mean()

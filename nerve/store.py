@@ -22,7 +22,6 @@ from nerve.common import (
     write_state,
 )
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -48,30 +47,47 @@ WORKERS = min(8, os.cpu_count() or 1)  # decoding threads: OpenCV's decoders rel
 MAX_UNNAMED = 20  # structures a dataset may label without naming them: more is a mask that is no label map
 
 
-def storage_size(shapes):
-    """The size the arrays hold every image at: the most common one when over half share it (every Kaggle
-    frame is 420x580), else the median height and width."""
-    shapes = [s for s in shapes if s]
-    if not shapes:
-        return 1, 1
-    values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+def canvas_size(shapes):
+    """The (height, width) of the arrays: every image fits in it at its own size, in the top left corner."""
+    shapes = np.array([s for s in shapes if s] or [(1, 1)])
+    return tuple(int(v) for v in shapes.max(axis=0))
+
+
+def typical_size(shapes):
+    """The images' typical (height, width), which planning.py plans the training size from: the most common one
+    when over half share it (every Kaggle frame is 420x580), else the median height and width."""
+    shapes = np.asarray(shapes)
+    values, counts = np.unique(shapes, axis=0, return_counts=True)
     if counts.max() * 2 > len(shapes):
         return tuple(int(v) for v in values[counts.argmax()])
-    return tuple(int(v) for v in np.median(np.array(shapes), axis=0).round())
+    return tuple(int(v) for v in np.median(shapes, axis=0).round())
 
 
-def to_size(array, size, labels):
-    """An image (area-averaged or linear) or a label map (nearest label) at size (h, w)."""
-    if array.shape == tuple(size):
-        return array
-    shrink = array.shape[0] * array.shape[1] > size[0] * size[1]
-    interpolation = cv2.INTER_NEAREST if labels else cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(array, size[::-1], interpolation=interpolation)
+class Frames:
+    """The images (or label maps) of a stored array, each at its own size: indexing by a whole number gives one
+    (a view of the top left of its canvas), by a slice or a list of indices a list of them."""
+
+    def __init__(self, array, sizes):
+        self.array, self.sizes = array, np.asarray(sizes)
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            h, w = self.sizes[i]
+            return self.array[i, :h, :w]
+        return [self[j] for j in np.arange(len(self))[i]]
 
 
-def decode_all(paths, reader, out, size, workers, desc, labels=False):
-    """Decode paths[i] (at size into out[i], or only check when out is None); return the problems found,
-    each file's own (height, width) and its largest value (the highest label of a mask)."""
+def frames(arrays, name):
+    """Frames of arrays[name] ("train_images", "test_images" or "train_masks"), sized by the set's sizes array."""
+    return Frames(arrays[name], arrays[name.split("_")[0] + "_sizes"])
+
+
+def decode_all(paths, reader, out, size, workers, desc):
+    """Decode paths[i] (into the top left of out[i], which is `size`, or only check when out is None); return the
+    problems found, each file's own (height, width) and its largest value (the highest label of a mask)."""
     shapes, top = np.zeros((len(paths), 2), np.int32), np.zeros(len(paths), np.int64)
 
     def one(i):
@@ -80,8 +96,10 @@ def decode_all(paths, reader, out, size, workers, desc, labels=False):
         except ValueError as e:
             return f"{paths[i]} {e}"
         shapes[i], top[i] = array.shape, array.max(initial=0)
+        if array.shape[0] > size[0] or array.shape[1] > size[1]:  # its header gave no size, or a wrong one
+            return f"{paths[i]} is {array.shape[1]}x{array.shape[0]} pixels, more than its header says"
         if out is not None:
-            out[i] = to_size(array, size, labels)
+            out[i, : array.shape[0], : array.shape[1]] = array
         return None
 
     with ThreadPoolExecutor(workers) as pool:
@@ -141,7 +159,8 @@ def _is_current(output_dir, manifest):
         built = read_manifest(output_dir)
     except UserError:  # a missing or damaged manifest: the arrays are rebuilt, which is its remedy anyway
         return False
-    return all(built.get(k) == v for k, v in manifest.items() if k not in ("structures", "size", "grouping"))
+    ignored = ("structures", "size", "grouping")
+    return built.get("canvas", False) and all(built.get(k) == v for k, v in manifest.items() if k not in ignored)
 
 
 def convert(
@@ -183,22 +202,22 @@ def convert(
     train_paths = [c.image for c in dataset.train]
     mask_paths = [c.mask for c in dataset.train]
     test_paths = [c.image for c in dataset.test]
-    size = storage_size(image_shape(p) for p in train_paths)
+    size = canvas_size(image_shape(p) for p in train_paths + test_paths)
     jobs = [
-        ("train_images", train_paths, read_image, False),
-        ("train_masks", mask_paths, lambda p: read_labels(p, dataset.masks), True),
-        ("test_images", test_paths, read_image, False),
+        ("train_images", train_paths, read_image),
+        ("train_masks", mask_paths, lambda p: read_labels(p, dataset.masks)),
+        ("test_images", test_paths, read_image),
     ]
     if not check_only:
         output_folder(output_dir, "--output")
     with contextlib.ExitStack() as stack:
         tmp = {} if check_only else {a: stack.enter_context(atomic_path(output_dir / f"{a}.npy")) for a in ARRAYS}
         problems, shapes, tops = [], {}, {}
-        for name, paths, reader, labels in jobs:
+        for name, paths, reader in jobs:
             # decode straight into the memory-mapped output: no list-then-stack copy in memory
             out = None if check_only else np.lib.format.open_memmap(tmp[name], "w+", np.uint8, (len(paths), *size))
             desc = f"checking {name}" if check_only else name
-            found_problems, shapes[name], tops[name] = decode_all(paths, reader, out, size, workers, desc, labels)
+            found_problems, shapes[name], tops[name] = decode_all(paths, reader, out, size, workers, desc)
             problems += found_problems
             if out is not None:
                 out.flush()
@@ -226,15 +245,13 @@ def convert(
         for name, array in small.items():
             np.save(tmp[name], array)
     write_state(
-        output_dir / MANIFEST, {**manifest, "structures": names, "size": list(size), "grouping": dataset.grouping}
+        output_dir / MANIFEST,
+        {**manifest, "structures": names, "size": list(size), "canvas": True, "grouping": dataset.grouping},
     )
-    resized = int(np.count_nonzero((shapes["train_images"] != size).any(axis=1)))
-    stored = f"stored at {size[0]}x{size[1]}" + (
-        f" (the median size: {resized} of {len(train_paths)} train images resized; predictions go back to each "
-        "image's own size)"
-        if resized
-        else ""
-    )
+    own = np.unique(np.concatenate([shapes["train_images"], shapes["test_images"].reshape(-1, 2)]), axis=0)
+    stored = f"stored at {size[0]}x{size[1]}"
+    if len(own) > 1:
+        stored = f"stored each at its own size ({len(own)} sizes, in a {size[0]}x{size[1]} canvas)"
     return "\n".join(
         [
             *found,
@@ -297,6 +314,8 @@ def load_arrays(input_dir, names):
         problem = _array_problem(name, arrays[name], manifest.get("size"))
         if problem:
             problems.append(problem)
+        elif name.endswith("_sizes") and not manifest.get("canvas") and (arrays[name] != manifest["size"]).any():
+            problems.append(f"{name}.npy: an earlier release resized these images to one size")
     for prefix in ("train", "test"):
         lengths = {n: len(a) for n, a in arrays.items() if n.startswith(prefix + "_")}
         expected = manifest.get(prefix, next(iter(lengths.values()), None))

@@ -151,8 +151,8 @@ TWO_FOLD_FALSE_PRESENCE = (0.6, 0.3)  # presence of the false detections on the 
 # upsampled bilinearly, so its edge crosses 0.45 where the true edge is: 0.4 and 0.5 draw it equally well, and the
 # first of equals is kept.
 TWO_FOLD_SPECS = (
-    {"presence_threshold": 0.35, "pixel_threshold": 0.4, "min_area": 0, "keep_largest": False},
-    {"presence_threshold": 0.65, "pixel_threshold": 0.4, "min_area": 0, "keep_largest": False},
+    {"presence_threshold": 0.35, "pixel_threshold": 0.4, "min_area_fraction": 0.0, "keep_largest": False},
+    {"presence_threshold": 0.65, "pixel_threshold": 0.4, "min_area_fraction": 0.0, "keep_largest": False},
 )
 
 

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -78,14 +79,28 @@ def test_image_without_mask_and_mask_without_image(tmp_path):
     assert "1_2.tif has no mask 1_2_mask.tif" in msg and "2_1_mask.tif has no image 2_1.tif" in msg
 
 
-def test_other_sizes_are_stored_at_the_common_one_with_each_images_own_size(tmp_path):
+def test_other_sizes_are_kept_as_they_are_in_a_canvas_that_holds_them_all(tmp_path):
     _tree(tmp_path, train=((1, 1), (1, 2), (2, 1)))
-    tifffile.imwrite(tmp_path / "test" / "1.tif", np.full((400, 500), 9, np.uint8))
+    tifffile.imwrite(tmp_path / "test" / "1.tif", np.full((400, 600), 9, np.uint8))
     summary = store.convert(tmp_path, workers=1)
-    assert "stored at 420x580" in summary
+    assert "each at its own size (2 sizes, in a 420x600 canvas)" in summary
     a = store.load_arrays(tmp_path, store.ARRAYS)
-    assert a["test_images"].shape == (1, 420, 580) and a["test_sizes"].tolist() == [[400, 500]]
-    assert (a["test_images"][0] == 9).all() and a["train_sizes"].tolist() == [[420, 580]] * 3
+    assert a["test_images"].shape == (1, 420, 600) and a["test_sizes"].tolist() == [[400, 600]]
+    test = store.frames(a, "test_images")[0]
+    assert test.shape == (400, 600) and (test == 9).all() and not a["test_images"][0, 400:].any()
+    assert a["train_sizes"].tolist() == [[420, 580]] * 3 and store.frames(a, "train_images")[0].shape == (420, 580)
+
+
+def test_arrays_an_earlier_release_resized_to_one_size_are_refused(tmp_path):
+    _tree(tmp_path, train=((1, 1), (1, 2)))
+    tifffile.imwrite(tmp_path / "test" / "1.tif", np.full((400, 500), 9, np.uint8))
+    store.convert(tmp_path, workers=1)
+    manifest = json.loads((tmp_path / common.MANIFEST).read_text())
+    manifest.pop("canvas")
+    (tmp_path / common.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(common.UserError, match="test_sizes.npy: an earlier release resized these images to one size"):
+        store.load_arrays(tmp_path, store.ARRAYS)
+    assert store.load_arrays(tmp_path, ("train_images", "train_sizes"))  # of one size: as they always were
 
 
 def test_16_bit_images_are_scaled_by_their_highest_bit_and_colour_becomes_gray(tmp_path):

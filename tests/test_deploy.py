@@ -14,8 +14,8 @@ def test_apply_gates_on_presence_and_area_and_keeps_the_largest_component():
     assert deploy.apply(probs, [0.8] * 3, {"pixel_threshold": 0.7}).sum(axis=(1, 2)).tolist() == [4] * 3
     assert deploy.apply(probs, [0.8] * 3, {"keep_largest": True})[0, 5:9, 5:9].all()
     assert deploy.apply(probs, [0.8] * 3, {"keep_largest": True}).sum() == 48
-    assert deploy.apply(probs, [0.8] * 3, {"min_area": 21}).sum() == 0
-    assert deploy.apply(probs, [0.8] * 3, {"min_area": 20}).sum() == 60
+    assert deploy.apply(probs, [0.8] * 3, {"min_area_fraction": 0.21}).sum() == 0  # 20 of 100 pixels
+    assert deploy.apply(probs, [0.8] * 3, {"min_area_fraction": 0.2}).sum() == 60
     assert deploy.apply(probs, [0.0] * 3, NO_GATE).sum() == 60
 
 
@@ -23,8 +23,8 @@ def test_each_structure_is_post_processed_with_its_own_spec_and_overlaps_go_to_t
     probs = np.zeros((1, 4, 4, 2), np.float32)
     probs[0, :2, :, 0] = 0.9  # structure 1: top half
     probs[0, 1:3, :, 1] = 0.6  # structure 2: the middle rows, overlapping row 1
-    masks = deploy.apply_each(probs, [[0.9, 0.9]], [DEFAULT, {**DEFAULT, "min_area": 9}])
-    assert masks[..., 0].sum() == 8 and masks[..., 1].sum() == 0  # the second is under its min_area
+    masks = deploy.apply_each(probs, [[0.9, 0.9]], [DEFAULT, {**DEFAULT, "min_area_fraction": 9 / 16}])
+    assert masks[..., 0].sum() == 8 and masks[..., 1].sum() == 0  # the second is under its minimum area
     both = deploy.apply_each(probs, [[0.9, 0.9]], [DEFAULT] * 2)
     labels = deploy.label_map(both, probs)[0]
     assert labels[:, 0].tolist() == [1, 1, 2, 0]
@@ -57,3 +57,12 @@ def test_hysteresis_shows_a_structure_after_n_frames_and_hides_it_after_n():
     assert shown == [False, False, False, False, True, True, True, True, True, False, False]
     plain = deploy.Hysteresis(0, 1)
     assert [bool(plain.update([k])[0]) for k in kept] == [bool(k) for k in kept]
+
+
+def test_one_image_given_at_two_sizes_gets_the_same_gate_decision():
+    small = np.zeros((1, 42, 58), np.float32)
+    small[0, 10:20, 10:25] = 0.9  # 150 of 2436 pixels: 6.2% of the image
+    large = deploy.full_size(small[0], (420, 580))[None]
+    for fraction, kept in ((0.05, True), (0.08, False)):
+        spec = {**DEFAULT, "min_area_fraction": fraction}
+        assert [bool(deploy.apply(p, [0.9], spec).any()) for p in (small, large)] == [kept, kept]

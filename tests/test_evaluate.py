@@ -50,8 +50,9 @@ def test_too_few_images_without_the_structure_keep_the_default_gate():
     oof, truth = out_of_fold([1, 3, 2, 0])
     report = crossval.cross_validate(oof, truth[[3, 0, 2, 1]], ["nerve"])  # the masks in data.py's order
     assert report["default_gate"] == ["nerve"]  # two images without a nerve are too few to tune a gate on
-    gates = [(spec["presence_threshold"], spec["min_area"]) for spec in report["fold_postprocess"]["nerve"].values()]
-    assert gates == [(postprocess.DEFAULT["presence_threshold"], postprocess.DEFAULT["min_area"])] * 2
+    specs = report["fold_postprocess"]["nerve"].values()
+    gates = [(spec["presence_threshold"], spec["min_area_fraction"]) for spec in specs]
+    assert gates == [(postprocess.DEFAULT["presence_threshold"], postprocess.DEFAULT["min_area_fraction"])] * 2
     assert set(report["rows"]["nerve"]) == {"fold 0", "fold 1", "all folds"}
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from nerve import inference, model
+from nerve import inference, model, store
 
 
 class Echo:
@@ -35,11 +35,9 @@ def test_chunks_come_back_at_the_models_size_or_each_images_own(monkeypatch):
     full = list(inference.predict_chunks([Echo()], (8, 16), images, "none", at_full_size=True))
     assert [c[0].shape for c in full] == [(2, 42, 58, 1), (1, 42, 58, 1)]
     np.testing.assert_allclose(np.concatenate([c[0] for c in full]), 1.0)
-    own = list(
-        inference.predict_chunks(
-            [Echo()], (8, 16), images, "none", at_full_size=True, sizes=[[20, 30], [42, 58], [9, 9]]
-        )
-    )
+    canvas = np.full((3, 42, 58), 255, np.uint8)
+    frames = store.Frames(canvas, [[20, 30], [42, 58], [9, 9]])  # images of their own sizes, as the arrays keep them
+    own = list(inference.predict_chunks([Echo()], (8, 16), frames, "none", at_full_size=True))
     assert [p.shape for c in own for p in c[0]] == [(20, 30, 1), (42, 58, 1), (9, 9, 1)]
 
 

@@ -71,12 +71,15 @@ def test_mixed_size_rgb_pngs_with_0_255_masks(tmp_path):
     _pairs(tmp_path, masks)
     summary = store.convert(tmp_path, workers=1)
     assert "folder pairs layout" in summary and "every image is its own group" in summary
-    assert "stored at 60x80 (the median size: 1 of 3 train images resized" in summary
+    assert "each at its own size (2 sizes, in a 90x80 canvas)" in summary
     a = store.load_arrays(tmp_path, store.ARRAYS)
     assert a["train_sizes"].tolist() == [[60, 80], [60, 80], [90, 70]]
+    labels = store.frames(a, "train_masks")
+    assert [m.shape for m in labels] == [(60, 80), (60, 80), (90, 70)]  # each at its own size, not resized
+    assert all(m[20:40, 20:40].all() and m.sum() == 400 for m in labels)
     assert set(np.unique(a["train_masks"])) == {0, 1} and store.structures(tmp_path) == ["class1"]
     gray = cv2.cvtColor(cv2.imread(str(tmp_path / "images" / "case0.png")), cv2.COLOR_BGR2GRAY)
-    np.testing.assert_array_equal(a["train_images"][0], gray)
+    np.testing.assert_array_equal(store.frames(a, "train_images")[0], gray)
     assert len(set(a["train_subjects"].tolist())) == 3  # each image its own group
 
 
@@ -136,7 +139,7 @@ def test_the_usgra_set_reads_as_it_is(shared_usgra, tmp_path):
     summary = store.convert(shared_usgra, output_dir=tmp_path, classes="nerve,vessel", group_pattern=r"^(\d{3})")
     assert "folder pairs layout, 2 classes (nerve, vessel), 204 training cases" in summary
     a = store.load_arrays(tmp_path, ("train_masks", "train_sizes", "train_subjects"))
-    assert a["train_masks"].shape == (204, 512, 534) and set(np.unique(a["train_masks"])) == {0, 1, 2}
+    assert a["train_masks"].shape == (204, 632, 761) and set(np.unique(a["train_masks"])) == {0, 1, 2}
     assert {tuple(s) for s in a["train_sizes"].tolist()} == {(512, 534), (512, 512), (632, 761)}
     assert (a["train_masks"] == 1).any(axis=(1, 2)).all()  # every image shows a nerve
     assert len(set(a["train_subjects"].tolist())) == 25

@@ -17,7 +17,7 @@ def test_the_gate_is_one_rule_for_masks_and_for_tuning():
     present = rng.random(6)
     stats = postprocess.mask_stats(probs, truth)
     for spec in (
-        {**postprocess.DEFAULT, "presence_threshold": 0.4, "min_area": 8000, "keep_largest": True},
+        {**postprocess.DEFAULT, "presence_threshold": 0.4, "min_area_fraction": 0.033, "keep_largest": True},
         {**postprocess.DEFAULT, "pixel_threshold": 0.3},
         postprocess.NO_GATE,
     ):
@@ -45,7 +45,8 @@ def test_too_few_images_without_the_structure_leave_the_gate_at_its_default():
     assert postprocess.can_gate(stats, np.arange(len(probs))) and not postprocess.can_gate(stats, fewer)
     for prior in (postprocess.DEFAULT, postprocess.NO_GATE):
         spec = postprocess.tune(stats, present, fewer, prior)
-        assert (spec["presence_threshold"], spec["min_area"]) == (prior["presence_threshold"], prior["min_area"])
+        gate = (spec["presence_threshold"], spec["min_area_fraction"])
+        assert gate == (prior["presence_threshold"], prior["min_area_fraction"])
 
 
 def test_cross_fitting_tunes_each_fold_on_the_others_only_or_keeps_a_fixed_spec():
@@ -67,7 +68,7 @@ def test_a_run_without_a_presence_head_is_never_gated():
 
 
 def test_the_tuned_specs_are_saved_and_loaded_per_structure(tmp_path):
-    spec = {**postprocess.DEFAULT, "min_area": 1500}
+    spec = {**postprocess.DEFAULT, "min_area_fraction": 0.006}
     postprocess.save(tmp_path, {"nerve": spec, "vessel": postprocess.NO_GATE})
     stored = json.loads((tmp_path / "postprocess.json").read_text())
     assert stored == {"format": 2, "structures": {"nerve": spec, "vessel": postprocess.NO_GATE}}
@@ -80,6 +81,18 @@ def test_the_tuned_specs_are_saved_and_loaded_per_structure(tmp_path):
 def test_release_2s_single_spec_is_the_first_structures(tmp_path):
     (tmp_path / "postprocess.json").write_text(json.dumps({"format": 2, **postprocess.NO_GATE}))
     assert postprocess.load(tmp_path, ["nerve"]) == [postprocess.NO_GATE]
+
+
+def test_an_earlier_releases_minimum_area_in_pixels_of_a_kaggle_frame_becomes_a_share_of_the_image(tmp_path):
+    old = {"presence_threshold": 0.25, "pixel_threshold": 0.4, "min_area": 3000, "keep_largest": True}
+    (tmp_path / "postprocess.json").write_text(json.dumps({"format": 2, "structures": {"nerve": old}}))
+    [spec] = postprocess.load(tmp_path, ["nerve"])
+    assert spec == {
+        "presence_threshold": 0.25,
+        "pixel_threshold": 0.4,
+        "min_area_fraction": 3000 / (420 * 580),
+        "keep_largest": True,
+    }
 
 
 def test_a_temperature_calibrates_an_overconfident_presence_and_is_fitted_out_of_fold():

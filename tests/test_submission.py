@@ -76,7 +76,7 @@ def test_truncated_or_mismatched_model_is_one_clear_error(trained, tiny_input, t
 
 
 def test_train_on_arrays_from_another_run_is_one_clear_error(tiny_input, tmp_path):
-    for name in ("train_images", "train_masks", "train_ids", "train_subjects"):
+    for name in ("train_images", "train_masks", "train_ids", "train_subjects", "train_sizes"):
         shutil.copy(tiny_input / f"{name}.npy", tmp_path)
     np.save(tmp_path / "train_masks.npy", np.zeros((5, 420, 580), np.uint8))
     result = run_main("train", "--input", tmp_path, "--results", tmp_path / "r")
