@@ -28,6 +28,36 @@ from nerve import layouts, synthetic
 from nerve.store import WORKERS, convert
 
 
+def write_synthetic(args, layout):
+    """Write the synthetic dataset --synthetic asks for into the empty folders of args.input."""
+    if layout == "folders":
+        raise UserError("--synthetic writes the kaggle or nnunet layout")
+    if (args.vessels or args.size) and layout != "nnunet":
+        raise UserError("--vessels and --size write the nnU-Net layout: add --layout nnunet")
+    if min(args.subjects, args.frames, args.test_subjects) < 1:
+        raise UserError("--subjects, --frames and --test-subjects must be at least 1")
+    existing = [d for d in map(args.input.joinpath, synthetic.FOLDERS[layout]) if d.is_dir() and any(d.iterdir())]
+    if existing:
+        raise UserError(
+            f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
+            "(use --input DIR for another folder)"
+        )
+    total = (args.subjects + args.test_subjects) * args.frames
+    with tqdm(total=total, desc="synthetic", unit="img", leave=False) as bar:
+        n_train, n_test = synthetic.write_dataset(
+            args.input,
+            args.subjects,
+            args.frames,
+            args.test_subjects,
+            args.seed,
+            progress=bar.update,
+            layout=layout,
+            size=parse_size(args.size) if args.size else None,
+            vessels=args.vessels,
+        )
+    print(f"wrote a synthetic dataset to {args.input}/: {n_train} train pairs, {n_test} test images")
+
+
 def main(argv=None):
     # fmt: off
     ap = arg_parser(__doc__)
@@ -62,32 +92,7 @@ def main(argv=None):
     layout = args.layout
     if args.synthetic:
         layout = "kaggle" if layout == "auto" else layout
-        if layout == "folders":
-            raise UserError("--synthetic writes the kaggle or nnunet layout")
-        if (args.vessels or args.size) and layout != "nnunet":
-            raise UserError("--vessels and --size write the nnU-Net layout: add --layout nnunet")
-        if min(args.subjects, args.frames, args.test_subjects) < 1:
-            raise UserError("--subjects, --frames and --test-subjects must be at least 1")
-        existing = [d for d in map(args.input.joinpath, synthetic.FOLDERS[layout]) if d.is_dir() and any(d.iterdir())]
-        if existing:
-            raise UserError(
-                f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
-                "(use --input DIR for another folder)"
-            )
-        total = (args.subjects + args.test_subjects) * args.frames
-        with tqdm(total=total, desc="synthetic", unit="img", leave=False) as bar:
-            n_train, n_test = synthetic.write_dataset(
-                args.input,
-                args.subjects,
-                args.frames,
-                args.test_subjects,
-                args.seed,
-                progress=bar.update,
-                layout=layout,
-                size=parse_size(args.size) if args.size else None,
-                vessels=args.vessels,
-            )
-        print(f"wrote a synthetic dataset to {args.input}/: {n_train} train pairs, {n_test} test images")
+        write_synthetic(args, layout)
     print(
         convert(
             args.input,

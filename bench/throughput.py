@@ -24,10 +24,10 @@ from nerve.common import arg_parser
 import keras
 import numpy as np
 
-import train
 from bench.accuracy import device
 from nerve import augment
 from nerve import model as unet
+from nerve.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def main():
         print(f"device: {device()}")
         return
     n = args.images or (64 if args.quick else 192)
-    batch_size = args.batch_size or train.flag_parser().get_default("batch_size")
+    batch_size = args.batch_size or RunConfig.batch_size
     sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
     # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
     runs = [(size, "fp32") for size in sizes] + ([] if args.quick else [((64, 80), "bf16")])

@@ -7,7 +7,6 @@ schedule counters, dropout's random-stream state) are written; the state file go
 commit point. results/run.json holds the run record and whether the run finished.
 """
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from nerve.common import (
     integer,
     list_of,
     number,
-    plain,
     read_settings,
     read_state,
     upgrade_settings,
@@ -36,12 +34,9 @@ from nerve.common import (
 import keras
 import numpy as np
 
+from nerve import config
 from nerve.inference import predicted_masks
 from nerve.metrics import structure_dice
-
-MOVABLE_FLAGS = {"input", "logs", "workers"}  # may differ from the stored run on --resume
-RESUME_FLAGS = {"results", "resume", "force"}  # say which run to continue, not how
-PLANNED_KINDS = {"epochs": 0, "size": ()}  # unset, these are planned: a run stores the planned value, of this kind
 
 
 def save_model(net, path, optimizer=False):
@@ -101,49 +96,24 @@ def check_unfinished(results, force):
         )
 
 
-def resumed_args(args, given, defaults):
-    """The stored flags of the unfinished run in args.results, with the few that may change taken from args.
-    `given` names the flags on the command line, `defaults` is the parser's namespace of defaults."""
-    run = read_run(args.results)
+def resumed(given, results):
+    """The stored settings of the unfinished run in `results`, with those that may change (config.MOVABLE) taken
+    from `given` (the settings the command line gave); a UserError naming the flags given that differ."""
+    run = read_run(results)
     if run is None:
-        raise UserError(f"nothing to resume in {args.results}/ (no {RUN_FILE}): start with `python train.py`")
-    stored, complete = run
+        raise UserError(f"nothing to resume in {results}/ (no {RUN_FILE}): start with `python train.py`")
+    record, complete = run
     if complete:
-        raise UserError(f"the run in {args.results}/ is complete: nothing to resume")
-    flags = {**vars(defaults), **{k: v for k, v in stored.items() if hasattr(defaults, k)}}
-    wrong = [k for k, v in flags.items() if not _same_kind(v, PLANNED_KINDS.get(k, getattr(defaults, k)))]
-    if wrong:
-        raise UserError(
-            f"{args.results / RUN_FILE} holds values of the wrong kind for {', '.join(sorted(wrong))}: "
-            f"start over with `python train.py --results {args.results} --force`"
-        )
-    changed = sorted(k for k in given - MOVABLE_FLAGS - RESUME_FLAGS if plain(getattr(args, k)) != plain(flags[k]))
+        raise UserError(f"the run in {results}/ is complete: nothing to resume")
+    remedy = f"start over with `python train.py --results {results} --force`"
+    stored = config.from_record(record, Path(results) / RUN_FILE, remedy)
+    changed = sorted(k for k, v in given.items() if k not in config.MOVABLE | {"results"} and v != getattr(stored, k))
     if changed:
         raise UserError(
             "--resume continues with the stored settings; drop "
             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (or start over with --force)"
         )
-    flags.update({k: getattr(args, k) for k in given & MOVABLE_FLAGS}, results=args.results, resume=True)
-    flags.update(
-        size=flags["size"] and tuple(flags["size"]),
-        flips=tuple(flags["flips"]),
-        **{k: Path(flags[k]) for k in ("input", "results", "logs")},
-    )
-    return argparse.Namespace(**flags)
-
-
-def _same_kind(stored, default):
-    """Whether a stored flag has its default's type: a whole number passes for a real one, a list for a
-    tuple, text for a path; a flag without a default takes anything."""
-    if default is None or stored is None:
-        return True
-    if isinstance(default, bool) or isinstance(stored, bool):
-        return type(stored) is type(default)
-    if isinstance(default, float):
-        return isinstance(stored, (int, float))
-    if isinstance(default, (tuple, Path)):
-        return isinstance(stored, list if isinstance(default, tuple) else str)
-    return isinstance(stored, type(default))
+    return stored.replace(**{k: v for k, v in given.items() if k in config.MOVABLE}, results=Path(results))
 
 
 class LeaderboardCheckpoint(keras.callbacks.Callback):

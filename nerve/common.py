@@ -247,12 +247,6 @@ def plain(value):
     return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
 
-def run_record(args, leave_out=(), **facts):
-    """The settings of a run as JSON: every flag but those left out, plus facts of the environment it ran in
-    (backend, precision). run.json stores it; each model's settings.json is it plus what that model learned."""
-    return {**{k: plain(v) for k, v in vars(args).items() if k not in leave_out}, **facts}
-
-
 def upgrade_settings(settings):
     """A run record written by an older release, with the meaning of the keys it did not write spelled out."""
     settings = {"schedule": "plateau", **settings}  # before --schedule: a constant rate, lowered on plateaus
@@ -335,13 +329,3 @@ def add_flags(parser, *names, **changes):
     own (a script's default and help for it)."""
     for name in names:
         parser.add_argument(f"--{name}", **{**SHARED_FLAGS[name], **changes.get(name.replace("-", "_"), {})})
-
-
-def given_flags(parser, argv):
-    """The dests of the flags given on the command line, whatever their values: a flag given with its
-    default value counts as given."""
-    unset = object()
-    # argparse fills in a default only where the namespace lacks the attribute
-    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
-    parser.parse_args(argv, namespace)
-    return {dest for dest, value in vars(namespace).items() if value is not unset}

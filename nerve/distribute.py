@@ -75,17 +75,17 @@ def is_chief(resolver):
 
 
 @contextlib.contextmanager
-def worker_outputs(args, chief):
-    """The other workers of a multi-worker run write into a scratch folder, deleted when they finish."""
+def worker_outputs(config, chief, resume):
+    """The run's settings as this worker writes with them: the other workers of a multi-worker run write into a
+    scratch folder, deleted when they finish."""
     if chief:
-        yield
+        yield config
         return
-    kept = args.results
     with tempfile.TemporaryDirectory(prefix="nerve-worker-") as scratch:
-        if args.resume:  # every worker resumes from the chief's files, so they must see results/
-            shutil.copytree(kept, Path(scratch) / "results")
-        args.results, args.logs = Path(scratch) / "results", Path(scratch) / "logs"
+        if resume:  # every worker resumes from the chief's files, so they must see results/
+            shutil.copytree(config.results, Path(scratch) / "results")
+        mine = config.replace(results=Path(scratch) / "results", logs=Path(scratch) / "logs")
         try:
-            yield
+            yield mine
         except UserError as e:  # point the user at the chief's folder, which --resume continues from
-            raise UserError(str(e).replace(str(args.results), str(kept))) from None
+            raise UserError(str(e).replace(str(mine.results), str(config.results))) from None

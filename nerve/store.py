@@ -198,36 +198,51 @@ def convert(
     if not check_only and not force and _is_current(output_dir, manifest):
         counts = f"{len(dataset.train)} train, {len(dataset.test)} test"
         return "\n".join([*found, f"arrays in {output_dir}/ are up to date ({counts}); use --force to rebuild"])
+    if check_only:
+        _write_arrays(dataset, input_dir, None, workers)
+        fine = f"{input_dir}/ is fine: {len(dataset.train)} train pairs, {len(dataset.test)} test images"
+        return "\n".join([*found, fine])
+    output_folder(output_dir, "--output")
+    size, shapes, names = _write_arrays(dataset, input_dir, output_dir, workers)
+    write_state(
+        output_dir / MANIFEST,
+        {**manifest, "structures": names, "size": list(size), "canvas": True, "grouping": dataset.grouping},
+    )
+    own = len(np.unique(shapes, axis=0))
+    stored = f"stored at {size[0]}x{size[1]}"
+    if own > 1:
+        stored = f"stored each at its own size ({own} sizes, in a {size[0]}x{size[1]} canvas)"
+    wrote = f"wrote {len(dataset.train)} train pairs and {len(dataset.test)} test images to {output_dir}/*.npy"
+    return "\n".join([*found, f"{wrote}, {stored}"])
 
+
+def _write_arrays(dataset, input_dir, output_dir, workers):
+    """Decode every file of `dataset` (in input_dir) into the arrays in output_dir, atomically (or, where it is
+    None, only check them); return (the canvas size, every image's own size, the structures' names). Every
+    problem found is in one UserError, and then nothing is written."""
     train_paths = [c.image for c in dataset.train]
-    mask_paths = [c.mask for c in dataset.train]
     test_paths = [c.image for c in dataset.test]
     size = canvas_size(image_shape(p) for p in train_paths + test_paths)
     jobs = [
         ("train_images", train_paths, read_image),
-        ("train_masks", mask_paths, lambda p: read_labels(p, dataset.masks)),
+        ("train_masks", [c.mask for c in dataset.train], lambda p: read_labels(p, dataset.masks)),
         ("test_images", test_paths, read_image),
     ]
-    if not check_only:
-        output_folder(output_dir, "--output")
     with contextlib.ExitStack() as stack:
-        tmp = {} if check_only else {a: stack.enter_context(atomic_path(output_dir / f"{a}.npy")) for a in ARRAYS}
+        tmp = {a: stack.enter_context(atomic_path(output_dir / f"{a}.npy")) for a in ARRAYS} if output_dir else {}
         problems, shapes, tops = [], {}, {}
         for name, paths, reader in jobs:
             # decode straight into the memory-mapped output: no list-then-stack copy in memory
-            out = None if check_only else np.lib.format.open_memmap(tmp[name], "w+", np.uint8, (len(paths), *size))
-            desc = f"checking {name}" if check_only else name
+            out = np.lib.format.open_memmap(tmp[name], "w+", np.uint8, (len(paths), *size)) if tmp else None
+            desc = name if tmp else f"checking {name}"
             found_problems, shapes[name], tops[name] = decode_all(paths, reader, out, size, workers, desc)
             problems += found_problems
             if out is not None:
                 out.flush()
                 del out
         problems += _label_problems(dataset, shapes, tops)
-        if check_only:
-            if problems:
-                raise UserError(f"{len(problems)} problem(s) in {input_dir}/:{listing(problems)}")
-            fine = f"{input_dir}/ is fine: {len(train_paths)} train pairs, {len(test_paths)} test images"
-            return "\n".join([*found, fine])
+        if problems and not tmp:
+            raise UserError(f"{len(problems)} problem(s) in {input_dir}/:{listing(problems)}")
         if problems:
             raise UserError(f"fix these input files (nothing was written):{listing(problems)}")
         names = dataset.structures or [f"class{k}" for k in range(1, max(1, int(tops["train_masks"].max())) + 1)]
@@ -242,22 +257,9 @@ def convert(
             else np.array([c.id for c in dataset.test], str),
             "test_sizes": shapes["test_images"].reshape(-1, 2),
         }
-        for name, array in small.items():
+        for name, array in small.items() if tmp else ():
             np.save(tmp[name], array)
-    write_state(
-        output_dir / MANIFEST,
-        {**manifest, "structures": names, "size": list(size), "canvas": True, "grouping": dataset.grouping},
-    )
-    own = np.unique(np.concatenate([shapes["train_images"], shapes["test_images"].reshape(-1, 2)]), axis=0)
-    stored = f"stored at {size[0]}x{size[1]}"
-    if len(own) > 1:
-        stored = f"stored each at its own size ({len(own)} sizes, in a {size[0]}x{size[1]} canvas)"
-    return "\n".join(
-        [
-            *found,
-            f"wrote {len(train_paths)} train pairs and {len(test_paths)} test images to {output_dir}/*.npy, {stored}",
-        ]
-    )
+    return size, np.concatenate([small["train_sizes"], small["test_sizes"]]), names
 
 
 def _label_problems(dataset, shapes, tops):

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 import subprocess
@@ -30,25 +31,27 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _unfinished_run(results, *flags):
-    args = train.parse_args(["--results", str(results), *flags])
-    checkpoint.write_run(results, common.run_record(args, {"resume", "force"}), complete=False)
-    return args
+    config = train.parse_args(["--results", str(results), *flags])[0]
+    checkpoint.write_run(results, config.record(), complete=False)
+    return config
 
 
 def test_resume_refuses_a_changed_flag_even_one_given_with_its_default_value(tmp_path):
     _unfinished_run(tmp_path, "--epochs", "10")
-    with pytest.raises(common.UserError, match="drop --epochs"):
+    with pytest.raises(common.UserError, match=r"^--resume continues with the stored settings; drop --epochs \(or"):
         train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "30"])  # 30 is the default
-    assert train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "10"]).epochs == 10
-    moved = train.parse_args(["--results", str(tmp_path), "--resume", "--input", "elsewhere", "--workers", "2"])
-    assert moved.input == Path("elsewhere") and moved.epochs == 10 and moved.resume
+    assert train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "10"])[0].epochs == 10
+    moved, resume, _ = train.parse_args(["--results", str(tmp_path), "--resume", "--input", "x", "--workers", "2"])
+    assert moved.input == Path("x") and moved.epochs == 10 and resume
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moved.epochs = 11  # the settings are never changed in flight
 
 
 def test_a_run_stored_before_the_schedule_flag_resumes_on_its_plateau_schedule(tmp_path):
-    stored = common.run_record(train.parse_args(["--results", str(tmp_path), "--mask-loss", "batch"]))
+    stored = train.parse_args(["--results", str(tmp_path), "--mask-loss", "batch"])[0].record()
     del stored["schedule"], stored["tta"], stored["postprocess"], stored["bce_weight"]
     common.write_json(tmp_path / common.RUN_FILE, {"args": stored, "complete": False})  # the older format
-    resumed = train.parse_args(["--results", str(tmp_path), "--resume"])
+    resumed = train.parse_args(["--results", str(tmp_path), "--resume"])[0]
     assert resumed.schedule == "plateau" and resumed.presence_weight == stored["presence_weight"]
     assert (resumed.tta, resumed.postprocess) == ("hflip", "tuned")
     assert (resumed.mask_loss, resumed.bce_weight) == ("batch", 0.0)  # trained without the cross-entropy
@@ -67,7 +70,7 @@ def test_nothing_to_resume_and_an_unfinished_run_are_one_clear_message_each(tmp_
 def test_the_saved_model_loads_in_plain_keras_without_the_projects_code(tmp_path):
     import numpy as np
 
-    net = train.compile_model(train.parse_args(tiny_flags()), mean=90.0, std=40.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags())[0], mean=90.0, std=40.0, steps_per_epoch=1)
     checkpoint.save_model(net, tmp_path / common.MODEL_FILE)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 48, 1)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

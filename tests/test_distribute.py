@@ -139,11 +139,11 @@ def test_multiworker_without_tf_config_says_what_to_set(tiny_input, monkeypatch)
 
 
 def test_a_failing_worker_names_the_chiefs_results_not_its_scratch_folder(tmp_path):
-    args = train.parse_args(["--results", str(tmp_path / "results")])
+    config = train.parse_args(["--results", str(tmp_path / "results")])[0]
     with pytest.raises(common.UserError) as failure:
-        with distribute.worker_outputs(args, chief=False):
-            scratch = args.results
-            raise common.UserError(f"interrupted: continue with `python train.py --results {args.results} --resume`")
+        with distribute.worker_outputs(config, chief=False, resume=False) as mine:
+            scratch = mine.results
+            raise common.UserError(f"interrupted: continue with `python train.py --results {scratch} --resume`")
     assert str(tmp_path / "results") in str(failure.value) and str(scratch) not in str(failure.value)
     assert not scratch.parent.exists()
 

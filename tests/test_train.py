@@ -52,16 +52,16 @@ def test_help_gives_every_flags_default_without_spelling_it():
 
 
 def test_cosine_schedule_decays_to_zero_over_the_run_and_plateau_starts_constant():
-    cosine = train.learning_rate(train.parse_args(["--lr", "0.002", "--epochs", "4"]), steps_per_epoch=10)
+    cosine = train.learning_rate(train.parse_args(["--lr", "0.002", "--epochs", "4"])[0], steps_per_epoch=10)
     rates = [float(cosine(step)) for step in (0, 20, 39, 40)]
     np.testing.assert_allclose(rates[:2], [0.002, 0.001], rtol=1e-5)
     assert 0 < rates[2] < 1e-5 and rates[3] == 0
-    assert train.learning_rate(train.parse_args(["--schedule", "plateau"]), steps_per_epoch=10) == 1e-3
+    assert train.learning_rate(train.parse_args(["--schedule", "plateau"])[0], steps_per_epoch=10) == 1e-3
 
 
 def test_mask_loss_flags_pick_the_loss():
     def mask_loss(*flags):
-        net = train.compile_model(train.parse_args(tiny_flags(*flags)), mean=0.0, std=1.0, steps_per_epoch=1)
+        net = train.compile_model(train.parse_args(tiny_flags(*flags))[0], mean=0.0, std=1.0, steps_per_epoch=1)
         return net.loss["mask"]
 
     default = mask_loss()
@@ -74,15 +74,15 @@ def test_mask_loss_flags_pick_the_loss():
 
 
 def test_baseline_is_a_preset_of_flags_so_the_stored_settings_are_the_ones_used():
-    args = train.parse_args(["--baseline", "--mask-loss", "image"])
-    assert (args.mask_loss, args.presence_weight, args.bce_weight, args.tta, args.postprocess) == (
+    config = train.parse_args(["--baseline", "--mask-loss", "image"])[0]
+    assert (config.mask_loss, config.presence_weight, config.bce_weight, config.tta, config.postprocess) == (
         "image",
         0.0,
         0.0,
         "none",
         "fixed",
     )
-    net = train.compile_model(train.parse_args(tiny_flags("--baseline")), 0.0, 1.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags("--baseline"))[0], 0.0, 1.0, steps_per_epoch=1)
     assert net.loss["mask"] is model.batch_dice_loss and net.get_compile_config()["loss_weights"]["present"] == 0.0
 
 
@@ -118,7 +118,7 @@ def start_training(tiny_input, results, logs, epochs, run):
 
 def poison(path):
     """Overwrite a resume checkpoint's first kernel with NaN, as a diverged optimizer step would."""
-    net = train.compile_model(train.parse_args(tiny_flags()), mean=0.0, std=1.0, steps_per_epoch=1)
+    net = train.compile_model(train.parse_args(tiny_flags())[0], mean=0.0, std=1.0, steps_per_epoch=1)
     net.optimizer.build(net.trainable_variables)
     net.load_weights(path)
     kernel = net.trainable_weights[0]
