@@ -1,7 +1,7 @@
 """Convert a labelled dataset (Kaggle, nnU-Net raw 2-D or folder pairs: see layouts.py) to NumPy arrays (run once).
 
     python data.py                                   # input/train, input/test -> input/*.npy
-    python data.py --input DIR --classes nerve,vessel --output input/mine   # your own scans
+    python data.py --dataset DIR --classes nerve,vessel --arrays input/mine   # your own scans
     python data.py --synthetic                       # first write a synthetic dataset there (no data needed)
     python data.py --check                           # report every problem in the input folders, write nothing
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nerve.common import (
     INPUT_DIR,
+    Renamed,
     UserError,
     arg_parser,
     parse_size,
@@ -29,23 +30,23 @@ from nerve.store import WORKERS, convert
 
 
 def write_synthetic(args, layout):
-    """Write the synthetic dataset --synthetic asks for into the empty folders of args.input."""
+    """Write the synthetic dataset --synthetic asks for into the empty folders of args.dataset."""
     if layout == "folders":
         raise UserError("--synthetic writes the kaggle or nnunet layout")
     if (args.vessels or args.size) and layout != "nnunet":
         raise UserError("--vessels and --size write the nnU-Net layout: add --layout nnunet")
     if min(args.subjects, args.frames, args.test_subjects) < 1:
         raise UserError("--subjects, --frames and --test-subjects must be at least 1")
-    existing = [d for d in map(args.input.joinpath, synthetic.FOLDERS[layout]) if d.is_dir() and any(d.iterdir())]
+    existing = [d for d in map(args.dataset.joinpath, synthetic.FOLDERS[layout]) if d.is_dir() and any(d.iterdir())]
     if existing:
         raise UserError(
             f"{existing[0]}/ is not empty; --synthetic only writes into empty folders "
-            "(use --input DIR for another folder)"
+            "(use --dataset DIR for another folder)"
         )
     total = (args.subjects + args.test_subjects) * args.frames
     with tqdm(total=total, desc="synthetic", unit="img", leave=False) as bar:
         n_train, n_test = synthetic.write_dataset(
-            args.input,
+            args.dataset,
             args.subjects,
             args.frames,
             args.test_subjects,
@@ -55,14 +56,16 @@ def write_synthetic(args, layout):
             size=parse_size(args.size) if args.size else None,
             vessels=args.vessels,
         )
-    print(f"wrote a synthetic dataset to {args.input}/: {n_train} train pairs, {n_test} test images")
+    print(f"wrote a synthetic dataset to {args.dataset}/: {n_train} train pairs, {n_test} test images")
 
 
 def main(argv=None):
     # fmt: off
     ap = arg_parser(__doc__)
-    ap.add_argument("--input", type=Path, default=INPUT_DIR, help="the dataset's folder (see nerve/layouts.py)")
-    ap.add_argument("--output", type=Path, default=None, help="where the arrays go; unset: --input itself")
+    ap.add_argument("--dataset", "--input", type=Path, default=INPUT_DIR, action=Renamed,
+                    help="the dataset's folder (see nerve/layouts.py)")
+    ap.add_argument("--arrays", "--output", type=Path, default=None, action=Renamed,
+                    help="where the arrays go; unset: --dataset itself")
     ap.add_argument("--layout", choices=("auto", *layouts.LAYOUTS), default="auto",
                     help="auto: found from the folders (with --synthetic: kaggle)")
     ap.add_argument("--classes", default=None,
@@ -95,11 +98,11 @@ def main(argv=None):
         write_synthetic(args, layout)
     print(
         convert(
-            args.input,
+            args.dataset,
             force=args.force,
             check_only=args.check,
             workers=args.workers,
-            output_dir=args.output,
+            output_dir=args.arrays,
             layout=layout,
             classes=args.classes,
             groups=args.groups,

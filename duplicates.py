@@ -89,13 +89,13 @@ def main(argv=None):
         "--dice", type=float, default=CONFLICT_DICE, help="duplicates whose masks' Dice is below this conflict"
     )
     ap.add_argument("--show", type=int, default=8, help=f"conflicting pairs drawn in {DUPLICATES_PAIRS_FILE}")
-    add_flags(ap, "input", "results", results=dict(help="where the CSV and figures go"))
+    add_flags(ap, "arrays", "results", results=dict(help="where the CSV and figures go"))
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1 or not 0 <= args.dice <= 1 or args.show < 0:
         raise UserError("--threshold must be in (0, 1), --dice in [0, 1], --show at least 0")
 
     output_folder(args.results, "--results")
-    arrays = load_arrays(args.input, ("train_images", "train_masks", "train_ids", "train_subjects"))
+    arrays = load_arrays(args.arrays, ("train_images", "train_masks", "train_ids", "train_subjects"))
     images, masks, ids = arrays["train_images"], arrays["train_masks"], arrays["train_ids"]
     with tqdm(total=len(ids), desc="comparing frames", unit="img", leave=False) as bar:
         pairs, distances, every = near_pairs(images, arrays["train_subjects"], args.threshold, bar.update)

@@ -1,7 +1,7 @@
 """Score predictions against labelled masks.
 
     python evaluate.py                  # cross-validated: the out-of-fold predictions train.py kept
-    python evaluate.py --input DIR      # the trained model(s) on a labelled folder, any layout data.py reads
+    python evaluate.py --labelled DIR   # the trained model(s) on a labelled folder, any layout data.py reads
 
 Reports, per structure, mean Dice on images that show it, the leaderboard score (mean per-image Dice, 1 when truth and
 prediction are both empty), presence accuracy, ROC AUC and expected calibration error, IoU, pixel precision and
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from nerve.common import (
     EVALUATION_FILE,
-    INPUT_DIR,
     MANIFEST,
     OOF_FILE,
     WORST_CASES_FILE,
+    Renamed,
     UserError,
     add_flags,
     arg_parser,
@@ -59,7 +59,7 @@ def evaluate_oof(results, input_dir, tta=None):
     images, truth = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
-        raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --data")
+        raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --arrays")
     scored = cross_validate(oof, truth, names, tta, *postprocess.for_run(settings))
     report = {**scored, "tta": tta, "structures": names}
     folds = report["fold_postprocess"]
@@ -134,9 +134,14 @@ def finite(obj):
 def main(argv=None):
     ap = arg_parser(__doc__)
     labelled = "a labelled folder (any layout data.py reads, or the arrays it wrote) to predict and score"
-    ap.add_argument("--input", type=Path, help=f"{labelled}; unset: the cross-validated out-of-fold predictions")
-    ap.add_argument("--data", type=Path, default=INPUT_DIR, help="the arrays train.py used")
-    add_flags(ap, "results", "tta")
+    ap.add_argument(
+        "--labelled",
+        "--input",
+        type=Path,
+        action=Renamed,
+        help=f"{labelled}; unset: the cross-validated out-of-fold predictions",
+    )
+    add_flags(ap, "arrays", "results", "tta", arrays=dict(help="the arrays train.py used", old="--data"))
     args = ap.parse_args(argv)
     with exclusive(args.results):
         report_on(args)
@@ -144,12 +149,12 @@ def main(argv=None):
 
 def report_on(args):
     """The report evaluate.py's flags ask for, printed and written to results/."""
-    if args.input is None:
-        report, images, truth, masks, ids = evaluate_oof(args.results, args.data, args.tta)
+    if args.labelled is None:
+        report, images, truth, masks, ids = evaluate_oof(args.results, args.arrays, args.tta)
         name = "cross-validated"
     else:
-        report, images, truth, masks, ids = evaluate_folder(args.results, args.input, args.tta)
-        name = args.input.name
+        report, images, truth, masks, ids = evaluate_folder(args.results, args.labelled, args.tta)
+        name = args.labelled.name
     print(table(report["rows"]))
     for line in (default_gate_line(report), flagged_line(report)):
         if line:

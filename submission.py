@@ -76,7 +76,7 @@ def main(argv=None):
         default=None,
         help="the structure whose masks are written; unset: the nerve, or the first the model predicts",
     )
-    add_flags(ap, "tta", "precision", "batch-size", "input", "results")
+    add_flags(ap, "tta", "precision", "batch-size", "arrays", "results")
     ap.add_argument("--output", type=Path, help=f"CSV path; unset: results/{SUBMISSION_FILE}")
     args = ap.parse_args(argv)
     if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
@@ -104,7 +104,7 @@ def write(args, output):
     tta = args.tta or settings["tta"]
     knobs = {"presence_threshold": args.presence_threshold, "pixel_threshold": args.pixel_threshold}
     spec = {**postprocess.load(args.results, names)[k], **{key: v for key, v in knobs.items() if v is not None}}
-    arrays = store.load_arrays(args.input, ("test_images", "test_ids", "test_sizes"))
+    arrays = store.load_arrays(args.arrays, ("test_images", "test_ids", "test_sizes"))
     images, ids, sizes = store.frames(arrays, "test_images"), arrays["test_ids"].tolist(), arrays["test_sizes"]
     print(f"{len(nets)} model(s) at {size[0]}x{size[1]}, tta {tta}, {name}: post-processing {spec}")
     pixels, digests, n_found = [], [], 0

@@ -130,7 +130,7 @@ def flag_parser():
                     help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
                          "keras.distribution.DataParallel on jax); multiworker = the hosts in TF_CONFIG "
                          "(tf.distribute.MultiWorkerMirroredStrategy)")
-    add_flags(ap, "precision", "input", "results", "logs", results=dict(help="models, settings, predictions"))
+    add_flags(ap, "precision", "arrays", "results", "logs", results=dict(help="models, settings, predictions"))
     ap.add_argument("--run", default=d.run, help="TensorBoard run name (unset: the date and time)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the unfinished run in --results from its last completed epoch, with its settings")
@@ -169,10 +169,10 @@ def learning_rate(config, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps_per_epoch)
 
 
-def compile_model(config, mean, std, steps_per_epoch, structures=1):
+def compile_model(config, mean, std, steps_per_epoch, n_structures=1):
     synchronized = config.distribute != "none" and keras.backend.backend() == "tensorflow"
     net = unet.build_model(
-        (*config.size, 1), config.base_filters, config.depth, config.dropout, mean, std, synchronized, structures
+        (*config.size, 1), config.base_filters, config.depth, config.dropout, mean, std, synchronized, n_structures
     )
     mask_loss = MASK_LOSSES[config.mask_loss]
     if config.bce_weight:
@@ -186,7 +186,7 @@ def compile_model(config, mean, std, steps_per_epoch, structures=1):
     return net
 
 
-def batches(config, train, val, originals, start, structures):
+def batches(config, train, val, originals, start, n_structures):
     """The augmented training batches from epoch `start` on, and the validation batches as they are."""
     devices = inference.data_parallel_devices()
     train_batches = augment.AugmentedBatches(
@@ -200,17 +200,17 @@ def batches(config, train, val, originals, start, structures):
         gamma=config.gamma,
         workers=config.workers,
         multiple=devices,
-        structures=structures,
+        n_structures=n_structures,
         crops=config.crops,
         originals=originals,
     )
     val_batches = augment.AugmentedBatches(
-        *val, config.batch_size, augment=False, shuffle=False, workers=0, multiple=devices, structures=structures
+        *val, config.batch_size, augment=False, shuffle=False, workers=0, multiple=devices, n_structures=n_structures
     )
     return train_batches, val_batches
 
 
-def callbacks(config, val, out_dir, log_dir, settings, state, structures):
+def callbacks(config, val, out_dir, log_dir, settings, state, n_structures):
     """(the leaderboard checkpoint, which keeps the best score; the callbacks of one model's fit, in the order
     that puts the learning rate before the leaderboard score in each epoch's line)."""
     spec = postprocess.untuned(config.presence_weight)
@@ -227,7 +227,7 @@ def callbacks(config, val, out_dir, log_dir, settings, state, structures):
         best,
         *([plateau] if plateau else []),
         keras.callbacks.CSVLogger(str(out_dir / TRAINING_LOG_FILE), append=bool(state)),
-        *monitor.tensorboard_callbacks(log_dir, *val, spec, structures),
+        *monitor.tensorboard_callbacks(log_dir, *val, spec, n_structures),
         monitor.StopOnNonFinite(),
         monitor.StopOnInterrupt(),
         checkpoint.ResumePoint(out_dir, config.run, best, plateau),
@@ -240,10 +240,10 @@ def train_model(config, train, val, originals, out_dir, log_dir, settings, state
     full-resolution images, label maps, each training image's row in them). The model is built in `scope`."""
     mean, std = float(train[0].mean()), float(train[0].std())
     start = state["epoch"] if state else 0
-    structures = len(settings["structures"])
-    train_batches, val_batches = batches(config, train, val, originals, start, structures)
+    n_structures = len(settings["structures"])
+    train_batches, val_batches = batches(config, train, val, originals, start, n_structures)
     with scope():
-        net = compile_model(config, mean, std, len(train_batches), structures)
+        net = compile_model(config, mean, std, len(train_batches), n_structures)
         if state:
             checkpoint.restore(net, out_dir, state)
     if state:
@@ -257,7 +257,7 @@ def train_model(config, train, val, originals, out_dir, log_dir, settings, state
         f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    best, fitted = callbacks(config, val, out_dir, log_dir, {**settings, "mean": mean, "std": std}, state, structures)
+    best, fitted = callbacks(config, val, out_dir, log_dir, {**settings, "mean": mean, "std": std}, state, n_structures)
     # shuffle=False: AugmentedBatches already shuffles by (seed, epoch); Keras' own shuffling of the batch
     # order draws from a global random stream that a resumed run could not replay
     net.fit(
@@ -401,8 +401,8 @@ def planned(config, policy):
     """The run's final settings and its training set: the training size and length planned where the flags left
     them unset, the structures, backend and precision. The settings are not changed after this."""
     wanted = ("train_images", "train_masks", "train_ids", "train_subjects", "train_sizes")
-    arrays = store.load_arrays(config.input, wanted)
-    names = store.structures(config.input)
+    arrays = store.load_arrays(config.arrays, wanted)
+    names = store.structures(config.arrays)
     # every stage sees each frame at its own size: the arrays' canvas is only how they are kept
     frames, labels = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
     present = presence(arrays["train_masks"])

@@ -67,7 +67,7 @@ def examine_generator(n=16, input_dir=INPUT_DIR, size=(96, 128), seed=0, cols=4,
     idx = np.sort(np.random.default_rng(seed).choice(len(arrays["train_images"]), size=n, replace=False))
     images = augment.resize_images(store.frames(arrays, "train_images")[idx], size)
     masks = augment.resize_masks(store.frames(arrays, "train_masks")[idx], size, len(names))
-    batches = augment.AugmentedBatches(images, masks, n, seed, shuffle=False, structures=len(names), **options)
+    batches = augment.AugmentedBatches(images, masks, n, seed, shuffle=False, n_structures=len(names), **options)
     x, y = batches[0]
     labels = (y["mask"] * np.arange(1, len(names) + 1)).max(axis=-1).astype(np.uint8)
     titles = [f"sample {i}  " + " ".join(f"{a}={int(b)}" for a, b in zip(names, p)) for i, p in enumerate(y["present"])]

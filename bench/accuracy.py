@@ -97,7 +97,7 @@ def cross_validate(work, real, name, folds, train_flags):
     started = time.time()
     run(
         ROOT / "train.py",
-        "--input",
+        "--arrays",
         real,
         "--results",
         results,
@@ -110,7 +110,7 @@ def cross_validate(work, real, name, folds, train_flags):
         *train_flags,
     )
     minutes = (time.time() - started) / 60
-    run(ROOT / "evaluate.py", "--data", real, "--results", results)
+    run(ROOT / "evaluate.py", "--arrays", real, "--results", results)
     return json.loads((results / EVALUATION_FILE).read_text())["metrics"], minutes
 
 
@@ -197,7 +197,7 @@ def kaggle(args, folds, flags):
     if not (real / "train_images.npy").exists():
         subset = ["--subjects", "1,2,3,5", "--limit", "30"] if args.quick else []
         run(tool, real, *subset)
-        run(ROOT / "data.py", "--input", real)
+        run(ROOT / "data.py", "--dataset", real)
     arrays = load_arrays(real, ("train_images", "train_masks", "train_subjects"))
     agreement, duplicate = nearest_frame_agreement(
         arrays["train_images"], arrays["train_masks"], arrays["train_subjects"]
@@ -228,9 +228,9 @@ def usgra(args, folds, flags):
     source = args.shared / "data" / "usgra"
     run(
         ROOT / "data.py",
-        "--input",
+        "--dataset",
         source,
-        "--output",
+        "--arrays",
         arrays,
         "--classes",
         USGRA_CLASSES,

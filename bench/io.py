@@ -118,7 +118,7 @@ def submission_time(root, results, n_test):
             "presence_weight": 0.1,
         },
     )
-    seconds, _ = timed_process([ROOT / "submission.py", "--input", root, "--results", results])
+    seconds, _ = timed_process([ROOT / "submission.py", "--arrays", root, "--results", results])
     return seconds / n_test
 
 
@@ -127,7 +127,7 @@ def train_memory(root, work):
     _, peak = timed_process(
         [
             ROOT / "train.py",
-            "--input",
+            "--arrays",
             root,
             "--results",
             work / "train",
@@ -155,7 +155,7 @@ def main():
     root = args.work / ("quick" if args.quick else "full")
     make_tree(root, n_train, n_test)
 
-    data_s, data_mib = timed_process([ROOT / "data.py", "--input", root, "--force"])
+    data_s, data_mib = timed_process([ROOT / "data.py", "--dataset", root, "--force"])
     plain_s, plain_mib = timed_process(["-c", PLAIN_LOOP, root])
     array_mib = sum((root / f"{a}.npy").stat().st_size for a in store.ARRAYS) / 2**20
     print(

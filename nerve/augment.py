@@ -41,13 +41,13 @@ def resize_images(images, size, scale=1):
     return np.stack([deploy.resize(np.asarray(im) * np.uint8(scale), size) for im in images])
 
 
-def resize_masks(masks, size, structures=1):
+def resize_masks(masks, size, n_structures=1):
     """(n, H, W) label maps -> (n, h, w) label maps: a pixel takes a structure's label if most of its area
     has it (so two structures never both qualify)."""
     labels = np.zeros((len(masks), *size), np.uint8)
     for i, mask in enumerate(masks):
         mask = np.asarray(mask)
-        for k in range(1, structures + 1):
+        for k in range(1, n_structures + 1):
             labels[i][resize_images([mask == k], size, scale=255)[0] >= 128] = k
     return labels
 
@@ -111,10 +111,10 @@ def cropped(array, crop):
     return np.asarray(array)[y0 : y0 + h, x0 : x0 + w]
 
 
-def crop_view(image, labels, crop, size, structures=1):
+def crop_view(image, labels, crop, size, n_structures=1):
     """A crop (y0, x0, height, width) of a full-resolution frame and its label map, at the network's size:
     through the same resizing as a whole frame."""
-    return deploy.resize(cropped(image, crop), size), resize_masks([cropped(labels, crop)], size, structures)[0]
+    return deploy.resize(cropped(image, crop), size), resize_masks([cropped(labels, crop)], size, n_structures)[0]
 
 
 def random_affine(rng, size, flips=FLIPS, rotation=ROTATION_DEG, shift=SHIFT_PX, scale=0.0):
@@ -168,16 +168,16 @@ def augment_pair(image, mask, rng, flips=FLIPS, elastic=0.0, elastic_sigma=8.0, 
     return image, mask
 
 
-def one_hot(masks, structures):
+def one_hot(masks, n_structures):
     """(n, h, w) label maps -> (n, h, w, K) 0/1 float32, one channel per structure."""
-    return (np.asarray(masks)[..., None] == np.arange(1, structures + 1, dtype=np.uint8)).astype(np.float32)
+    return (np.asarray(masks)[..., None] == np.arange(1, n_structures + 1, dtype=np.uint8)).astype(np.float32)
 
 
-def as_batch(images, masks, structures=1):
+def as_batch(images, masks, n_structures=1):
     """Model inputs and targets from uint8 arrays: (n, h, w, 1) float32 and {mask (n, h, w, K), present (n, K)}."""
     x = images[..., None].astype(np.float32)
-    y = one_hot(masks, structures)
-    return x, {"mask": y, "present": y.reshape(len(y), -1, structures).max(axis=1)}
+    y = one_hot(masks, n_structures)
+    return x, {"mask": y, "present": y.reshape(len(y), -1, n_structures).max(axis=1)}
 
 
 class AugmentedBatches(keras.utils.PyDataset):
@@ -204,7 +204,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         workers=2,
         epoch=0,
         multiple=1,
-        structures=1,
+        n_structures=1,
         crops=0.0,
         originals=None,
     ):
@@ -212,7 +212,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.images, self.masks = images, masks
         self.batch_size, self.seed, self.augment, self.shuffle = batch_size, seed, augment, shuffle
         self.flips, self.elastic, self.scale, self.gamma = tuple(flips), elastic, scale, gamma
-        self.structures, self.crops, self.originals = structures, crops, originals
+        self.n_structures, self.crops, self.originals = n_structures, crops, originals
         self.epoch = epoch  # batches depend on (seed, epoch, index) only: a resumed run sees the same ones
         # with data parallelism on jax every batch must split evenly over the devices: the last batch of
         # an epoch is cut to a multiple of them (shuffled, so other images are left out each epoch)
@@ -238,7 +238,7 @@ class AugmentedBatches(keras.utils.PyDataset):
                 for im, m in zip(images, masks)
             ]
             images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-        return as_batch(images, masks, self.structures)
+        return as_batch(images, masks, self.n_structures)
 
     def _with_crop_views(self, idx, images, masks, index):
         """The batch with a share `crops` of its samples replaced by crop views, drawn from a random stream of
@@ -251,7 +251,7 @@ class AugmentedBatches(keras.utils.PyDataset):
             image, labels = full_images[rows[i]], full_labels[rows[i]]
             crop, _ = crop_box(rng, labels, tissue_box(image))
             if crop is not None:
-                images[j], masks[j] = crop_view(image, labels, crop, images.shape[1:], self.structures)
+                images[j], masks[j] = crop_view(image, labels, crop, images.shape[1:], self.n_structures)
         return images, masks
 
     def on_epoch_end(self):

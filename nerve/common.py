@@ -253,6 +253,8 @@ def upgrade_settings(settings):
     settings = {"structures": ["nerve"], **settings}  # before other datasets: the Kaggle nerve alone
     settings = {"bce_weight": 0.0, **settings}  # before --bce-weight: Dice alone (now 1 by default)
     settings = {"crops": 0.0, **settings}  # before --crops: whole frames only
+    if "input" in settings:  # before --arrays, train.py's --input
+        settings = {"arrays": settings["input"], **{k: v for k, v in settings.items() if k != "input"}}
     if "postprocess" not in settings:  # before --baseline became a preset of the flags it implies
         settings.update(tta="hflip", postprocess="tuned")
         if settings.get("baseline"):
@@ -307,7 +309,7 @@ def comma_choice(choices):
 
 # Flags several scripts take, defined once: name -> (argparse keywords).
 SHARED_FLAGS = {
-    "input": dict(type=Path, default=INPUT_DIR, help="the arrays data.py wrote"),
+    "arrays": dict(type=Path, default=INPUT_DIR, help="the arrays data.py wrote", old="--input"),
     "results": dict(type=Path, default=RESULTS_DIR, help="what train.py wrote, and where outputs go"),
     "logs": dict(type=Path, default=LOGS_DIR, help="TensorBoard logs"),
     "precision": dict(
@@ -326,6 +328,24 @@ SHARED_FLAGS = {
 
 def add_flags(parser, *names, **changes):
     """Add the named shared flags to parser; `changes` maps a flag's dest to argparse keywords replacing its
-    own (a script's default and help for it)."""
+    own (a script's default and help for it; `old`: an earlier release's spelling, see Renamed)."""
     for name in names:
-        parser.add_argument(f"--{name}", **{**SHARED_FLAGS[name], **changes.get(name.replace("-", "_"), {})})
+        keywords = {**SHARED_FLAGS[name], **changes.get(name.replace("-", "_"), {})}
+        old = keywords.pop("old", None)
+        if old:
+            parser.add_argument(f"--{name}", old, action=Renamed, **keywords)
+        else:
+            parser.add_argument(f"--{name}", **keywords)
+
+
+class Renamed(argparse.Action):
+    """A flag whose second option string is an earlier release's spelling of it: that still works, for this
+    release, with a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(
+                f"note: {option_string} is now {self.option_strings[0]}; {option_string} works for this release",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)

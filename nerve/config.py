@@ -17,13 +17,13 @@ import pydantic
 
 from nerve.augment import CROPS
 
-MOVABLE = {"input", "logs", "workers"}  # may differ from the stored run on --resume
+MOVABLE = {"arrays", "logs", "workers"}  # may differ from the stored run on --resume
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # the data and the split
-    input: Path = INPUT_DIR
+    arrays: Path = INPUT_DIR  # what data.py wrote
     folds: int = 1
     val_fraction: float = 0.1
     split: Literal["subject", "image"] = "subject"

@@ -117,10 +117,10 @@ class Hysteresis:
     frames pass its gate and hidden once as many fail it (it starts hidden); frames <= 1 keeps each frame's own
     decision."""
 
-    def __init__(self, frames, structures):
+    def __init__(self, frames, n_structures):
         self.frames = frames
-        self.on = np.zeros(structures, bool)
-        self.run = np.zeros(structures, int)  # consecutive frames that disagree with the state
+        self.on = np.zeros(n_structures, bool)
+        self.run = np.zeros(n_structures, int)  # consecutive frames that disagree with the state
 
     def update(self, kept):
         """The shown/hidden state of each structure after a frame whose gate kept `kept` (K,)."""

@@ -31,13 +31,13 @@ def _tint(rgb, pixels, colour, alpha=OVERLAY_ALPHA):
     rgb[pixels] = (1 - alpha) * rgb[pixels] + alpha * np.array(colour, np.float32)
 
 
-def overlay(image, truth, prediction=None, structures=1):
+def overlay(image, truth, prediction=None, n_structures=1):
     """RGB uint8 of a gray image with label maps drawn over it. One structure: true-positive, false-positive
     and false-negative pixels tinted (without a prediction, the truth alone in the true-positive colour).
     Several: each structure's predicted pixels filled and its true outline drawn, in its colour."""
     rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
     truth = np.asarray(truth)
-    if structures == 1:
+    if n_structures == 1:
         t = truth != 0
         p = t if prediction is None else np.asarray(prediction) != 0
         for pixels, colour in ((t & p, TRUE_POSITIVE), (p & ~t, FALSE_POSITIVE), (t & ~p, FALSE_NEGATIVE)):
@@ -45,7 +45,7 @@ def overlay(image, truth, prediction=None, structures=1):
         return rgb.astype(np.uint8)
     width = max(1, round(max(truth.shape) / 150))  # an outline a person sees at any image size
     kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
-    for k in range(structures):
+    for k in range(n_structures):
         colour = structure_colour(k)
         if prediction is not None:
             _tint(rgb, np.asarray(prediction) == k + 1, colour)
@@ -116,11 +116,11 @@ def overlay_grid(images, truths, predictions, titles, cols, names=("nerve",)):
     return fig
 
 
-def label_dice(truth, predicted, structures):
+def label_dice(truth, predicted, n_structures):
     """Per-image Dice of two lists of label maps, averaged over the structures."""
     return np.array(
         [
-            structure_dice(t[None], np.stack([p == k for k in range(1, structures + 1)], axis=-1)[None]).mean()
+            structure_dice(t[None], np.stack([p == k for k in range(1, n_structures + 1)], axis=-1)[None]).mean()
             for t, p in zip(truth, predicted)
         ]
     )

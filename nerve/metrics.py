@@ -12,10 +12,10 @@ def presence(masks):
     return masks.reshape(len(masks), -1).any(axis=1)
 
 
-def structure_presence(labels, structures):
+def structure_presence(labels, n_structures):
     """(n, K): whether each label map marks structure k + 1, one map at a time (a memory-map stays on disk)."""
-    return np.array([[np.any(np.asarray(m) == k + 1) for k in range(structures)] for m in labels], bool).reshape(
-        -1, structures
+    return np.array([[np.any(np.asarray(m) == k + 1) for k in range(n_structures)] for m in labels], bool).reshape(
+        -1, n_structures
     )
 
 

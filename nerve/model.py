@@ -95,7 +95,7 @@ def build_model(
     mean=0.0,
     std=1.0,
     synchronized_bn=False,
-    structures=1,
+    n_structures=1,
 ):
     """A U-Net with a mask head and a presence head; inputs are raw 0-255 pixel values.
 
@@ -130,12 +130,12 @@ def build_model(
         x = layers.Conv2DTranspose(filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level}_tconv")(x)
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
         x = double_conv(x, filters, f"up{level}", synchronized_bn)
-    mask = layers.Conv2D(structures, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+    mask = layers.Conv2D(n_structures, 1, activation="sigmoid", dtype="float32", name="mask")(x)
 
     # presence: 1x1 convolutions in place of dense layers, then pooled to one value per image
     p = conv_bn_elu(bottleneck, base_filters * 4, 1, 1, "presence", synchronized_bn)
     p = layers.Dropout(dropout, name="presence_dropout")(p)
-    p = layers.Conv2D(structures, 1, kernel_initializer="he_normal", name="presence_logit")(p)
+    p = layers.Conv2D(n_structures, 1, kernel_initializer="he_normal", name="presence_logit")(p)
     p = layers.GlobalMaxPooling2D(name="presence_pool")(p)
     present = layers.Activation("sigmoid", dtype="float32", name="present")(p)
     return keras.Model(inputs, {"mask": mask, "present": present}, name="unet")
@@ -208,10 +208,10 @@ def batch_dice_loss(y_true, y_pred):
 def lovasz_hinge_loss(y_true, y_pred):
     """Lovasz hinge per image (Berman et al., 2018): a convex surrogate of 1 - IoU on the logits, whose
     gradient weights each pixel's hinge error by how much it moves the image's IoU (per structure, averaged)."""
-    n, structures = ops.shape(y_pred)[0], ops.shape(y_pred)[-1]
+    n, n_structures = ops.shape(y_pred)[0], ops.shape(y_pred)[-1]
 
     def rows(t):  # one row per image and structure
-        return ops.reshape(ops.transpose(ops.cast(t, "float32"), (0, 3, 1, 2)), (n * structures, -1))
+        return ops.reshape(ops.transpose(ops.cast(t, "float32"), (0, 3, 1, 2)), (n * n_structures, -1))
 
     y_true, p = rows(y_true), ops.clip(rows(y_pred), 1e-6, 1 - 1e-6)
     errors = 1.0 - (ops.log(p) - ops.log(1.0 - p)) * (2.0 * y_true - 1.0)
@@ -221,7 +221,7 @@ def lovasz_hinge_loss(y_true, y_pred):
     positives = ops.sum(truth, axis=-1, keepdims=True)
     jaccard = 1.0 - (positives - ops.cumsum(truth, axis=-1)) / (positives + ops.cumsum(1.0 - truth, axis=-1))
     weights = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
-    return ops.mean(ops.reshape(ops.sum(ops.relu(errors) * weights, axis=-1), (n, structures)), axis=-1)
+    return ops.mean(ops.reshape(ops.sum(ops.relu(errors) * weights, axis=-1), (n, n_structures)), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="nerve")

@@ -79,20 +79,20 @@ class ValidationImages(keras.callbacks.Callback):
     """Each epoch, a fixed set of validation images in TensorBoard drawn by figures.overlay (one structure:
     true-positive, false-positive and false-negative pixels tinted yellow, red, blue; several: one colour each)."""
 
-    def __init__(self, images, masks, log_dir, spec, structures):
+    def __init__(self, images, masks, log_dir, spec, n_structures):
         super().__init__()
         import tensorflow as tf
 
         self.summary = tf.summary
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
-        self.images, self.masks, self.specs = images, masks, [spec] * structures
+        self.images, self.masks, self.specs = images, masks, [spec] * n_structures
 
     def on_epoch_end(self, epoch, logs=None):
         x = self.images[..., None].astype(np.float32)
         out = network_outputs(self.model, x)
         predicted = deploy.label_map(deploy.apply_each(out["mask"], out["present"], self.specs), out["mask"])
-        structures = len(self.specs)
-        tiles = np.stack([overlay(*case, structures) for case in zip(self.images, self.masks, predicted)])
+        n_structures = len(self.specs)
+        tiles = np.stack([overlay(*case, n_structures) for case in zip(self.images, self.masks, predicted)])
         with self.writer.as_default():
             self.summary.image("validation_overlays", tiles, step=epoch, max_outputs=len(tiles))
         self.writer.flush()
@@ -108,7 +108,7 @@ def example_indices(present, n):
     return np.sort(np.concatenate(spread)) if spread else np.zeros(0, int)
 
 
-def tensorboard_callbacks(log_dir, val_images, val_masks, spec, structures=1):
+def tensorboard_callbacks(log_dir, val_images, val_masks, spec, n_structures=1):
     """Keras' TensorBoard callback and validation images; both write through TensorFlow, which other
     backends may lack."""
     try:
@@ -119,7 +119,7 @@ def tensorboard_callbacks(log_dir, val_images, val_masks, spec, structures=1):
     pick = example_indices(presence(val_masks), TENSORBOARD_IMAGES)
     return [
         keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1),
-        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec, structures),
+        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec, n_structures),
     ]
 
 

@@ -20,13 +20,13 @@ EPOCHS = 30  # passes over a training set of thousands of images (the Kaggle fra
 MIN_IMAGES = 20_000  # EPOCHS passes over the Kaggle frames (2,000-5,600 of them) show more: they keep EPOCHS
 
 
-def structure_sizes(masks, structures):
+def structure_sizes(masks, n_structures):
     """Per structure, the side of a square of its area (pixels at the arrays' size) in each image that shows
     it: one array per structure."""
-    sizes = [[] for _ in range(structures)]
+    sizes = [[] for _ in range(n_structures)]
     for mask in masks:
-        counts = np.bincount(np.asarray(mask).ravel(), minlength=structures + 1)
-        for k in range(structures):
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=n_structures + 1)
+        for k in range(n_structures):
             if counts[k + 1]:
                 sizes[k].append(np.sqrt(counts[k + 1]))
     return [np.array(s) for s in sizes]

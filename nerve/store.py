@@ -127,7 +127,7 @@ MANIFEST_FIELDS = {
 def rebuild(arrays_dir):
     """How to rebuild the arrays in arrays_dir."""
     return (
-        f"rebuild the arrays with `python data.py --input {arrays_dir} --force` (with `--input DATASET --output "
+        f"rebuild the arrays with `python data.py --dataset {arrays_dir} --force` (with `--dataset DATASET --arrays "
         f"{arrays_dir}` where they were made from another folder)"
     )
 
@@ -202,7 +202,7 @@ def convert(
         _write_arrays(dataset, input_dir, None, workers)
         fine = f"{input_dir}/ is fine: {len(dataset.train)} train pairs, {len(dataset.test)} test images"
         return "\n".join([*found, fine])
-    output_folder(output_dir, "--output")
+    output_folder(output_dir, "--arrays")
     size, shapes, names = _write_arrays(dataset, input_dir, output_dir, workers)
     write_state(
         output_dir / MANIFEST,

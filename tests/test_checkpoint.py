@@ -42,7 +42,7 @@ def test_resume_refuses_a_changed_flag_even_one_given_with_its_default_value(tmp
         train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "30"])  # 30 is the default
     assert train.parse_args(["--results", str(tmp_path), "--resume", "--epochs", "10"])[0].epochs == 10
     moved, resume, _ = train.parse_args(["--results", str(tmp_path), "--resume", "--input", "x", "--workers", "2"])
-    assert moved.input == Path("x") and moved.epochs == 10 and resume
+    assert moved.arrays == Path("x") and moved.epochs == 10 and resume
     with pytest.raises(dataclasses.FrozenInstanceError):
         moved.epochs = 11  # the settings are never changed in flight
 

@@ -125,3 +125,12 @@ def test_comma_choice_keeps_known_names_and_refuses_others():
     for bad in ("", ",", "kaggle,foo"):
         with pytest.raises(argparse.ArgumentTypeError, match="a comma-separated choice of kaggle, usgra"):
             parse(bad)
+
+
+def test_an_earlier_releases_spelling_of_a_renamed_flag_works_with_a_one_line_note(capsys):
+    parser = common.arg_parser("doc")
+    common.add_flags(parser, "arrays")
+    assert parser.parse_args(["--arrays", "a"]).arrays == common.Path("a") and capsys.readouterr().err == ""
+    assert parser.parse_args(["--input", "b"]).arrays == common.Path("b")
+    assert capsys.readouterr().err == "note: --input is now --arrays; --input works for this release\n"
+    assert parser.parse_args([]).arrays == common.INPUT_DIR

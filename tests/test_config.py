@@ -9,9 +9,9 @@ from nerve.config import RunConfig
 
 
 def test_a_record_round_trips_through_json_with_its_kinds_restored():
-    settings = RunConfig(size=(64, 80), flips=("horizontal", "vertical"), input=Path("arrays"), structures=("nerve",))
+    settings = RunConfig(size=(64, 80), flips=("horizontal", "vertical"), arrays=Path("a"), structures=("nerve",))
     stored = json.loads(json.dumps(settings.record()))
-    assert stored["size"] == [64, 80] and stored["input"] == "arrays"
+    assert stored["size"] == [64, 80] and stored["arrays"] == "a"
     assert config.from_record({**stored, "mean": 90.0}, "run.json", "retrain") == settings  # other keys ignored
     assert config.from_record({"lr": 1}, "run.json", "retrain").lr == 1.0  # a whole number is a real one
 
@@ -34,3 +34,8 @@ def test_settings_are_checked_when_made_and_never_changed():
     with pytest.raises(common.UserError, match="--crops must be in"):
         settings.replace(crops=2.0)  # a changed copy is checked too
     assert config.choices("schedule") == ("cosine", "plateau")
+
+
+def test_a_record_of_the_release_before_keeps_its_arrays_folder():
+    stored = common.upgrade_settings({"input": "input/scans", "epochs": 7})
+    assert config.from_record(stored, "run.json", "retrain").arrays == Path("input/scans")

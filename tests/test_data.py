@@ -187,7 +187,7 @@ def write_arrays(folder, n=3, **replace):
 )
 def test_arrays_from_another_run_are_refused(tmp_path, replace, problem):
     names = write_arrays(tmp_path, **replace)
-    with pytest.raises(common.UserError, match=f"(?s)data.py --input {tmp_path} --force.*{problem}"):
+    with pytest.raises(common.UserError, match=f"(?s)data.py --dataset {tmp_path} --force.*{problem}"):
         store.load_arrays(tmp_path, names)
 
 

@@ -99,7 +99,7 @@ def test_standardisation_of_a_constant_image_is_zero_not_nan():
 
 
 def test_a_calibrated_network_divides_each_presence_logit_by_its_temperature(tmp_path):
-    net = model.build_model((32, 48, 1), base_filters=4, depth=2, structures=2)
+    net = model.build_model((32, 48, 1), base_filters=4, depth=2, n_structures=2)
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 48, 1)).astype(np.float32)
     raw = net.predict(x, verbose=0)["present"]
     calibrated = model.calibrated(net, [2.0, 0.5])

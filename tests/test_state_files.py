@@ -103,7 +103,7 @@ def test_a_damaged_arrays_manifest_is_one_line_and_data_py_rebuilds_it(tiny_inpu
     one_clear_line(
         run_main("train", "--input", arrays, "--results", tmp_path / "r", *TINY, "--logs", tmp_path / "logs"),
         "arrays.json is not valid JSON",
-        f"data.py --input {arrays} --force",
+        f"data.py --dataset {arrays} --force",
     )
     assert not (tmp_path / "r" / common.RUN_FILE).exists()
     rebuilt = run_main("data", "--input", arrays)
