@@ -12,7 +12,6 @@ post-processing is tuned on the other folds only.
 """
 
 import contextlib
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from nerve.common import (
     EVALUATION_FILE,
     MANIFEST,
     OOF_FILE,
-    WORST_CASES_FILE,
     Renamed,
     UserError,
     add_flags,
@@ -28,48 +26,39 @@ from nerve.common import (
     exclusive,
     read_settings,
     run_cli,
-    write_json,
 )
 
 import numpy as np
 
 from nerve import deploy, inference, layouts, postprocess, store
-from nerve.crossval import cross_validate, default_gate_line, flagged, flagged_line, load_oof, table
+from nerve.crossval import (
+    CROSS_VALIDATED,
+    default_gate_line,
+    flagged,
+    flagged_line,
+    load_oof,
+    oof_report,
+    stored_report,
+    table,
+    worst_cases,
+    write_report,
+)
 from nerve.deploy import full_size
-from nerve.figures import cases_png
 from nerve.metrics import dice_from_counts, scores
 
-WORST = 8  # cases shown in the worst-cases PNG
 
-
-def _worst(report, images, truth, ids, masks_of):
-    """The WORST lowest-scored cases: (images, truth, predicted label maps, ids)."""
-    worst = np.argsort(report["dice"], kind="stable")[:WORST]
-    return images(worst), truth(worst), [masks_of(i) for i in worst], ids[worst]
-
-
-def evaluate_oof(results, input_dir, tta=None):
-    """Cross-validated report from results/oof.npz, scored with the run's views and post-processing choice
-    unless `tta` says otherwise: (report, and images, truth, masks, ids of the worst cases)."""
+def evaluate_oof(results, arrays_dir, tta):
+    """Cross-validated report from results/oof.npz, scored with the views `tta` and the run's post-processing
+    choice: (report, (images, truth, masks, ids) of the worst cases)."""
     path = Path(results) / OOF_FILE
     oof = load_oof(path)
     settings = read_settings(inference.model_dirs(results)[0])
-    tta, names = tta or settings["tta"], settings["structures"]
-    arrays = store.load_arrays(input_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
-    images, truth = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
+    arrays = store.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
-        raise UserError(f"the arrays in {input_dir}/ are not the ones train.py used for {path}: pass --arrays")
-    scored = cross_validate(oof, truth, names, tta, *postprocess.for_run(settings))
-    report = {**scored, "tta": tta, "structures": names}
-    folds = report["fold_postprocess"]
-
-    def masks_of(i):
-        full = full_size(report["probs"][i], truth[index[i]].shape)
-        specs = [folds[name][int(oof["fold"][i])] for name in names]
-        return deploy.label_map(deploy.apply_each(full[None], report["present"][i : i + 1], specs), full)[0]
-
-    return report, *_worst(report, lambda w: images[index[w]], lambda w: truth[index[w]], oof["ids"], masks_of)
+        raise UserError(f"the arrays in {arrays_dir}/ are not the ones train.py used for {path}: pass --arrays")
+    frames, labels = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
+    return oof_report(oof, frames, labels, settings["structures"], tta, settings)
 
 
 def evaluate_folder(results, folder, tta=None, batch_size=32):
@@ -117,18 +106,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
         full = full_size(probs[i], truth[i].shape)
         return deploy.label_map(deploy.apply_each(full[None], present[i : i + 1], specs), full)[0]
 
-    return report, *_worst(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)
-
-
-def finite(obj):
-    """`obj` with every non-finite float inside it replaced by None, for strict JSON readers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+    return report, worst_cases(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)
 
 
 def main(argv=None):
@@ -150,28 +128,27 @@ def main(argv=None):
 def report_on(args):
     """The report evaluate.py's flags ask for, printed and written to results/."""
     if args.labelled is None:
-        report, images, truth, masks, ids = evaluate_oof(args.results, args.arrays, args.tta)
-        name = "cross-validated"
+        tta = args.tta or read_settings(inference.model_dirs(args.results)[0])["tta"]
+        stored = stored_report(args.results, tta)
+        if stored is not None:  # train.py scored these very predictions: read, not computed again
+            print_report(stored)
+            print(f"(as train.py wrote it beside {OOF_FILE}: {args.results / EVALUATION_FILE})")
+            return
+        report, cases = evaluate_oof(args.results, args.arrays, tta)
+        name = CROSS_VALIDATED
     else:
-        report, images, truth, masks, ids = evaluate_folder(args.results, args.labelled, args.tta)
+        report, cases = evaluate_folder(args.results, args.labelled, args.tta)
         name = args.labelled.name
+    print_report(report)
+    png = write_report(args.results, report, name, cases)
+    print(f"wrote {args.results / EVALUATION_FILE} and {png}")
+
+
+def print_report(report):
     print(table(report["rows"]))
     for line in (default_gate_line(report), flagged_line(report)):
         if line:
             print(line)
-    out = {
-        "evaluated": name,
-        "tta": report["tta"],
-        "structures": report["structures"],
-        "metrics": report["rows"],
-        "postprocess": report["postprocess"],
-        "out_of_distribution": report["ood"],
-    }
-    if "fold_postprocess" in report:
-        out["fold_postprocess"] = report["fold_postprocess"]
-    write_json(args.results / EVALUATION_FILE, finite(out))  # strict JSON: no NaN for an AUC without negatives
-    png = cases_png(images, truth, masks, ids, args.results / WORST_CASES_FILE, report["structures"])
-    print(f"wrote {args.results / EVALUATION_FILE} and {png}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from nerve.common import (
     CALIBRATION_FILE,
     ENSEMBLE_FILE,
+    EVALUATION_FILE,
     MODEL_FILE,
     OOF_FILE,
     RELIABILITY_FILE,
@@ -510,13 +511,15 @@ def tune(config, data, oof):
     oof = crossval.save_oof(config.results / OOF_FILE, {**oof, "ids": data.arrays["train_ids"][oof["index"]]})
     write_state(config.results / ENSEMBLE_FILE, {"models": data.dirs})
     record = config.record()
-    report = crossval.cross_validate(oof, data.labels, names, config.tta, *postprocess.for_run(record))
+    report, cases = crossval.oof_report(oof, data.frames, data.labels, names, config.tta, record)
     postprocess.save(config.results, report["postprocess"])
     print(crossval.table(report["rows"]))
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
     for line in (crossval.default_gate_line(report), crossval.flagged_line(report)):
         if line:
             print(line)
+    png = crossval.write_report(config.results, report, crossval.CROSS_VALIDATED, cases)
+    print(f"wrote {config.results / EVALUATION_FILE} (evaluate.py prints it) and {png}")
     checkpoint.finish(config.results, record, data.dirs)
 
 

@@ -2,15 +2,22 @@
 view), each fold scored under the post-processing tuned on the other folds, and the tables train.py and
 evaluate.py print."""
 
+import json
+import math
 import zipfile
+from pathlib import Path
 
-from nerve.common import UserError, atomic_path
+from nerve.common import EVALUATION_FILE, OOF_FILE, WORST_CASES_FILE, UserError, atomic_path, write_json
 
 import numpy as np
 
-from nerve import augment, inference, postprocess
+from nerve import augment, deploy, inference, postprocess
 from nerve.deploy import DEFAULT, OOD_THRESHOLD, unknown
+from nerve.figures import cases_png
 from nerve.metrics import dice_from_counts, scores
+
+WORST = 8  # cases shown in the worst-cases PNG
+CROSS_VALIDATED = "cross-validated"  # evaluation.json's `evaluated` for the out-of-fold report
 
 COLUMNS = [
     ("images", "{:d}"),
@@ -118,7 +125,8 @@ def table(rows):
     header = ["set"] + [c for c, _ in COLUMNS]
     named = len(rows) > 1
     body = [
-        [f"{structure} {name}" if named else name] + [fmt.format(r[c]) for c, fmt in COLUMNS]
+        [f"{structure} {name}" if named else name]
+        + [fmt.format(r[c]) if r[c] is not None else "nan" for c, fmt in COLUMNS]  # None: a NaN read from JSON
         for structure, sets in rows.items()
         for name, r in sets.items()
     ]
@@ -166,3 +174,67 @@ def load_oof(path):
     for key in ("present", "present_flip"):
         oof[key] = oof[key].reshape(len(oof[key]), -1)
     return oof
+
+
+def worst_cases(report, images, truth, ids, masks_of):
+    """The WORST lowest-scored cases: (images, truth, predicted label maps, ids)."""
+    worst = np.argsort(report["dice"], kind="stable")[:WORST]
+    return images(worst), truth(worst), [masks_of(i) for i in worst], ids[worst]
+
+
+def oof_report(oof, frames, labels, names, tta, settings):
+    """A run's cross-validated report (cross_validate under the run's post-processing choice, with `tta`'s views)
+    and its worst cases, the frames and label maps at their own sizes: (report, (images, truth, masks, ids))."""
+    report = {**cross_validate(oof, labels, names, tta, *postprocess.for_run(settings)), "tta": tta}
+    report["structures"], folds, index = names, report["fold_postprocess"], oof["index"]
+
+    def masks_of(i):
+        full = deploy.full_size(report["probs"][i], labels[index[i]].shape)
+        specs = [folds[name][int(oof["fold"][i])] for name in names]
+        return deploy.label_map(deploy.apply_each(full[None], report["present"][i : i + 1], specs), full)[0]
+
+    return report, worst_cases(report, lambda w: frames[index[w]], lambda w: labels[index[w]], oof["ids"], masks_of)
+
+
+def finite(obj):
+    """`obj` with every non-finite float inside it replaced by None, for strict JSON readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_report(results, report, evaluated, cases):
+    """results/evaluation.json and the worst cases' PNG of a report; the PNG's path."""
+    out = {
+        "evaluated": evaluated,
+        "tta": report["tta"],
+        "structures": report["structures"],
+        "metrics": report["rows"],
+        "postprocess": report["postprocess"],
+        "out_of_distribution": report["ood"],
+        "default_gate": report.get("default_gate", []),
+    }
+    if "fold_postprocess" in report:
+        out["fold_postprocess"] = report["fold_postprocess"]
+    write_json(Path(results) / EVALUATION_FILE, finite(out))  # strict JSON: no NaN for an AUC without negatives
+    return cases_png(*cases, Path(results) / WORST_CASES_FILE, report["structures"])
+
+
+def stored_report(results, tta):
+    """The cross-validated report train.py wrote beside oof.npz, as the parts evaluate.py prints, where it is
+    that of the current oof.npz with the views `tta`; else None (it is computed again)."""
+    path, oof = Path(results) / EVALUATION_FILE, Path(results) / OOF_FILE
+    if not (path.is_file() and oof.is_file()) or path.stat().st_mtime_ns < oof.stat().st_mtime_ns:
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None  # damaged: computed again and rewritten
+    if not isinstance(stored, dict) or stored.get("evaluated") != CROSS_VALIDATED or stored.get("tta") != tta:
+        return None
+    keys = {"rows": "metrics", "ood": "out_of_distribution", "default_gate": "default_gate"}
+    return {key: stored.get(name) for key, name in keys.items()} if "metrics" in stored else None

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 
-import evaluate
 from conftest import ROOT, TINY, TWO_FOLD_SPECS, assert_picture, run_main, run_script, stats_case, two_fold_case
 from nerve import crossval, postprocess
 
@@ -124,6 +123,9 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
 
     ev = run_script(ROOT / "evaluate.py", "--data", tiny_input, "--results", results)
     assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "as train.py wrote it" in ev.stdout  # the tuning train.py ran is read, not computed again
+    table = ev.stdout.splitlines()[:6]  # the header, three folds, all folds, crop views
+    assert all(line in train.stdout.splitlines() for line in table)  # the very table train.py printed
     report = json.loads((results / "evaluation.json").read_text(), parse_constant=strict_json_only)
     # 26 of the 48 frames lack a nerve, and so do the crop views that leave it out: the gate is tuned on them all
     # where they are 30 or more, and both scripts say when it is not
@@ -153,6 +155,12 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
     assert report["metrics"]["nerve"][tiny_input.name]["images"] == 48 and report["tta"] == "none"
+    # other views than the run's, or a report of another folder in evaluation.json: computed again from oof.npz
+    again = run_main("evaluate", "--arrays", tiny_input, "--results", results, "--tta", "none")
+    assert again.returncode == 0 and "as train.py wrote it" not in again.stdout, again.stderr[-3000:]
+    report = json.loads((results / "evaluation.json").read_text())
+    assert (report["evaluated"], report["tta"]) == ("cross-validated", "none")
+    assert "fold 2" in report["metrics"]["nerve"]
 
     sub = run_main("submission", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
@@ -165,7 +173,7 @@ def strict_json_only(constant):
 
 def test_non_finite_numbers_become_null_for_json():
     nan, inf = float("nan"), float("inf")
-    assert evaluate.finite({"auc": nan, "rows": [inf, 0.5, (1, -inf)], "name": "fold 0"}) == {
+    assert crossval.finite({"auc": nan, "rows": [inf, 0.5, (1, -inf)], "name": "fold 0"}) == {
         "auc": None,
         "rows": [None, 0.5, [1, None]],
         "name": "fold 0",
