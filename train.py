@@ -348,14 +348,14 @@ def group_list(groups, shown=12):
     return f"subjects {unique}" if len(unique) <= shown else f"{len(unique)} groups"
 
 
-def held_out_sets(config, present, subjects):
+def held_out_sets(config, present, groups):
     """(one boolean validation mask per model, the models' folder names)."""
     if config.folds > 1:
-        fold = splits.assign_folds(present, subjects, config.folds, config.seed, config.split)
+        fold = splits.assign_folds(present, groups, config.folds, config.seed, config.split)
         held_out, dirs = [fold == k for k in range(config.folds)], [f"fold{k}" for k in range(config.folds)]
     else:
         held_out, dirs = (
-            [splits.validation_split(present, subjects, config.val_fraction, config.seed, config.split)],
+            [splits.validation_split(present, groups, config.val_fraction, config.seed, config.split)],
             ["."],
         )
     if any(val.all() or not val.any() for val in held_out):
@@ -461,11 +461,11 @@ def train_folds(config, resume, scope, policy):
 def train_fold(config, data, k, val, name, state, scope):
     """Train (or finish, or keep) one model with the frames `val` held out, fit its out-of-distribution score and
     return its out-of-fold predictions."""
-    present, subjects = data.present, data.arrays["train_subjects"]
+    present, groups = data.present, data.arrays["train_subjects"]
     train = ~val & data.use
     print(
         f"{'fold ' + str(k) + ': ' if config.folds > 1 else ''}train: {np.count_nonzero(train)} images, "
-        f"val: {np.count_nonzero(val)} images ({group_list(subjects[val])}), "
+        f"val: {np.count_nonzero(val)} images ({group_list(groups[val])}), "
         f"a structure in {present[~val].mean():.0%} / {present[val].mean():.0%}"
     )
     out_dir = config.results / name
@@ -485,7 +485,7 @@ def train_fold(config, data, k, val, name, state, scope):
             scope,
         )
         print(f"best val_leaderboard {best:.4f}; model in {out_dir / MODEL_FILE}")
-    fit_ood(config, out_dir, data.images[train], data.images[val], subjects[val])
+    fit_ood(config, out_dir, data.images[train], data.images[val], groups[val])
     predictions = out_of_fold(config, out_dir, data.images[val], data.frames, data.labels, np.flatnonzero(val))
     n_val = np.count_nonzero(val)
     monitor.model_pictures(

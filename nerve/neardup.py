@@ -35,13 +35,13 @@ def frame_distance(images, a, b):
     return 1.0 - float(np.prod(standardised(images[[a, b]]), axis=0).sum())
 
 
-def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
+def near_pairs(images, groups, threshold=THRESHOLD, progress=None):
     """Frame pairs of one subject closer than threshold at full resolution, as (pairs (k, 2), distances (k,)),
     and the signature distances of every within-subject pair (for the histogram)."""
     sig = signatures(images)
     pairs, distances, every = [], [], []
-    for subject in np.unique(subjects):
-        idx = np.flatnonzero(subjects == subject)
+    for group in np.unique(groups):
+        idx = np.flatnonzero(groups == group)
         first, second = np.triu_indices(len(idx), 1)
         rough = 1.0 - np.einsum("ij,ij->i", sig[idx[first]], sig[idx[second]])
         every.append(rough)
@@ -60,14 +60,14 @@ def near_pairs(images, subjects, threshold=THRESHOLD, progress=None):
     )
 
 
-def nearest_frame_agreement(images, masks, subjects, threshold=THRESHOLD):
+def nearest_frame_agreement(images, masks, groups, threshold=THRESHOLD):
     """How far the labels agree with themselves: for each frame with a nerve, the Dice of its mask with that of
     the closest other frame of its subject (by signature), and whether that frame is a duplicate (closer than
     threshold at full resolution). Annotators who drew every view alike would score 1 throughout."""
     sig = signatures(images)
     agreement, duplicate = [], []
-    for subject in np.unique(subjects):
-        idx = np.flatnonzero(subjects == subject)
+    for group in np.unique(groups):
+        idx = np.flatnonzero(groups == group)
         if len(idx) < 2:
             continue
         closeness = sig[idx] @ sig[idx].T

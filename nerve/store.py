@@ -28,7 +28,8 @@ from tqdm import tqdm
 from nerve import layouts
 from nerve.images import image_shape, read_image, read_labels
 
-# The arrays data.py writes into the input folder, by name.
+# The arrays data.py writes into the input folder, by name. train_subjects holds each image's validation group
+# (a subject, a patient: what is held out together), under the name the Kaggle frames gave it.
 ARRAYS = (
     "train_images",
     "train_masks",
