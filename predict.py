@@ -124,10 +124,10 @@ class Predictor:
         full = deploy.full_size(probs, image.shape).reshape(*image.shape, -1)
         ungated = [{**spec, "presence_threshold": 0.0, "min_area_fraction": 0.0} for spec in self.specs]
         masks = deploy.apply_each(full[None], present[None], ungated)[0]
-        area = masks.reshape(-1, masks.shape[-1]).sum(axis=0)
-        gated = np.array([deploy.gate(present[k], area[k], spec)[0] for k, spec in enumerate(self.specs)])
+        share = masks.reshape(-1, masks.shape[-1]).mean(axis=0)  # the gate's unit: a share of the image
+        gated = np.array([deploy.gate(present[k], share[k], spec)[0] for k, spec in enumerate(self.specs)])
         unknown = bool(deploy.unknown(ood, self.ood_threshold))
-        return masks, gated & (area > 0) & (not unknown), unknown, full
+        return masks, gated & (share > 0) & (not unknown), unknown, full
 
 
 def structure_row(names, present, masks, ood, unknown):

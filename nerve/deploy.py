@@ -65,11 +65,9 @@ def gate(present, area_fraction, spec):
 
 def upgraded(spec):
     """A spec as this release reads it: earlier releases gave the gate's area in pixels of a 420x580 frame."""
-    if "min_area" not in spec:
-        return dict(spec)
     spec = dict(spec)
-    spec.setdefault("min_area_fraction", spec.pop("min_area") / KAGGLE_FRAME_PIXELS)
-    spec.pop("min_area", None)
+    if "min_area" in spec:
+        spec.setdefault("min_area_fraction", spec.pop("min_area") / KAGGLE_FRAME_PIXELS)
     return spec
 
 

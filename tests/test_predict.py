@@ -10,7 +10,7 @@ import pytest
 
 import predict
 from conftest import ROOT, assert_picture, run_main, run_script
-from nerve import common, sources, synthetic
+from nerve import common, deploy, sources, synthetic
 
 FRAMES = 12
 
@@ -147,3 +147,17 @@ def test_bad_inputs_are_one_line_each(trained, tmp_path):
     result = run_script(ROOT / "predict.py", tmp_path / "broken.png", "--results", results, "--output", tmp_path / "o")
     assert result.returncode == 1 and "broken.png unreadable image" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_predict_gates_a_mask_by_its_share_of_the_image_as_deploy_does():
+    predictor = object.__new__(predict.Predictor)  # the post-processing alone: no model needed
+    predictor.ood_threshold = deploy.OOD_THRESHOLD
+    probs = np.zeros((42, 58, 1), np.float32)
+    probs[10:20, 10:25] = 0.9  # 6.2% of the image, at any size
+    image = np.zeros((420, 580), np.uint8)
+    for fraction, shown in ((0.05, True), (0.08, False)):
+        predictor.specs = [{**deploy.DEFAULT, "min_area_fraction": fraction}]
+        masks, kept, _, full = predictor.masks(image, probs, np.array([0.9]), 0.0)
+        assert kept.tolist() == [shown]
+        drawn = deploy.labels(probs, [0.9], predictor.specs, image.shape, 0.0)
+        np.testing.assert_array_equal(deploy.label_map((masks * kept)[None], full[None])[0], drawn)
