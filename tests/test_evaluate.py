@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
+import predict
 from conftest import ROOT, TINY, TWO_FOLD_SPECS, assert_picture, run_main, run_script, stats_case, two_fold_case
-from nerve import crossval, postprocess
+from nerve import common, crossval, deploy, inference, postprocess
 
 
 def out_of_fold(index):
@@ -165,6 +166,25 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     sub = run_main("submission", "--input", tiny_input, "--results", results)
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert "3 model(s)" in sub.stdout
+
+    # predict.py averages the three fold models and the mirror view; --fast is the first model alone
+    ensemble, fast = predict.Predictor(results), predict.Predictor(results, fast=True)
+    assert (len(ensemble.nets), ensemble.tta, len(fast.nets), fast.tta) == (3, "hflip", 1, "none")
+    images = list(np.load(tiny_input / "test_images.npy")[:2])
+    x = np.stack([deploy.resize(image, ensemble.size) for image in images])
+    each = [inference.predict([net], x, "hflip")[0] for net in ensemble.nets]
+    np.testing.assert_allclose(ensemble.probabilities(images)[0], np.mean(each, axis=0), atol=1e-5)
+    np.testing.assert_allclose(fast.probabilities(images)[0], inference.predict(fast.nets, x, "none")[0], atol=1e-5)
+    assert not np.allclose(each[0], each[1], atol=1e-3)  # the folds' models differ: the average is not vacuous
+    with pytest.raises(common.UserError, match="--runtime onnx runs the views exported with it: drop --fast"):
+        predict.Predictor(results, fast=True, runtime="onnx")
+
+    # --resume on a run whose folds all finished skips their training and redoes only what follows it
+    run = json.loads((results / "run.json").read_text())
+    (results / "run.json").write_text(json.dumps({**run, "complete": False}))
+    resumed = run_main("train", "--results", results, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("already trained") == 3 and "Epoch" not in resumed.stdout
 
 
 def strict_json_only(constant):
