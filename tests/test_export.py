@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
+import export
 import predict
 from conftest import ROOT, run_script
-from nerve import deploy, inference
+from nerve import common, deploy, inference
 
 
 @pytest.mark.slow
@@ -56,3 +57,18 @@ def test_the_serving_model_averages_the_models_and_the_mirror_view():
     np.testing.assert_allclose(np.asarray(out["present"]), present, atol=1e-6)
     np.testing.assert_allclose(np.asarray(out["ood"]), ood, rtol=1e-5)
     assert np.asarray(out["ood"]).shape == (2,)  # rank 1: told from presence by rank where runtimes rename outputs
+
+
+@pytest.mark.slow
+def test_an_artefact_its_runtime_disagrees_with_is_refused_and_nothing_is_kept(trained, tmp_path, monkeypatch):
+    real = inference.runner
+
+    def off_by_a_little(kind, path):
+        run = real(kind, path)
+        return lambda x: tuple(np.asarray(out) + 1e-3 for out in run(x))  # over TOLERANCE, as a broken runtime
+
+    monkeypatch.setattr(inference, "runner", off_by_a_little)
+    refused = r"the onnx artefact differs from Keras by 0.001 \(over 0.0001\): not kept"
+    with pytest.raises(common.UserError, match=refused):
+        export.export(trained[0], "onnx", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no artefact, no deploy.py or deploy.json
