@@ -3,6 +3,7 @@ multi-frame and single-frame DICOM; and its one-line errors."""
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -161,3 +162,30 @@ def test_predict_gates_a_mask_by_its_share_of_the_image_as_deploy_does():
         assert kept.tolist() == [shown]
         drawn = deploy.labels(probs, [0.9], predictor.specs, image.shape, 0.0)
         np.testing.assert_array_equal(deploy.label_map((masks * kept)[None], full[None])[0], drawn)
+
+
+class ScriptedPresence(predict.Predictor):
+    """A predictor without a model: one blob in every frame, at the presence of a script, frame by frame."""
+
+    def __init__(self, presence):
+        self.names, self.specs, self.ood_threshold = ["nerve"], [deploy.DEFAULT], deploy.OOD_THRESHOLD
+        self.presence = iter(presence)
+
+    def probabilities(self, images):
+        probs = np.zeros((len(images), 42, 58, 1), np.float32)
+        probs[:, 10:20, 10:25] = 0.9
+        present = np.array([[next(self.presence)] for _ in images])
+        return probs, present, np.zeros(len(images), np.float32)
+
+
+def test_smooth_shows_a_structure_only_after_as_many_frames_in_a_row_pass_its_gate(tmp_path):
+    presence = [0.9, 0.2, 0.9, 0.9, 0.2, 0.9, 0.9, 0.9]
+    frames = [np.zeros((42, 58), np.uint8)] * len(presence)
+    shown = {}
+    for smooth in (1, 2):
+        rows = predict.predict_sequence(
+            ScriptedPresence(presence), iter(frames), 20.0, len(frames), Path(f"s{smooth}"), tmp_path, smooth
+        )
+        shown[smooth] = [int(int(r["nerve_area"]) > 0) for r in rows]
+    assert shown[1] == [1, 0, 1, 1, 0, 1, 1, 1]  # each frame's own gate
+    assert shown[2] == [0, 0, 0, 1, 1, 1, 1, 1]  # on after two passing frames in a row, and one failing keeps it on
