@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+import export
 import predict
 from conftest import ROOT, TINY, TWO_FOLD_SPECS, assert_picture, run_main, run_script, stats_case, two_fold_case
 from nerve import common, crossval, deploy, inference, postprocess
@@ -178,6 +179,11 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert not np.allclose(each[0], each[1], atol=1e-3)  # the folds' models differ: the average is not vacuous
     with pytest.raises(common.UserError, match="--runtime onnx runs the views exported with it: drop --fast"):
         predict.Predictor(results, fast=True, runtime="onnx")
+    # and so does the ONNX export of the run: the three models and their mirror views in one artefact
+    export.export(results, "onnx", results / "export" / "onnx")
+    exported = predict.Predictor(results, runtime="onnx")
+    assert json.loads((results / "export" / "onnx" / "deploy.json").read_text())["models"] == 3
+    np.testing.assert_allclose(exported.probabilities(images)[0], ensemble.probabilities(images)[0], atol=1e-4)
 
     # --resume on a run whose folds all finished skips their training and redoes only what follows it
     run = json.loads((results / "run.json").read_text())
