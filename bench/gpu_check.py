@@ -42,8 +42,19 @@ from nerve import planning
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"  # ignored by git; the device tool's `carry` takes it along
 # What the GPU image lacks of requirements.txt (it has jax, numpy, h5py, opencv, scikit-learn, tifffile,
-# tqdm, matplotlib, tensorboard, absl-py, rich, ml-dtypes, packaging): Keras and its two small dependencies
-WHEELS = ("keras==3.15.1", "namex==0.1.0", "optree==0.20.0")
+# tqdm, matplotlib, tensorboard, absl-py, rich, ml-dtypes, packaging): Keras and its two small dependencies,
+# and the results lock and the run settings' validation with theirs (pinned as here)
+WHEELS = (
+    "keras==3.15.1",
+    "namex==0.1.0",
+    "optree==0.20.0",
+    "filelock==4.3.2",
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
+)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 FIGURE = re.compile(r"^([a-z][a-z0-9_]*): ([-+0-9.e]+|nan|True|False)$")  # a benchmark's `name: value` lines
 DEVICE = re.compile(r"^device: (.+)$")
