@@ -113,13 +113,23 @@ def trained(tiny_input, tmp_path_factory):
     return results, logs, result.stdout
 
 
-def assert_picture(path, min_height=100, min_width=100):
-    """A PNG that reads back, is at least min_height x min_width pixels and is not blank."""
+def assert_picture(path, min_height=100, min_width=100, tints=(), pixels=50):
+    """A PNG that reads back, is at least min_height x min_width pixels and is not blank; with `tints`, at least
+    `pixels` of its pixels are a gray image tinted half-way to one of those colours (figures.overlay's blend: its
+    red-blue and green-blue differences are half the colour's at any gray, which a legend patch's are not)."""
     import matplotlib.image
+    import numpy as np
 
     picture = matplotlib.image.imread(path)
     assert picture.shape[0] >= min_height and picture.shape[1] >= min_width, f"{path}: {picture.shape}"
     assert picture[..., :3].std() > 0.05, f"{path} is blank"
+    rgb = picture[..., :3].astype(np.float64) * 255
+    differences = np.stack([rgb[..., 0] - rgb[..., 2], rgb[..., 1] - rgb[..., 2]], axis=-1)
+    found = {colour: 0 for colour in tints}
+    for colour in tints:
+        half = np.array([colour[0] - colour[2], colour[1] - colour[2]]) / 2
+        found[colour] = int(np.count_nonzero((np.abs(differences - half) <= 2).all(axis=-1)))
+    assert not tints or max(found.values()) >= pixels, f"{path}: no tint of {tints} ({found} pixels)"
 
 
 def training_log(results):

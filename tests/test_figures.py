@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from conftest import assert_picture
 from nerve import figures
@@ -21,7 +22,12 @@ def test_cases_png_and_training_curves_are_readable_pictures(tmp_path):
     images = rng.integers(0, 255, (4, 42, 58), np.uint8)
     truth = np.zeros((4, 42, 58), np.uint8)
     truth[:, 10:20, 10:30] = 1
-    assert_picture(figures.cases_png(images, truth, np.roll(truth, 3, axis=2), list("abcd"), tmp_path / "c.png"))
+    shown = figures.cases_png(images, truth, np.roll(truth, 3, axis=2), list("abcd"), tmp_path / "c.png")
+    assert_picture(shown, tints=[figures.TRUE_POSITIVE])  # the overlap of truth and prediction tinted
+    assert_picture(shown, tints=[figures.FALSE_POSITIVE])
+    untinted = figures.cases_png(images, 0 * truth, 0 * truth, list("abcd"), tmp_path / "e.png")  # nothing to tint
+    with pytest.raises(AssertionError, match="no tint"):
+        assert_picture(untinted, tints=[figures.TRUE_POSITIVE])
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss,val_loss,val_leaderboard,learning_rate\n0,1.0,0.9,0.5,0.001\n1,0.8,0.7,0.6,0.0005\n")
     assert_picture(figures.training_curves(log, tmp_path / "curves.png"), 250, 1000)

@@ -10,6 +10,7 @@ import numpy as np
 
 import utils
 from conftest import ROOT, assert_picture, run_main, run_script
+from nerve import figures
 
 
 def test_training_writes_model_settings_and_logs(trained):
@@ -93,7 +94,8 @@ def test_train_without_arrays_is_one_clear_error(tmp_path):
 def test_training_writes_curves_and_validation_overlays(trained):
     results, _, _ = trained
     assert_picture(results / "curves.png", 250, 1000)
-    assert_picture(results / "val_overlays.png", 300, 700)
+    # the validation images show the nerve: its pixels are tinted as found or missed
+    assert_picture(results / "val_overlays.png", 300, 700, tints=[figures.TRUE_POSITIVE, figures.FALSE_NEGATIVE])
 
 
 def test_tensorboard_gets_validation_images_learning_rate_and_presence_accuracy(trained):

@@ -2,6 +2,7 @@ import numpy as np
 
 import utils
 from conftest import assert_picture
+from nerve import figures
 
 
 def test_the_helpers_users_call_are_here():
@@ -14,5 +15,6 @@ def test_the_helpers_users_call_are_here():
 
 def test_inspect_set_and_examine_generator_write_pngs(trained, tiny_input):
     results, _, _ = trained
-    assert_picture(utils.inspect_set("val", n=4, results=results, input_dir=tiny_input))
+    shown = utils.inspect_set("val", n=4, results=results, input_dir=tiny_input)
+    assert_picture(shown, tints=[figures.TRUE_POSITIVE, figures.FALSE_NEGATIVE])
     assert_picture(utils.examine_generator(n=4, input_dir=tiny_input, size=(32, 48), results=results))
