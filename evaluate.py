@@ -43,7 +43,6 @@ from nerve.crossval import (
     worst_cases,
     write_report,
 )
-from nerve.deploy import full_size
 from nerve.metrics import dice_from_counts, scores
 
 
@@ -103,8 +102,7 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
     report["dice"], report["ood"] = dice.mean(axis=1), flagged(ood)
 
     def masks_of(i):
-        full = full_size(probs[i], truth[i].shape)
-        return deploy.label_map(deploy.apply_each(full[None], present[i : i + 1], specs), full)[0]
+        return deploy.labels(probs[i], present[i], specs, truth[i].shape)
 
     return report, worst_cases(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)
 

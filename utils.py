@@ -39,13 +39,10 @@ def inspect_set(subset="val", n=16, results=RESULTS_DIR, input_dir=INPUT_DIR, se
     pick = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     images, truth = store.frames(arrays, "train_images")[pick], store.frames(arrays, "train_masks")[pick]
     nets, names = [inference.load_model(folder)], settings["structures"]
-    chunks = inference.predict_chunks(nets, tuple(settings["size"]), images, settings["tta"], at_full_size=True)
+    chunks = list(inference.predict_chunks(nets, tuple(settings["size"]), images, settings["tta"]))
+    probs, present = (np.concatenate([chunk[k] for chunk in chunks]) for k in range(2))
     specs = postprocess.load(results, names)
-    masks, present = [], []
-    for probs, presence, _ in chunks:  # one image at a time: each at its own size
-        for prob, p in zip(probs, presence):
-            masks.append(deploy.label_map(deploy.apply_each(prob[None], p[None], specs), prob[None])[0])
-            present.append(p)
+    masks = [deploy.labels(prob, p, specs, t.shape) for prob, p, t in zip(probs, present, truth)]  # each at its size
     titles = [
         f"{i}  p={'/'.join(f'{v:.2f}' for v in p)}  dice={d:.2f}"
         for i, p, d in zip(arrays["train_ids"][pick], present, label_dice(truth, masks, len(names)))

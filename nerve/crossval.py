@@ -189,9 +189,8 @@ def oof_report(oof, frames, labels, names, tta, settings):
     report["structures"], folds, index = names, report["fold_postprocess"], oof["index"]
 
     def masks_of(i):
-        full = deploy.full_size(report["probs"][i], labels[index[i]].shape)
         specs = [folds[name][int(oof["fold"][i])] for name in names]
-        return deploy.label_map(deploy.apply_each(full[None], report["present"][i : i + 1], specs), full)[0]
+        return deploy.labels(report["probs"][i], report["present"][i], specs, labels[index[i]].shape)
 
     return report, worst_cases(report, lambda w: frames[index[w]], lambda w: labels[index[w]], oof["ids"], masks_of)
 

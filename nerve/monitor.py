@@ -12,7 +12,6 @@ import keras
 import numpy as np
 
 from nerve import deploy
-from nerve.deploy import full_size
 from nerve.figures import cases_png, overlay, training_curves
 from nerve.inference import network_outputs
 from nerve.metrics import presence
@@ -133,11 +132,7 @@ def model_pictures(folder, frames, index, has_structure, probs, present, spec, n
     images, labels, ids = frames
     pick = example_indices(has_structure, REPORT_IMAGES)
     truth = [labels[i] for i in index[pick]]
-    full = [full_size(probs[i], mask.shape) for i, mask in zip(pick, truth)]
-    masks = [
-        deploy.label_map(deploy.apply_each(f[None], present[i : i + 1], [spec] * len(names)), f[None])[0]
-        for i, f in zip(pick, full)
-    ]
+    masks = [deploy.labels(probs[i], present[i], [spec] * len(names), mask.shape) for i, mask in zip(pick, truth)]
     return cases_png(
         [images[i] for i in index[pick]], truth, masks, ids[index[pick]], folder / VAL_OVERLAYS_FILE, names
     )
