@@ -211,13 +211,11 @@ def batches(config, train, val, originals, start, n_structures):
     return train_batches, val_batches
 
 
-def callbacks(config, val, out_dir, log_dir, settings, state, n_structures):
-    """(the leaderboard checkpoint, which keeps the best score; the callbacks of one model's fit, in the order
+def callbacks(config, val_batches, out_dir, log_dir, settings, state):
+    """(the best-model checkpoint, which keeps the best score; the callbacks of one model's fit, in the order
     that puts the learning rate before the leaderboard score in each epoch's line)."""
-    spec = postprocess.untuned(config.presence_weight)
-    best = checkpoint.LeaderboardCheckpoint(
-        *val, out_dir, settings, config.batch_size, spec, best=state["best"] if state else -np.inf
-    )
+    validation = monitor.Validation(val_batches, postprocess.untuned(config.presence_weight), settings["structures"])
+    best = checkpoint.BestModel(out_dir, settings, best=state["best"] if state else -np.inf)
     plateau = (
         checkpoint.Plateau(state["plateau"] if state else None, monitor="val_loss", factor=0.25, patience=4, verbose=1)
         if config.schedule == "plateau"
@@ -225,10 +223,11 @@ def callbacks(config, val, out_dir, log_dir, settings, state, n_structures):
     )
     return best, [
         monitor.LearningRateLog(),
+        validation,
         best,
         *([plateau] if plateau else []),
         keras.callbacks.CSVLogger(str(out_dir / TRAINING_LOG_FILE), append=bool(state)),
-        *monitor.tensorboard_callbacks(log_dir, *val, spec, n_structures),
+        *monitor.tensorboard_callbacks(log_dir, validation),
         monitor.StopOnNonFinite(),
         monitor.StopOnInterrupt(),
         checkpoint.ResumePoint(out_dir, config.run, best, plateau),
@@ -258,12 +257,12 @@ def train_model(config, train, val, originals, out_dir, log_dir, settings, state
         f"backend {keras.backend.backend()}, {keras.mixed_precision.dtype_policy().name}"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    best, fitted = callbacks(config, val, out_dir, log_dir, {**settings, "mean": mean, "std": std}, state, n_structures)
-    # shuffle=False: AugmentedBatches already shuffles by (seed, epoch); Keras' own shuffling of the batch
-    # order draws from a global random stream that a resumed run could not replay
+    best, fitted = callbacks(config, val_batches, out_dir, log_dir, {**settings, "mean": mean, "std": std}, state)
+    # no validation_data: monitor.Validation scores the validation set in one prediction, where fit's own pass
+    # would predict it a second time. shuffle=False: AugmentedBatches already shuffles by (seed, epoch); Keras'
+    # own shuffling of the batch order draws from a global random stream that a resumed run could not replay
     net.fit(
         train_batches,
-        validation_data=val_batches,
         initial_epoch=start,
         epochs=config.epochs,
         callbacks=fitted,

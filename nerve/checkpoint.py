@@ -35,8 +35,6 @@ import keras
 import numpy as np
 
 from nerve import config
-from nerve.inference import predicted_masks
-from nerve.metrics import structure_dice
 
 
 def save_model(net, path, optimizer=False):
@@ -116,26 +114,15 @@ def resumed(given, results):
     return stored.replace(**{k: v for k, v in given.items() if k in config.MOVABLE}, results=Path(results))
 
 
-class LeaderboardCheckpoint(keras.callbacks.Callback):
-    """Adds val_leaderboard (the mean over structures of each one's leaderboard score; with several structures
-    each one's too, as val_leaderboard_{name}) to the logs each epoch, and saves the model and its settings
-    whenever it improves."""
+class BestModel(keras.callbacks.Callback):
+    """Saves the model and its settings whenever val_leaderboard (monitor.Validation's) improves."""
 
-    def __init__(self, val_images, val_masks, folder, settings, batch_size, spec, best=-np.inf):
+    def __init__(self, folder, settings, best=-np.inf):
         super().__init__()
-        self.x, self.masks = val_images[..., None].astype(np.float32), val_masks
-        self.folder, self.settings, self.batch_size = Path(folder), settings, batch_size
-        self.structures = settings["structures"]
-        self.specs = [spec] * len(self.structures)
-        self.best = best
+        self.folder, self.settings, self.best = Path(folder), settings, best
 
     def on_epoch_end(self, epoch, logs=None):
-        masks = predicted_masks(self.model, self.x, self.specs, self.batch_size)
-        per_structure = structure_dice(self.masks, masks).mean(axis=0)
-        score = float(per_structure.mean())
-        logs["val_leaderboard"] = score
-        if len(self.structures) > 1:
-            logs.update({f"val_leaderboard_{n}": float(v) for n, v in zip(self.structures, per_structure)})
+        score = logs["val_leaderboard"]
         if score > self.best:
             self.best = score
             save_best(self.folder, self.model, {**self.settings, "best_epoch": epoch + 1, "val_leaderboard": score})
@@ -165,9 +152,9 @@ class ResumePoint(keras.callbacks.Callback):
 
     Listed last, so the state file is written only when everything else for the epoch is on disk."""
 
-    def __init__(self, folder, run, leaderboard, plateau):
+    def __init__(self, folder, run, best, plateau):
         super().__init__()
-        self.folder, self.run, self.leaderboard, self.plateau = Path(folder), run, leaderboard, plateau
+        self.folder, self.run, self.best, self.plateau = Path(folder), run, best, plateau
 
     def on_epoch_end(self, epoch, logs=None):
         save_model(self.model, self.folder / LAST_FILE, optimizer=True)
@@ -176,7 +163,7 @@ class ResumePoint(keras.callbacks.Callback):
             {
                 "run": self.run,
                 "epoch": epoch + 1,
-                "best": self.leaderboard.best,
+                "best": self.best.best,
                 "plateau": self.plateau and self.plateau.counters(),
                 "random": [keras.ops.convert_to_numpy(v).tolist() for v in random_states(self.model)],
             },

@@ -14,7 +14,7 @@ import numpy as np
 from nerve import deploy
 from nerve.figures import cases_png, overlay, training_curves
 from nerve.inference import network_outputs
-from nerve.metrics import presence
+from nerve.metrics import presence, structure_dice
 
 TENSORBOARD_IMAGES = 8  # validation images shown in TensorBoard each epoch
 REPORT_IMAGES = 12  # validation images in val_overlays.png
@@ -67,31 +67,66 @@ class StopOnInterrupt(keras.callbacks.Callback):
         if self.pressed:
             raise KeyboardInterrupt
 
-    on_test_batch_end = on_train_batch_end  # fit's validation pass calls the same callbacks
 
     def on_train_end(self, logs=None):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
+class Validation(keras.callbacks.Callback):
+    """Fit's validation, the validation batches predicted once an epoch: the val_ losses and metrics Keras' own
+    pass would log, and val_leaderboard (the mean over structures of each one's leaderboard score, the Dice of
+    the masks `spec` makes; with several structures each one's too, as val_leaderboard_{name}). The outputs
+    and masks stay as attributes for the callbacks after it."""
+
+    def __init__(self, batches, spec, structures):
+        super().__init__()
+        self.batches, self.structures = batches, structures  # augment.AugmentedBatches, in order, as they are
+        self.x = batches.images[..., None].astype(np.float32)
+        self.specs = [spec] * len(structures)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.outputs = network_outputs(self.model, self.x, self.batches.batch_size)
+        self.masks = deploy.apply_each(self.outputs["mask"], self.outputs["present"], self.specs)
+        per_structure = structure_dice(self.batches.masks, self.masks).mean(axis=0)
+        logs.update({f"val_{name}": float(value) for name, value in self.losses().items()})
+        logs["val_leaderboard"] = float(per_structure.mean())
+        if len(self.structures) > 1:
+            logs.update({f"val_leaderboard_{n}": float(v) for n, v in zip(self.structures, per_structure)})
+
+    def losses(self):
+        """The compiled losses and metrics from the outputs, each a mean over the images, with the model's own
+        metric objects (reset first, as evaluate() does)."""
+        net, size = self.model, self.batches.batch_size
+        net.reset_metrics()
+        loss = keras.metrics.Mean()
+        for i in range(len(self.batches)):
+            _, truth = self.batches[i]
+            rows = slice(i * size, i * size + len(truth["mask"]))
+            predicted = {name: self.outputs[name][rows] for name in truth}
+            loss.update_state(net.compute_loss(y=truth, y_pred=predicted, training=False), len(truth["mask"]))
+            net.compute_metrics(None, truth, predicted)
+        return {**net.get_metrics_result(), "loss": loss.result()}
+
+
 class ValidationImages(keras.callbacks.Callback):
-    """Each epoch, a fixed set of validation images in TensorBoard drawn by figures.overlay (one structure:
+    """Each epoch, a fixed set of `validation`'s images in TensorBoard drawn by figures.overlay (one structure:
     true-positive, false-positive and false-negative pixels tinted yellow, red, blue; several: one colour each)."""
 
-    def __init__(self, images, masks, log_dir, spec, n_structures):
+    def __init__(self, validation, log_dir):
         super().__init__()
         import tensorflow as tf
 
         self.summary = tf.summary
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
-        self.images, self.masks, self.specs = images, masks, [spec] * n_structures
+        self.validation = validation
+        self.pick = example_indices(presence(validation.batches.masks), TENSORBOARD_IMAGES)
 
     def on_epoch_end(self, epoch, logs=None):
-        x = self.images[..., None].astype(np.float32)
-        out = network_outputs(self.model, x)
-        predicted = deploy.label_map(deploy.apply_each(out["mask"], out["present"], self.specs), out["mask"])
-        n_structures = len(self.specs)
-        tiles = np.stack([overlay(*case, n_structures) for case in zip(self.images, self.masks, predicted)])
+        v, pick = self.validation, self.pick
+        predicted = deploy.label_map(v.masks[pick], v.outputs["mask"][pick])
+        cases = zip(v.batches.images[pick], v.batches.masks[pick], predicted)
+        tiles = np.stack([overlay(*case, len(v.structures)) for case in cases])
         with self.writer.as_default():
             self.summary.image("validation_overlays", tiles, step=epoch, max_outputs=len(tiles))
         self.writer.flush()
@@ -107,19 +142,15 @@ def example_indices(present, n):
     return np.sort(np.concatenate(spread)) if spread else np.zeros(0, int)
 
 
-def tensorboard_callbacks(log_dir, val_images, val_masks, spec, n_structures=1):
-    """Keras' TensorBoard callback and validation images; both write through TensorFlow, which other
+def tensorboard_callbacks(log_dir, validation):
+    """Keras' TensorBoard callback and `validation`'s images; both write through TensorFlow, which other
     backends may lack."""
     try:
         import tensorflow  # noqa: F401
     except ImportError:
         print("tensorflow is not installed: no TensorBoard logs this run (the CSV log is still written)")
         return []
-    pick = example_indices(presence(val_masks), TENSORBOARD_IMAGES)
-    return [
-        keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1),
-        ValidationImages(val_images[pick], val_masks[pick], log_dir, spec, n_structures),
-    ]
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=1), ValidationImages(validation, log_dir)]
 
 
 def model_pictures(folder, frames, index, has_structure, probs, present, spec, names):
