@@ -67,7 +67,6 @@ class StopOnInterrupt(keras.callbacks.Callback):
         if self.pressed:
             raise KeyboardInterrupt
 
-
     def on_train_end(self, logs=None):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
