@@ -27,20 +27,19 @@ from nerve.common import (
     DEPLOY_FILE,
     EXPORT_DIR,
     FRAMES_FILE,
-    MAPPING,
     MASK_FILE,
     OVERLAY_FILE,
     OVERLAY_VIDEO_FILE,
     PREDICTIONS_DIR,
     SUMMARY_FILE,
-    TEXT,
+    NonNegative,
+    Positive,
+    Size,
+    StateFile,
     UserError,
     add_flags,
     arg_parser,
     atomic_path,
-    integer,
-    list_of,
-    number,
     output_folder,
     read_state,
     run_cli,
@@ -58,15 +57,18 @@ from nerve.layouts import IMAGE_SUFFIXES
 from nerve.sources import DEFAULT_FPS, VIDEO_SUFFIXES, dicom_frames, input_files, video_frames
 
 RUNTIMES = ("keras", "onnx", "litert", "savedmodel", "openvino")  # openvino runs the onnx export
-DEPLOY_FIELDS = {  # what predict.py reads of export.py's deploy.json
-    "artefact": TEXT,
-    "size": list_of(integer(1), 2),
-    "structures": list_of(TEXT),
-    "postprocess": list_of(MAPPING),
-    "models": integer(1),
-    "tta": TEXT,
-    "ood_threshold": number(0),
-}
+
+
+class Deployed(StateFile):
+    """What predict.py reads of export.py's deploy.json."""
+
+    artefact: str
+    size: Size
+    structures: list[str]
+    postprocess: list[dict]
+    models: Positive
+    tta: str
+    ood_threshold: NonNegative
 
 
 class Predictor:
@@ -91,7 +93,7 @@ class Predictor:
         remedy = f"export it with `python export.py --format {kind} --results {results}`"
         # an export of an earlier release has no score: nan, which flags nothing
         exported = read_state(
-            folder / DEPLOY_FILE, DEPLOY_FIELDS, remedy, lambda d: {"ood_threshold": deploy.OOD_THRESHOLD, **d}
+            folder / DEPLOY_FILE, Deployed, remedy, lambda d: {"ood_threshold": deploy.OOD_THRESHOLD, **d}
         )
         self.size, self.names, self.specs = (
             tuple(exported["size"]),

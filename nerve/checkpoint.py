@@ -11,20 +11,17 @@ import logging
 from pathlib import Path
 
 from nerve.common import (
-    BOOLEAN,
     LAST_FILE,
     LEGACY_MODEL_FILE,
-    MAPPING,
     MODEL_FILE,
     RUN_FILE,
     SETTINGS_FILE,
     STATE_FILE,
-    TEXT,
+    Count,
+    Fraction,
+    StateFile,
     UserError,
     atomic_path,
-    integer,
-    list_of,
-    number,
     read_settings,
     read_state,
     upgrade_settings,
@@ -75,7 +72,7 @@ def read_run(results):
     if not path.exists():
         return None
     remedy = f"start over with `python train.py --results {results} --force` (the run cannot be resumed)"
-    run = read_state(path, {"settings": MAPPING, "complete": BOOLEAN}, remedy, _release_1_run)
+    run = read_state(path, Run, remedy, _release_1_run)
     return upgrade_settings(run["settings"]), run["complete"]
 
 
@@ -175,13 +172,21 @@ def random_states(net):
     return [v for v in net.variables if v.path.endswith("seed_generator_state")]
 
 
-STATE_FIELDS = {
-    "run": TEXT,
-    "epoch": integer(0),
-    "best": number(0, 1),
-    "random": list_of(list_of(number())),
-    "plateau": ((lambda v: v is None or isinstance(v, dict)), "an object or null"),
-}
+class TrainState(StateFile):
+    """What --resume reads of train_state.json."""
+
+    run: str
+    epoch: Count
+    best: Fraction
+    random: list[list[float]]
+    plateau: dict | None
+
+
+class Run(StateFile):
+    """What --resume reads of run.json (the settings themselves are checked by config.from_record)."""
+
+    settings: dict
+    complete: bool
 
 
 def resume_state(folder, run, results):
@@ -193,7 +198,7 @@ def resume_state(folder, run, results):
         f"delete it and {LAST_FILE} beside it to train that model afresh on --resume, or start over with "
         f"`python train.py --results {results} --force`"
     )
-    state = read_state(path, STATE_FIELDS, remedy)
+    state = read_state(path, TrainState, remedy)
     return state if state["run"] == run else None
 
 

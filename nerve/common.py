@@ -1,7 +1,7 @@
 """The ground every stage stands on: folders, file names, the run record, one-line errors, atomic writes,
 the checked reading of every state file, and the flags several scripts share.
 
-It imports no other module of the project, and outside the standard library only filelock, so every script
+It imports no other module of the project, and outside the standard library only filelock and pydantic, so every script
 imports it first (pyproject.toml's import order): the Keras backend is checked here before Keras is imported anywhere.
 """
 
@@ -9,12 +9,13 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
 import filelock
+import pydantic
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before anything loads it
 
@@ -170,48 +171,35 @@ def write_state(path, obj):
     write_json(path, {"format": FORMAT, **obj})
 
 
-# Checks of a state file's values: (predicate, what was expected)
-def number(low=-math.inf, high=math.inf):
-    def ok(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+class StateFile(pydantic.BaseModel):
+    """The fields a reader of one state file relies on, each strictly of the kind its writer produces (a list
+    for a tuple, no text for a number, no NaN); other keys are allowed and kept."""
 
-    return ok, f"a number in [{low:g}, {high:g}]"
-
-
-def integer(low=0):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
+    model_config = pydantic.ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
-def one_of(*choices):
-    return (lambda v: v in choices), " or ".join(map(repr, choices))
+Fraction = Annotated[float, pydantic.Field(ge=0, le=1)]
+NonNegative = Annotated[float, pydantic.Field(ge=0)]
+Count = Annotated[int, pydantic.Field(ge=0)]
+Positive = Annotated[int, pydantic.Field(ge=1)]
+Size = tuple[Positive, Positive]  # (height, width)
 
 
-def list_of(check, length=None):
-    ok, what = check
-    return (
-        lambda v: isinstance(v, list) and (length is None or len(v) == length) and all(map(ok, v)),
-        f"a list of {length or 'any number of'} values, each {what}",
-    )
+def state_problems(error):
+    """A pydantic ValidationError as one line: each field missing, or its value and what was expected."""
+    said = []
+    for e in error.errors()[:MAX_LISTED]:
+        where = ".".join(map(str, e["loc"]))
+        expected = e["msg"].replace("Input should be", "expected", 1)
+        said.append(f"{where} is missing" if e["type"] == "missing" else f"{where} is {e['input']!r}: {expected}")
+    return "; ".join(said)
 
 
-BOOLEAN = ((lambda v: isinstance(v, bool)), "true or false")
-TEXT = ((lambda v: isinstance(v, str)), "text")
-MAPPING = ((lambda v: isinstance(v, dict)), "an object")
-
-
-def field_problems(obj, fields):
-    """What is wrong with the values of a state file's object: each of `fields` (key -> check) missing or invalid."""
-    return [
-        f"{key} is missing" if key not in obj else f"{key} is {obj[key]!r}, expected {what}"
-        for key, (ok, what) in fields.items()
-        if key not in obj or not ok(obj[key])
-    ]
-
-
-def read_state(path, fields, remedy, upgrade=None):
-    """A state file the pipeline wrote, checked against what its writer produces: JSON, an object, a format
-    this release knows, each of `fields` (key -> check) present and valid. Anything else is a UserError that
-    names the file, what is wrong and `remedy`. `upgrade` spells out what older releases did not write."""
+def read_state(path, model, remedy, upgrade=None):
+    """A state file the pipeline wrote, as a dict checked against what its writer produces: JSON, an object, a
+    format this release knows, the fields of `model` (a StateFile) present and of their kind. Anything else is
+    a UserError that names the file, what is wrong and `remedy`. `upgrade` spells out what older releases did
+    not write."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: {remedy}")
@@ -225,9 +213,10 @@ def read_state(path, fields, remedy, upgrade=None):
     if version not in range(1, FORMAT + 1):
         raise UserError(f"{path} has format {version!r}; this release reads formats 1 to {FORMAT}: {remedy}")
     obj = upgrade(obj) if upgrade else obj
-    problems = field_problems(obj, fields)
-    if problems:
-        raise UserError(f"{path} does not hold what the pipeline writes ({'; '.join(problems)}): {remedy}")
+    try:
+        model.model_validate_json(json.dumps(obj))
+    except pydantic.ValidationError as e:
+        raise UserError(f"{path} does not hold what the pipeline writes ({state_problems(e)}): {remedy}") from None
     return obj
 
 
@@ -262,25 +251,25 @@ def upgrade_settings(settings):
     return settings
 
 
-# What every reader of a model's settings.json relies on
-MODEL_SETTINGS = {
-    "size": list_of(integer(1), 2),
-    "base_filters": integer(1),
-    "depth": integer(1),
-    "dropout": number(0, 1),
-    "mean": number(),
-    "std": number(0),
-    "val_ids": list_of(TEXT),
-    "tta": one_of("hflip", "none"),
-    "postprocess": one_of("tuned", "fixed"),
-    "presence_weight": number(0),
-    "structures": list_of(TEXT),
-}
+class ModelSettings(StateFile):
+    """What every reader of a model's settings.json relies on."""
+
+    size: Size
+    base_filters: Positive
+    depth: Positive
+    dropout: Fraction
+    mean: float
+    std: NonNegative
+    val_ids: list[str]
+    tta: Literal["hflip", "none"]
+    postprocess: Literal["tuned", "fixed"]
+    presence_weight: NonNegative
+    structures: list[str]
 
 
 def read_settings(folder):
     """A model folder's settings.json, checked, and upgraded where an older release wrote it."""
-    return read_state(Path(folder) / SETTINGS_FILE, MODEL_SETTINGS, "retrain with `python train.py`", upgrade_settings)
+    return read_state(Path(folder) / SETTINGS_FILE, ModelSettings, "retrain with `python train.py`", upgrade_settings)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

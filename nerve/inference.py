@@ -12,9 +12,8 @@ from nerve.common import (
     MODEL_FILE,
     RESULTS_DIR,
     SETTINGS_FILE,
-    TEXT,
+    StateFile,
     UserError,
-    list_of,
     read_settings,
     read_state,
 )
@@ -30,6 +29,12 @@ CHUNK = 64  # images resized and predicted together: bounds memory at full size
 VIEWS = {"none": (False,), "hflip": (False, True)}  # --tta: which mirror views are averaged
 
 
+class Ensemble(StateFile):
+    """ensemble.json: the model folders, relative to results/."""
+
+    models: list[str]
+
+
 def model_dirs(results=RESULTS_DIR):
     """The folders whose models are averaged: every fold after `train.py --folds K`, else results/ itself."""
     results = Path(results)
@@ -37,7 +42,7 @@ def model_dirs(results=RESULTS_DIR):
     if not ensemble.exists():
         return [results]
     remedy = "retrain with `python train.py`, or delete it to use the model in results/ itself"
-    folders = [results / d for d in read_state(ensemble, {"models": list_of(TEXT)}, remedy)["models"]]
+    folders = [results / d for d in read_state(ensemble, Ensemble, remedy)["models"]]
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing or not folders:
         raise UserError(f"{ensemble} lists model folders that are not there ({', '.join(missing) or 'none'}): {remedy}")

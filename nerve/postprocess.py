@@ -17,14 +17,12 @@ import itertools
 from pathlib import Path
 
 from nerve.common import (
-    BOOLEAN,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
-    MAPPING,
     POSTPROCESS_FILE,
+    Fraction,
+    StateFile,
     UserError,
-    field_problems,
-    number,
     read_state,
     write_state,
 )
@@ -37,12 +35,22 @@ from sklearn.metrics import log_loss
 from nerve.deploy import DEFAULT, binary_mask, full_size, gate, upgraded
 from nerve.metrics import dice_from_counts
 
-FIELDS = {
-    "presence_threshold": number(0, 1),
-    "pixel_threshold": number(0, 1),
-    "min_area_fraction": number(0, 1),
-    "keep_largest": BOOLEAN,
-}
+
+class Spec(StateFile):
+    """How one structure's probabilities become masks (deploy.DEFAULT's keys)."""
+
+    presence_threshold: Fraction
+    pixel_threshold: Fraction
+    min_area_fraction: Fraction
+    keep_largest: bool
+
+
+class Postprocess(StateFile):
+    """postprocess.json: each structure's spec, by name."""
+
+    structures: dict[str, Spec]
+
+
 NO_GATE = {**DEFAULT, "presence_threshold": 0.0}  # for a run without a trained presence head
 
 # The grid tune() searches
@@ -76,25 +84,20 @@ def load(results, structures):
     if not path.exists():
         return [dict(DEFAULT) for _ in structures]
     remedy = "delete it to use the defaults, or retrain with `python train.py` to tune it again"
-    stored = read_state(path, {"structures": MAPPING}, remedy, lambda flat: _release_2_file(flat, structures))
-    specs = []
-    for name in structures:
-        spec = stored["structures"].get(name)
-        if not isinstance(spec, dict):
-            raise UserError(f"{path} has no spec for {name}: {remedy}")
-        spec = upgraded(spec)
-        problems = field_problems(spec, FIELDS)
-        if problems:
-            raise UserError(
-                f"{path} does not hold what the pipeline writes for {name} ({'; '.join(problems)}): {remedy}"
-            )
-        specs.append({key: spec[key] for key in DEFAULT})
-    return specs
+    stored = read_state(path, Postprocess, remedy, lambda flat: _earlier_file(flat, structures))["structures"]
+    missing = [name for name in structures if name not in stored]
+    if missing:
+        raise UserError(f"{path} has no spec for {', '.join(missing)}: {remedy}")
+    return [{key: stored[name][key] for key in DEFAULT} for name in structures]
 
 
-def _release_2_file(stored, structures):
-    """Release 2 wrote one structure's spec at the top level."""
-    return stored if "structures" in stored else {"structures": {structures[0]: stored}}
+def _earlier_file(stored, structures):
+    """Release 2 wrote one structure's spec at the top level; releases before this one, the gate's area in pixels."""
+    stored = stored if "structures" in stored else {"structures": {structures[0]: stored}}
+    specs = stored["structures"]
+    if isinstance(specs, dict):
+        stored["structures"] = {k: upgraded(v) if isinstance(v, dict) else v for k, v in specs.items()}
+    return stored
 
 
 def save(results, specs):

@@ -10,13 +10,12 @@ from pathlib import Path
 from nerve.common import (
     INPUT_DIR,
     MANIFEST,
-    TEXT,
+    Count,
+    Size,
+    StateFile,
     UserError,
     atomic_path,
-    integer,
-    list_of,
     listing,
-    number,
     output_folder,
     read_state,
     write_state,
@@ -116,13 +115,14 @@ def _newest_mtime(folders):
     return max((e.stat().st_mtime for f in folders for e in os.scandir(f)), default=0.0)
 
 
-MANIFEST_FIELDS = {
-    "train": integer(0),
-    "test": integer(0),
-    "newest_input_mtime": number(),
-    "structures": list_of(TEXT),
-    "size": list_of(integer(1), 2),
-}
+class Manifest(StateFile):
+    """What the readers of arrays.json rely on."""
+
+    train: Count
+    test: Count
+    newest_input_mtime: float
+    structures: list[str]
+    size: Size
 
 
 def rebuild(arrays_dir):
@@ -142,7 +142,7 @@ def read_manifest(input_dir):
     """arrays.json: what data.py built the arrays from (counts, layout, structures, the size it stored)."""
     return read_state(
         Path(input_dir) / MANIFEST,
-        MANIFEST_FIELDS,
+        Manifest,
         rebuild(input_dir),
         _release_2_manifest,
     )

@@ -69,7 +69,11 @@ def test_settings_of_older_releases_keep_their_meaning(tmp_path):
     assert old["crops"] == 0.0  # trained on whole frames, as it was: a resumed run goes on without crop views
 
 
-FIELDS = {"threshold": common.number(0, 1), "count": common.integer(0), "name": common.TEXT}
+class FIELDS(common.StateFile):
+    threshold: common.Fraction
+    count: common.Count
+    name: str
+    size: common.Size = (1, 1)
 
 
 def test_a_state_file_is_read_back_only_as_its_writer_wrote_it(tmp_path):
@@ -85,9 +89,11 @@ def test_a_state_file_is_read_back_only_as_its_writer_wrote_it(tmp_path):
         (json.dumps({"format": 9, "threshold": 0.5, "count": 3, "name": "a"}), "has format 9"),
         (
             json.dumps({"threshold": "0.5", "count": 3}),
-            "threshold is '0.5', expected a number in \\[0, 1\\]; name is missing",
+            "threshold is '0.5': expected a valid number; name is missing",
         ),
         (json.dumps({"threshold": 1.5, "count": True, "name": "a"}), "threshold is 1.5.*count is True"),
+        ('{"threshold": NaN, "count": 3, "name": "a"}', "threshold is nan: expected a finite number"),
+        (json.dumps({"threshold": 0.5, "count": 3, "name": "a", "size": [2, 0]}), "size.1 is 0"),
     ):
         path.write_text(content)
         with pytest.raises(common.UserError, match=f"{path}.*{problem}.*: rebuild it"):

@@ -48,7 +48,7 @@ def edit_json(path, change):
         (lambda r: edit_json(r / "settings.json", lambda s: s.update(format=99)), ["format 99"]),
         (
             lambda r: (r / "postprocess.json").write_text(json.dumps({"presence_threshold": "0.5"})),
-            ["presence_threshold is '0.5', expected a number", "delete it to use the defaults"],
+            ["presence_threshold is '0.5': expected a valid number", "delete it to use the defaults"],
         ),
         (lambda r: (r / "postprocess.json").write_text("[0.5]"), ["postprocess.json holds list"]),
         (lambda r: (r / "ensemble.json").write_text(json.dumps({"models": ["fold7"]})), ["fold7", "delete it"]),
