@@ -73,71 +73,96 @@ UNSET = object()  # a flag not given
 
 
 def flag_parser():
-    """train.py's flags; each setting's default is RunConfig's."""
-    d = RunConfig()
-    # fmt: off
-    ap = arg_parser(__doc__)
-    ap.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images; unset: planned "
-                    f"(nerve/planning.py), {planning.EPOCHS}, or as many as show the network {planning.MIN_IMAGES:,} "
-                    "images")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    ap.add_argument("--size", type=parse_size, default=d.size, help="network input HxW, each side divisible by "
-                    "2**depth; unset: planned from the dataset (nerve/planning.py), 96x128 for the Kaggle frames")
-    ap.add_argument("--lr", type=float, default=d.lr, help="Adam's starting learning rate")
-    ap.add_argument("--schedule", choices=choices("schedule"), default=d.schedule,
-                    help="cosine: decay to 0 over the run, step by step; "
-                         "plateau: x0.25 after 4 epochs without a lower val_loss")
-    ap.add_argument("--seed", type=int, default=d.seed, help="split, weights and augmentation")
-    ap.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                    help="share of the images held out for validation, whole subjects, when --folds is 1")
-    ap.add_argument("--folds", type=int, default=d.folds,
-                    help="K > 1: train K models on subject-grouped folds, keep out-of-fold predictions")
-    ap.add_argument("--split", choices=choices("split"), default=d.split,
-                    help="hold out whole subjects, or single images stratified by nerve presence")
-    preset = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in BASELINE.items())
-    ap.add_argument("--baseline", action="store_true", help=f"the tutorials' recipe for comparison: sets {preset}")
-    ap.add_argument("--base-filters", type=int, default=d.base_filters, help="filters at the top level")
-    ap.add_argument("--depth", type=int, default=d.depth, help="down-sampling steps")
-    ap.add_argument("--dropout", type=float, default=d.dropout,
-                    help="dropout rate at the bottleneck and the presence head")
-    ap.add_argument("--mask-loss", choices=choices("mask_loss"), default=d.mask_loss,
-                    help="batch: one Dice over the whole batch; image: Dice per image, then averaged; "
-                         "lovasz: Lovasz hinge per image")
-    ap.add_argument("--dice-weight", type=float, default=d.dice_weight, help="weight of the mask loss")
-    ap.add_argument("--bce-weight", type=float, default=d.bce_weight,
-                    help="weight of a per-pixel BCE added to the Dice loss (unset with lovasz: 0)")
-    ap.add_argument("--presence-weight", type=float, default=d.presence_weight,
-                    help="BCE weight on `present`; 0: no head, no gate")
-    add_flags(ap, "tta", tta=dict(default=d.tta, help="views averaged in the out-of-fold predictions that are "
-              "scored and tuned on, and by default in evaluate.py and submission.py: hflip adds the mirror image"))
-    ap.add_argument("--postprocess", choices=choices("postprocess"), default=d.postprocess,
-                    help="tuned: presence and pixel thresholds, minimum area and largest component chosen on "
-                         "the out-of-fold predictions (the gate only where enough of them lack the structure); "
-                         "fixed: the defaults")
-    ap.add_argument("--flips", type=flip_list, default=",".join(d.flips),
-                    help="comma-separated flips: horizontal, vertical, or none")
-    ap.add_argument("--elastic", type=float, default=d.elastic, help="elastic deformation in pixels (0: off)")
-    ap.add_argument("--scale", type=float, default=d.scale, help="random zoom by a factor in [1 - s, 1 + s] (0: off)")
-    ap.add_argument("--gamma", type=float, default=d.gamma,
-                    help="random gamma curve of exponent (1 + g) ** u, u in [-1, 1] (0: off)")
-    ap.add_argument("--crops", type=float, default=d.crops,
-                    help="share of training samples that are crop views of a frame, half of them leaving a "
-                         "structure out (absent), half keeping it whole, at the same scales (0: off)")
-    ap.add_argument("--conflicts", choices=choices("conflicts"), default=d.conflicts,
-                    help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
-                         "keep them, drop them, or give them the twin's mask")
-    ap.add_argument("--workers", type=int, default=d.workers, help="augmentation threads")
-    ap.add_argument("--distribute", choices=choices("distribute"), default=d.distribute,
-                    help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
-                         "keras.distribution.DataParallel on jax); multiworker = the hosts in TF_CONFIG "
-                         "(tf.distribute.MultiWorkerMirroredStrategy)")
-    add_flags(ap, "precision", "arrays", "results", "logs", results=dict(help="models, settings, predictions"))
-    ap.add_argument("--run", default=d.run, help="TensorBoard run name (unset: the date and time)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the unfinished run in --results from its last completed epoch, with its settings")
-    ap.add_argument("--force", action="store_true", help="start over although --results holds an unfinished run")
-    # fmt: on
+    """train.py's flags, in the sections of RunConfig; each setting's default is RunConfig's."""
+    ap, d = arg_parser(__doc__), RunConfig()
+    for section, add in (
+        ("the data and the split", _data_flags),
+        ("the network and its losses", _network_flags),
+        ("the optimisation", _optimisation_flags),
+        ("the augmentation", _augmentation_flags),
+        ("the outputs and --resume", _output_flags),
+    ):
+        add(ap.add_argument_group(section), d)
     return ap
+
+
+# fmt: off
+def _data_flags(group, d):
+    add_flags(group, "arrays")
+    group.add_argument("--seed", type=int, default=d.seed, help="split, weights and augmentation")
+    group.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                       help="share of the images held out for validation, whole subjects, when --folds is 1")
+    group.add_argument("--folds", type=int, default=d.folds,
+                       help="K > 1: train K models on subject-grouped folds, keep out-of-fold predictions")
+    group.add_argument("--split", choices=choices("split"), default=d.split,
+                       help="hold out whole subjects, or single images stratified by nerve presence")
+    group.add_argument("--conflicts", choices=choices("conflicts"), default=d.conflicts,
+                       help="training frames with an empty mask whose near-duplicate has a nerve (see duplicates.py): "
+                            "keep them, drop them, or give them the twin's mask")
+
+
+def _network_flags(group, d):
+    group.add_argument("--size", type=parse_size, default=d.size, help="network input HxW, each side divisible by "
+                       "2**depth; unset: planned from the dataset (nerve/planning.py), 96x128 for the Kaggle frames")
+    group.add_argument("--base-filters", type=int, default=d.base_filters, help="filters at the top level")
+    group.add_argument("--depth", type=int, default=d.depth, help="down-sampling steps")
+    group.add_argument("--dropout", type=float, default=d.dropout,
+                       help="dropout rate at the bottleneck and the presence head")
+    group.add_argument("--mask-loss", choices=choices("mask_loss"), default=d.mask_loss,
+                       help="batch: one Dice over the whole batch; image: Dice per image, then averaged; "
+                            "lovasz: Lovasz hinge per image")
+    group.add_argument("--dice-weight", type=float, default=d.dice_weight, help="weight of the mask loss")
+    group.add_argument("--bce-weight", type=float, default=d.bce_weight,
+                       help="weight of a per-pixel BCE added to the Dice loss (unset with lovasz: 0)")
+    add_flags(group, "precision")
+    group.add_argument("--presence-weight", type=float, default=d.presence_weight,
+                       help="BCE weight on `present`; 0: no head, no gate")
+    preset = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in BASELINE.items())
+    group.add_argument("--baseline", action="store_true", help=f"the tutorials' recipe for comparison: sets {preset}")
+
+
+def _optimisation_flags(group, d):
+    group.add_argument("--epochs", type=int, default=d.epochs,
+                       help=f"passes over the training images; unset: planned (nerve/planning.py), {planning.EPOCHS}, "
+                            f"or as many as show the network {planning.MIN_IMAGES:,} images")
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    group.add_argument("--lr", type=float, default=d.lr, help="Adam's starting learning rate")
+    group.add_argument("--schedule", choices=choices("schedule"), default=d.schedule,
+                       help="cosine: decay to 0 over the run, step by step; "
+                            "plateau: x0.25 after 4 epochs without a lower val_loss")
+    group.add_argument("--distribute", choices=choices("distribute"), default=d.distribute,
+                       help="data parallelism: mirrored = every local GPU (tf.distribute.MirroredStrategy, or "
+                            "keras.distribution.DataParallel on jax); multiworker = the hosts in TF_CONFIG "
+                            "(tf.distribute.MultiWorkerMirroredStrategy)")
+
+
+def _augmentation_flags(group, d):
+    group.add_argument("--flips", type=flip_list, default=",".join(d.flips),
+                       help="comma-separated flips: horizontal, vertical, or none")
+    group.add_argument("--elastic", type=float, default=d.elastic, help="elastic deformation in pixels (0: off)")
+    group.add_argument("--scale", type=float, default=d.scale,
+                       help="random zoom by a factor in [1 - s, 1 + s] (0: off)")
+    group.add_argument("--gamma", type=float, default=d.gamma,
+                       help="random gamma curve of exponent (1 + g) ** u, u in [-1, 1] (0: off)")
+    group.add_argument("--crops", type=float, default=d.crops,
+                       help="share of training samples that are crop views of a frame, half of them leaving a "
+                            "structure out (absent), half keeping it whole, at the same scales (0: off)")
+    group.add_argument("--workers", type=int, default=d.workers, help="augmentation threads")
+
+
+def _output_flags(group, d):
+    add_flags(group, "tta", tta=dict(default=d.tta, help="views averaged in the out-of-fold predictions that are "
+                 "scored and tuned on, and by default in evaluate.py and submission.py: hflip adds the mirror image"))
+    group.add_argument("--postprocess", choices=choices("postprocess"), default=d.postprocess,
+                       help="tuned: presence and pixel thresholds, minimum area and largest component chosen on "
+                            "the out-of-fold predictions (the gate only where enough of them lack the structure); "
+                            "fixed: the defaults")
+    add_flags(group, "results", "logs", results=dict(help="models, settings, predictions"))
+    group.add_argument("--run", default=d.run, help="TensorBoard run name (unset: the date and time)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run in --results from its last completed epoch, with its settings")
+    group.add_argument("--force", action="store_true", help="start over although --results holds an unfinished run")
+# fmt: on
 
 
 def flip_list(text):
