@@ -58,7 +58,7 @@ def exported(net, kind, path, size):
 
 
 def runtimes(net, work, tag):
-    """name -> function (n, h, w, 1) float32 -> (mask, present): every runtime this machine has."""
+    """name -> function (n, h, w, 1) float32 -> (mask, present, ood): every runtime this machine has."""
     found = {
         "keras_predict": lambda x: inference.mask_and_presence(net.predict(x, verbose=0)),
         "keras_call": lambda x: inference.mask_and_presence(net(x, training=False)),
@@ -93,7 +93,7 @@ def video_fps(run, size, frames):
             if not ok:
                 break
             gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            mask, present = run(deploy.model_input(gray, size))
+            mask, present, _ = run(deploy.model_input(gray, size))
             labels = deploy.labels(np.asarray(mask)[0], np.asarray(present)[0], specs, gray.shape)
             annotated(gray, labels, np.asarray(present)[0], ["nerve"])
             n += 1
@@ -115,53 +115,67 @@ def main():
             for size in SIZES:
                 tag = f"{name}_{size[0]}x{size[1]}"
                 net = model.build_model((*size, 1), base_filters=filters, mean=100.0, std=50.0)
-                single = np.random.default_rng(0).uniform(0, 255, (1, *size, 1)).astype(np.float32)
-                batch = np.repeat(single, BATCH, axis=0)
-                gflop = forward_flops(net) / 1e9
-                found = runtimes(net, work, tag)
-                reference = np.asarray(net(single, training=False)["mask"])
-                differs = {r: float(np.abs(np.asarray(f(single)[0]) - reference).max()) for r, f in found.items()}
-                latency = {r: median_ms(repeats, f, single) for r, f in found.items()}
-                # LiteRT's signature takes one image at a time: its batch is a loop over them
-                batch_ms = {r: median_ms(max(3, repeats // 5), f, batch) for r, f in found.items()}
-                batched = {r: BATCH * gflop / (ms / 1e3) for r, ms in batch_ms.items()}
-                exported_ones = [r for r in latency if not r.startswith("keras")]
-                best = min((r for r in exported_ones if differs[r] <= TOLERANCE), key=latency.get)
-                fastest_any = min(exported_ones, key=latency.get)
-                print(f"{tag} largest difference from Keras: " + ", ".join(f"{r} {d:.1g}" for r, d in differs.items()))
-                print(f"{tag}: " + ", ".join(f"{r} {ms:.1f} ms" for r, ms in latency.items()))
-                print(f"{tag} batch {BATCH}: " + ", ".join(f"{r} {g:.0f} GFLOP/s" for r, g in batched.items()))
-                lines[f"{tag}_keras_predict_ms"] = f"{latency['keras_predict']:.1f}"
-                lines[f"{tag}_fastest_ms"] = f"{latency[best]:.1f} ({best})"
-                lines[f"{tag}_latency_ratio"] = f"{latency[best] / latency['keras_predict']:.3f}"
-                ratio = latency[fastest_any] / latency["keras_predict"]
-                lines[f"{tag}_fastest_any_ms"] = (
-                    f"{latency[fastest_any]:.1f} ({fastest_any}, ratio {ratio:.3f}, differs {differs[fastest_any]:.1g})"
-                )
-                top = max((r for r in batched if differs[r] <= TOLERANCE), key=batched.get)  # float32 vs matmul
-                lines[f"{tag}_batch_flops_ratio"] = f"{batched[top] / peak:.2f} ({top})"
-                fps = video_fps(found[best], size, frames)
-                lines[f"video_fps_{tag}"] = f"{fps:.1f} ({best})"
+                figures, best = one_model(net, tag, work, repeats, frames, peak)
+                lines.update(figures)
                 fastest[tag] = (net, best)
-        net, best = fastest["default_96x128"]
-        submission = inference.Serving([net], "hflip")  # one model, with the mirror view
-        images = frames[: min(64, n_frames)]
-        keras_ms = median_ms(2, _per_image, lambda x: inference.predict([net], x[..., 0], "hflip"), images)
-        kind = best if best in EXPORTS else "onnx"
-        run = exported(submission, kind, Path(work) / f"submission-{EXPORTS[kind][1]}", (96, 128))
-        if best == "openvino":  # it runs the ONNX file
-            kind, run = best, inference.runner(best, Path(work) / "submission-model.onnx")
-        fast_ms = median_ms(2, _per_image, run, images)
-    per_image = {"keras": keras_ms / len(images), kind: fast_ms / len(images)}
-    print(f"default 96x128 with the mirror view, per test image: {per_image}")
-    lines["submission_ms_per_image_keras"] = f"{per_image['keras']:.1f}"
-    lines[f"submission_ms_per_image_{kind}"] = f"{per_image[kind]:.1f}"
-    lines["kaggle_test_minutes_keras"] = f"{per_image['keras'] * KAGGLE_TEST / 6e4:.1f}"
-    lines[f"kaggle_test_minutes_{kind}"] = f"{per_image[kind] * KAGGLE_TEST / 6e4:.1f}"
-    lines["test_set_speedup"] = f"{per_image['keras'] / per_image[kind]:.1f}"
+        lines.update(submission_figures(*fastest["default_96x128"], frames[: min(64, n_frames)], work))
     print()
     for key, value in lines.items():
         print(f"{key}: {value}")
+
+
+def one_model(net, tag, work, repeats, frames, peak):
+    """(the headline lines of one model in every runtime found, the fastest runtime that agrees with Keras)."""
+    size = net.input_shape[1:3]
+    single = np.random.default_rng(0).uniform(0, 255, (1, *size, 1)).astype(np.float32)
+    batch = np.repeat(single, BATCH, axis=0)
+    gflop = forward_flops(net) / 1e9
+    found = runtimes(net, work, tag)
+    reference = np.asarray(net(single, training=False)["mask"])
+    differs = {r: float(np.abs(np.asarray(f(single)[0]) - reference).max()) for r, f in found.items()}
+    latency = {r: median_ms(repeats, f, single) for r, f in found.items()}
+    # LiteRT's signature takes one image at a time: its batch is a loop over them
+    batch_ms = {r: median_ms(max(3, repeats // 5), f, batch) for r, f in found.items()}
+    batched = {r: BATCH * gflop / (ms / 1e3) for r, ms in batch_ms.items()}
+    exported_ones = [r for r in latency if not r.startswith("keras")]
+    best = min((r for r in exported_ones if differs[r] <= TOLERANCE), key=latency.get)
+    fastest_any = min(exported_ones, key=latency.get)
+    print(f"{tag} largest difference from Keras: " + ", ".join(f"{r} {d:.1g}" for r, d in differs.items()))
+    print(f"{tag}: " + ", ".join(f"{r} {ms:.1f} ms" for r, ms in latency.items()))
+    print(f"{tag} batch {BATCH}: " + ", ".join(f"{r} {g:.0f} GFLOP/s" for r, g in batched.items()))
+    ratio = latency[fastest_any] / latency["keras_predict"]
+    top = max((r for r in batched if differs[r] <= TOLERANCE), key=batched.get)  # float32 vs matmul
+    lines = {
+        f"{tag}_keras_predict_ms": f"{latency['keras_predict']:.1f}",
+        f"{tag}_fastest_ms": f"{latency[best]:.1f} ({best})",
+        f"{tag}_latency_ratio": f"{latency[best] / latency['keras_predict']:.3f}",
+        f"{tag}_fastest_any_ms": (
+            f"{latency[fastest_any]:.1f} ({fastest_any}, ratio {ratio:.3f}, differs {differs[fastest_any]:.1g})"
+        ),
+        f"{tag}_batch_flops_ratio": f"{batched[top] / peak:.2f} ({top})",
+        f"video_fps_{tag}": f"{video_fps(found[best], size, frames):.1f} ({best})",
+    }
+    return lines, best
+
+
+def submission_figures(net, best, images, work):
+    """submission.py's time per test image, one model with the mirror view: Keras against the fastest export."""
+    submission = inference.Serving([net], "hflip")
+    keras_ms = median_ms(2, _per_image, lambda x: inference.predict([net], x[..., 0], "hflip"), images)
+    kind = best if best in EXPORTS else "onnx"
+    run = exported(submission, kind, Path(work) / f"submission-{EXPORTS[kind][1]}", (96, 128))
+    if best == "openvino":  # it runs the ONNX file
+        kind, run = best, inference.runner(best, Path(work) / "submission-model.onnx")
+    fast_ms = median_ms(2, _per_image, run, images)
+    per_image = {"keras": keras_ms / len(images), kind: fast_ms / len(images)}
+    print(f"default 96x128 with the mirror view, per test image: {per_image}")
+    return {
+        "submission_ms_per_image_keras": f"{per_image['keras']:.1f}",
+        f"submission_ms_per_image_{kind}": f"{per_image[kind]:.1f}",
+        "kaggle_test_minutes_keras": f"{per_image['keras'] * KAGGLE_TEST / 6e4:.1f}",
+        f"kaggle_test_minutes_{kind}": f"{per_image[kind] * KAGGLE_TEST / 6e4:.1f}",
+        "test_set_speedup": f"{per_image['keras'] / per_image[kind]:.1f}",
+    }
 
 
 def _per_image(run, images):
@@ -169,7 +183,7 @@ def _per_image(run, images):
     for start in range(0, len(images), BATCH):
         chunk = images[start : start + BATCH]
         x = np.concatenate([deploy.model_input(image, (96, 128)) for image in chunk])
-        mask, present = run(x)
+        mask, present, _ = run(x)
         for image, m, p in zip(chunk, np.asarray(mask), np.asarray(present)):
             deploy.labels(m.reshape(*m.shape[:2], -1), np.reshape(p, -1), [deploy.DEFAULT], image.shape)
 

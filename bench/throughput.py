@@ -171,14 +171,16 @@ def main():
         sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
         grid(sizes, args.precisions.split(","), batches, args.steps, args.base_filters, args.depth)
-        print(f"device: {device()}")
-        return
-    n = args.images or (64 if args.quick else 192)
-    batch_size = args.batch_size or RunConfig.batch_size
-    sizes = [DEFAULT_SIZE] if args.quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
-    # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
-    runs = [(size, "fp32") for size in sizes] + ([] if args.quick else [((64, 80), "bf16")])
+    else:
+        models(args.images or (64 if args.quick else 192), args.batch_size or RunConfig.batch_size, args.quick)
+    print(f"device: {device()}")
 
+
+def models(n, batch_size, quick):
+    """The full model's training and inference rates at each size, against the machine's matmul peak."""
+    sizes = [DEFAULT_SIZE] if quick else [(64, 80), DEFAULT_SIZE, (128, 160)]
+    # bf16 at the smallest size only: where the CPU lacks native bf16 it is emulated and very slow
+    runs = [(size, "fp32") for size in sizes] + ([] if quick else [((64, 80), "bf16")])
     peak = matmul_gflops()
     # measured before the full models: after them the same pair ran at half the speed (0.35 against 0.70-0.77)
     inner = (DEFAULT_SIZE[0] // 4, DEFAULT_SIZE[1] // 4)
@@ -212,7 +214,11 @@ def main():
         f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]:<5} {'fp32':>9} {default['flops']:>10.2f} {convs:>12.1f} {'':>9} "
         f"{convs * default['flops']:>8.1f}   convolutions only"
     )
+    headline(figures, peak, convs, pair)
 
+
+def headline(figures, peak, convs, pair):
+    default = figures[DEFAULT_SIZE, "fp32"]
     print(f"train_images_per_s: {default['plain']:.2f}")
     print(f"infer_images_per_s: {default['infer']:.2f}")
     print(f"train_gflops: {default['plain'] * default['flops']:.1f}")
@@ -224,7 +230,6 @@ def main():
     if ((64, 80), "bf16") in figures:
         print(f"bf16_speedup_64x80: {figures[(64, 80), 'bf16']['plain'] / figures[(64, 80), 'fp32']['plain']:.2f}")
     print(f"cpu_native_bf16: {unet.cpu_has_bf16()}")
-    print(f"device: {device()}")
 
 
 if __name__ == "__main__":
