@@ -18,6 +18,7 @@ from nerve.common import (
     INPUT_DIR,
     Renamed,
     UserError,
+    add_flags,
     arg_parser,
     parse_size,
     run_cli,
@@ -71,10 +72,7 @@ def main(argv=None):
     ap.add_argument("--classes", default=None,
                     help="the structures' names in label order (nerve,vessel) or a JSON file of them; "
                          "unset: the layout's own (Kaggle: nerve; nnU-Net: dataset.json), else class1, class2, ...")
-    ap.add_argument("--groups", default=None, help="a CSV of case,group rows: cases of one group (a subject, "
-                    "a patient) are held out together")
-    ap.add_argument("--group-pattern", default=None,
-                    help=r"a regular expression over the case names whose first group is the group, e.g. '^(\w+?)_'")
+    add_flags(ap, "groups", "group-pattern", "spacing")
     ap.add_argument("--force", action="store_true", help="rebuild the arrays even if they are up to date")
     ap.add_argument("--check", action="store_true", help="report every problem in the input folders; write nothing")
     ap.add_argument("--workers", type=int, default=WORKERS, help="decoding threads")
@@ -107,6 +105,7 @@ def main(argv=None):
             classes=args.classes,
             groups=args.groups,
             group_pattern=args.group_pattern,
+            spacing=args.spacing,
         )
     )
 

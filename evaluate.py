@@ -19,6 +19,7 @@ from nerve.common import (
     EVALUATION_FILE,
     MANIFEST,
     OOF_FILE,
+    REPORT_FILE,
     Renamed,
     UserError,
     add_flags,
@@ -30,39 +31,43 @@ from nerve.common import (
 
 import numpy as np
 
-from nerve import deploy, inference, layouts, postprocess, store
+from nerve import cases, deploy, inference, layouts, postprocess, store
 from nerve.crossval import (
     CROSS_VALIDATED,
-    default_gate_line,
     flagged,
-    flagged_line,
     load_oof,
     oof_report,
+    print_report,
     stored_report,
-    table,
     worst_cases,
     write_report,
 )
 from nerve.metrics import dice_from_counts, scores
+from nerve.report import about
+
+WANTED = ("train_images", "train_masks", "train_ids", "train_subjects", "train_sizes")  # of the arrays
 
 
-def evaluate_oof(results, arrays_dir, tta):
+def evaluate_oof(results, arrays_dir, tta, tolerance=None):
     """Cross-validated report from results/oof.npz, scored with the views `tta` and the run's post-processing
-    choice: (report, (images, truth, masks, ids) of the worst cases)."""
+    choice: (report, (images, truth, masks, ids) of the worst cases, what the report says of run and data)."""
     path = Path(results) / OOF_FILE
     oof = load_oof(path)
     settings = read_settings(inference.model_dirs(results)[0])
-    arrays = store.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
+    arrays = store.load_arrays(arrays_dir, WANTED)
     index = oof["index"]
     if index.max(initial=-1) >= len(arrays["train_ids"]) or not np.array_equal(arrays["train_ids"][index], oof["ids"]):
         raise UserError(f"the arrays in {arrays_dir}/ are not the ones train.py used for {path}: pass --arrays")
     frames, labels = store.frames(arrays, "train_images"), store.frames(arrays, "train_masks")
-    return oof_report(oof, frames, labels, settings["structures"], tta, settings)
+    groups, spacing = arrays["train_subjects"], store.spacing(arrays_dir, len(arrays["train_ids"]))
+    report, worst = oof_report(oof, frames, labels, settings["structures"], tta, settings, groups, spacing, tolerance)
+    return report, worst, about(results, arrays_dir, arrays)
 
 
-def evaluate_folder(results, folder, tta=None, batch_size=32):
+def evaluate_folder(results, folder, tta=None, batch_size=32, tolerance=None, **found):
     """The trained model(s) with their post-processing on a labelled folder: any layout data.py reads (its
-    arrays made in a temporary folder), or the arrays data.py wrote."""
+    arrays made in a temporary folder, with `found`: store.convert's groups, group_pattern and spacing), or
+    the arrays data.py wrote."""
     folder = Path(folder)
     nets, size, settings = inference.load_models(results)
     names = settings["structures"]
@@ -71,14 +76,15 @@ def evaluate_folder(results, folder, tta=None, batch_size=32):
             arrays_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evaluate-")))
             # folder pairs without names of their own: labels 1..K are the models' structures
             unnamed = layouts.detect(folder) == "folders" and not (folder / layouts.CLASSES_FILE).exists()
-            print(store.convert(folder, output_dir=arrays_dir, classes=",".join(names) if unnamed else None))
+            classes = ",".join(names) if unnamed else None
+            print(store.convert(folder, output_dir=arrays_dir, classes=classes, **found))
         else:
             arrays_dir = folder
-        return _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size)
+        return _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size, tolerance)
 
 
-def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size):
-    arrays = store.load_arrays(arrays_dir, ("train_images", "train_masks", "train_ids", "train_sizes"))
+def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, batch_size, tolerance):
+    arrays = store.load_arrays(arrays_dir, WANTED)
     names = settings["structures"]
     found = store.structures(arrays_dir) if (arrays_dir / MANIFEST).exists() else names
     if found != names:
@@ -100,11 +106,17 @@ def _evaluate_arrays(nets, size, settings, results, arrays_dir, folder, tta, bat
         dice[:, s] = dice_from_counts(tp, fp, fn)
     report = {"rows": rows, "postprocess": dict(zip(names, specs)), "tta": tta, "structures": names}
     report["dice"], report["ood"] = dice.mean(axis=1), flagged(ood)
+    ids, groups, spacing = arrays["train_ids"], arrays["train_subjects"], store.spacing(arrays_dir, len(probs))
+    report["cases"] = cases.case_rows(
+        probs, present, ood, truth, lambda i: specs, ids, groups, spacing, names, tolerance
+    )
+    report["summary"] = cases.summary(report["cases"], names)
 
     def masks_of(i):
         return deploy.labels(probs[i], present[i], specs, truth[i].shape)
 
-    return report, worst_cases(report, lambda w: images[w], lambda w: truth[w], arrays["train_ids"], masks_of)
+    worst = worst_cases(report, lambda w: images[w], lambda w: truth[w], ids, masks_of)
+    return report, worst, about(results, arrays_dir, arrays)
 
 
 def main(argv=None):
@@ -118,7 +130,18 @@ def main(argv=None):
         help=f"{labelled}; unset: the cross-validated out-of-fold predictions",
     )
     add_flags(ap, "arrays", "results", "tta", arrays=dict(help="the arrays train.py used", old="--data"))
+    ap.add_argument(
+        "--nsd-tolerance",
+        type=float,
+        default=None,
+        help="the normalised surface Dice's tolerance, in mm where every image's spacing is known, else in pixels; "
+        f"unset: {cases.NSD_TOLERANCE['mm']:g} mm or {cases.NSD_TOLERANCE['px']:g} px (docs/metrics.md)",
+    )
+    found = ap.add_argument_group("--labelled DIR of a raw dataset", "as data.py reads it")
+    add_flags(found, "groups", "group-pattern", "spacing")
     args = ap.parse_args(argv)
+    if args.nsd_tolerance is not None and args.nsd_tolerance < 0:
+        raise UserError("--nsd-tolerance must not be negative")
     with exclusive(args.results):
         report_on(args)
 
@@ -127,26 +150,22 @@ def report_on(args):
     """The report evaluate.py's flags ask for, printed and written to results/."""
     if args.labelled is None:
         tta = args.tta or read_settings(inference.model_dirs(args.results)[0])["tta"]
-        stored = stored_report(args.results, tta)
+        stored = stored_report(args.results, tta) if args.nsd_tolerance is None else None
         if stored is not None:  # train.py scored these very predictions: read, not computed again
             print_report(stored)
-            print(f"(as train.py wrote it beside {OOF_FILE}: {args.results / EVALUATION_FILE})")
+            print(f"(as train.py wrote it beside {OOF_FILE}: {args.results / EVALUATION_FILE}, {REPORT_FILE})")
             return
-        report, cases = evaluate_oof(args.results, args.arrays, tta)
+        report, worst, facts = evaluate_oof(args.results, args.arrays, tta, args.nsd_tolerance)
         name = CROSS_VALIDATED
     else:
-        report, cases = evaluate_folder(args.results, args.labelled, args.tta)
+        found = {"groups": args.groups, "group_pattern": args.group_pattern, "spacing": args.spacing}
+        report, worst, facts = evaluate_folder(
+            args.results, args.labelled, args.tta, tolerance=args.nsd_tolerance, **found
+        )
         name = args.labelled.name
     print_report(report)
-    png = write_report(args.results, report, name, cases)
-    print(f"wrote {args.results / EVALUATION_FILE} and {png}")
-
-
-def print_report(report):
-    print(table(report["rows"]))
-    for line in (default_gate_line(report), flagged_line(report)):
-        if line:
-            print(line)
+    written = write_report(args.results, report, name, worst, facts)
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

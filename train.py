@@ -27,7 +27,6 @@ import time
 from nerve.common import (
     CALIBRATION_FILE,
     ENSEMBLE_FILE,
-    EVALUATION_FILE,
     MODEL_FILE,
     OOF_FILE,
     RELIABILITY_FILE,
@@ -61,6 +60,7 @@ from nerve import (
     store,
 )
 from nerve import model as unet
+from nerve import report as pages
 from nerve.config import RunConfig, choices
 from nerve.distribute import distribute, worker_outputs
 from nerve.figures import reliability_png
@@ -535,15 +535,15 @@ def tune(config, data, oof):
     oof = crossval.save_oof(config.results / OOF_FILE, {**oof, "ids": data.arrays["train_ids"][oof["index"]]})
     write_state(config.results / ENSEMBLE_FILE, {"models": data.dirs})
     record = config.record()
-    report, cases = crossval.oof_report(oof, data.frames, data.labels, names, config.tta, record)
+    groups, spacing = data.arrays["train_subjects"], store.spacing(config.arrays, len(data.frames))
+    report, worst = crossval.oof_report(oof, data.frames, data.labels, names, config.tta, record, groups, spacing)
     postprocess.save(config.results, report["postprocess"])
-    print(crossval.table(report["rows"]))
+    crossval.print_report(report)
     print(f"post-processing for submission.py (chosen on all out-of-fold predictions): {report['postprocess']}")
-    for line in (crossval.default_gate_line(report), crossval.flagged_line(report)):
-        if line:
-            print(line)
-    png = crossval.write_report(config.results, report, crossval.CROSS_VALIDATED, cases)
-    print(f"wrote {config.results / EVALUATION_FILE} (evaluate.py prints it) and {png}")
+    about = pages.about(config.results, config.arrays, data.arrays)
+    written = crossval.write_report(config.results, report, crossval.CROSS_VALIDATED, worst, about)
+    card = pages.write_card(config.results, pages.model_card(config.results))
+    print(f"wrote {', '.join(map(str, written))} (evaluate.py prints them) and {card}")
     checkpoint.finish(config.results, record, data.dirs)
 
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ EVALUATION_FILE = "evaluation.json"  # results/: evaluate.py's figures
 CALIBRATION_FILE = "calibration.json"  # results/: each structure's presence temperature and calibration error
 RELIABILITY_FILE = "reliability.png"  # results/: the presence's reliability diagram, before and after
 WORST_CASES_FILE = "worst_cases.png"  # results/: evaluate.py's worst-scored images
+CASES_FILE = "cases.csv"  # results/: every evaluated image and structure, scored
+REPORT_FILE = "report.html"  # results/: the evaluation as one page, pictures embedded
+MODEL_CARD_FILE = "MODEL_CARD.md"  # results/ and each export: what the model is, from what, how good
 SUBMISSION_FILE = "submission.csv"  # results/: the Kaggle CSV
 SETTINGS_FILE = "settings.json"  # each model folder: the run record plus what this model learned
 MODEL_FILE = "net.keras"  # each model folder: the best epoch's model
@@ -220,6 +224,20 @@ def read_state(path, model, remedy, upgrade=None):
     return obj
 
 
+def parse_spacing(text, where="--spacing"):
+    """'0.1' -> (0.1, 0.1), '0.1x0.12' -> (0.1, 0.12): mm per pixel down the rows and across the columns; '' ->
+    None (not known)."""
+    if not text.strip():
+        return None
+    try:
+        values = tuple(float(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{where}: spacing {text!r} is not mm per pixel, e.g. 0.1 or 0.1x0.12 (rows x columns)")
+    return values * 2 if len(values) == 1 else values
+
+
 def parse_size(text):
     """'96x128' -> (96, 128); both sides must be positive."""
     try:
@@ -312,6 +330,19 @@ SHARED_FLAGS = {
         help="test-time views: hflip averages each image with its mirror image; unset: the run's own choice",
     ),
     "batch-size": dict(type=int, default=32, help="images per prediction step"),
+    "groups": dict(
+        default=None,
+        help="a CSV of case,group rows: cases of one group (a subject, a patient) are held out together and "
+        "resampled together for intervals; a header case,group,spacing adds each case's mm per pixel",
+    ),
+    "group-pattern": dict(
+        default=None, help=r"a regular expression over the case names whose first group is the group, e.g. '^(\w+?)_'"
+    ),
+    "spacing": dict(
+        type=parse_spacing,
+        default=None,
+        help="mm per pixel of every image, 0.1 or 0.1x0.12 (rows x columns), for distances and areas in mm",
+    ),
 }
 
 

@@ -11,10 +11,11 @@ from nerve.common import EVALUATION_FILE, OOF_FILE, WORST_CASES_FILE, UserError,
 
 import numpy as np
 
-from nerve import augment, deploy, inference, postprocess
+from nerve import augment, cases, deploy, inference, postprocess
 from nerve.deploy import DEFAULT, OOD_THRESHOLD, unknown
 from nerve.figures import cases_png
 from nerve.metrics import dice_from_counts, scores
+from nerve.report import write_html
 
 WORST = 8  # cases shown in the worst-cases PNG
 CROSS_VALIDATED = "cross-validated"  # evaluation.json's `evaluated` for the out-of-fold report
@@ -86,7 +87,7 @@ def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=Tru
     rows score the frames, the `crop views` row the views."""
     probs, present, ood = oof_views(oof, tta)
     views = is_view(oof)
-    report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs}
+    report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs, "scores": ood}
     report["ood"] = flagged(ood[~views])
     report["default_gate"] = []
     dice = np.zeros(present.shape)
@@ -107,6 +108,16 @@ def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=Tru
         dice[:, s] = dice_from_counts(tp, fp, fn)
     report["dice"] = np.where(views, np.inf, dice.mean(axis=1))  # the worst cases are frames
     return report
+
+
+def print_report(report):
+    """What train.py and evaluate.py print of a report: the table, the headline figures with their intervals, the
+    detection counts, and the notes on the gate and the out-of-distribution score."""
+    print(table(report["rows"]))
+    print(cases.headline_table(report["summary"]))
+    for line in (cases.detection_line(report["summary"]), default_gate_line(report), flagged_line(report)):
+        if line:
+            print(line)
 
 
 def default_gate_line(report):
@@ -182,16 +193,35 @@ def worst_cases(report, images, truth, ids, masks_of):
     return images(worst), truth(worst), [masks_of(i) for i in worst], ids[worst]
 
 
-def oof_report(oof, frames, labels, names, tta, settings):
-    """A run's cross-validated report (cross_validate under the run's post-processing choice, with `tta`'s views)
-    and its worst cases, the frames and label maps at their own sizes: (report, (images, truth, masks, ids))."""
+def oof_report(oof, frames, labels, names, tta, settings, groups, spacing, tolerance=None):
+    """A run's cross-validated report (cross_validate under the run's post-processing choice, with `tta`'s views;
+    its held-out frames scored one by one, each with its fold's specs, in report["cases"]) and its worst cases,
+    the frames and label maps at their own sizes: (report, (images, truth, masks, ids)). groups and spacing
+    (mm per pixel, nan unknown) are those of every training frame."""
     report = {**cross_validate(oof, labels, names, tta, *postprocess.for_run(settings)), "tta": tta}
     report["structures"], folds, index = names, report["fold_postprocess"], oof["index"]
 
-    def masks_of(i):
-        specs = [folds[name][int(oof["fold"][i])] for name in names]
-        return deploy.labels(report["probs"][i], report["present"][i], specs, labels[index[i]].shape)
+    def specs_of(i):
+        return [folds[name][int(oof["fold"][i])] for name in names]
 
+    def masks_of(i):
+        return deploy.labels(report["probs"][i], report["present"][i], specs_of(i), labels[index[i]].shape)
+
+    rows = np.flatnonzero(~is_view(oof))
+    at = index[rows]
+    report["cases"] = cases.case_rows(
+        report["probs"][rows],
+        report["present"][rows],
+        report["scores"][rows],
+        [labels[j] for j in at],
+        lambda i: specs_of(rows[i]),
+        oof["ids"][rows],
+        np.asarray(groups)[at],
+        np.asarray(spacing)[at],
+        names,
+        tolerance,
+    )
+    report["summary"] = cases.summary(report["cases"], names)
     return report, worst_cases(report, lambda w: frames[index[w]], lambda w: labels[index[w]], oof["ids"], masks_of)
 
 
@@ -206,8 +236,9 @@ def finite(obj):
     return obj
 
 
-def write_report(results, report, evaluated, cases):
-    """results/evaluation.json and the worst cases' PNG of a report; the PNG's path."""
+def write_report(results, report, evaluated, worst, about):
+    """results/evaluation.json, cases.csv, the worst cases' PNG and report.html of a report (`worst`: the cases
+    worst_cases() picked; `about`: the run's settings and report.data_facts() of its data); their paths."""
     out = {
         "evaluated": evaluated,
         "tta": report["tta"],
@@ -216,11 +247,16 @@ def write_report(results, report, evaluated, cases):
         "postprocess": report["postprocess"],
         "out_of_distribution": report["ood"],
         "default_gate": report.get("default_gate", []),
+        "summary": report["summary"],
+        "data": about["data"],
     }
     if "fold_postprocess" in report:
         out["fold_postprocess"] = report["fold_postprocess"]
     write_json(Path(results) / EVALUATION_FILE, finite(out))  # strict JSON: no NaN for an AUC without negatives
-    return cases_png(*cases, Path(results) / WORST_CASES_FILE, report["structures"])
+    table_csv = cases.write_csv(results, report["cases"])
+    png = cases_png(*worst, Path(results) / WORST_CASES_FILE, report["structures"])
+    page = write_html(results, evaluated, {**report, "table": table(report["rows"])}, png, about)
+    return [Path(results) / EVALUATION_FILE, table_csv, Path(png), page]
 
 
 def stored_report(results, tta):
@@ -235,5 +271,5 @@ def stored_report(results, tta):
         return None  # damaged: computed again and rewritten
     if not isinstance(stored, dict) or stored.get("evaluated") != CROSS_VALIDATED or stored.get("tta") != tta:
         return None
-    keys = {"rows": "metrics", "ood": "out_of_distribution", "default_gate": "default_gate"}
-    return {key: stored.get(name) for key, name in keys.items()} if "metrics" in stored else None
+    keys = {"rows": "metrics", "ood": "out_of_distribution", "default_gate": "default_gate", "summary": "summary"}
+    return {key: stored[name] for key, name in keys.items()} if all(n in stored for n in keys.values()) else None

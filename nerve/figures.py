@@ -4,6 +4,7 @@ filled and its true outline drawn. Every picture is written atomically, or shown
 allows."""
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -205,3 +206,56 @@ def reliability_png(before, after, truth, names, path):
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return save_figure(fig, Path(path))
+
+
+def png_bytes(fig):
+    """A matplotlib figure as PNG bytes (for a page that embeds it), closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def per_group_figure(rows, names, distance):
+    """Per structure, each group's mean Dice and mean `distance` (HD95) over its images that show the structure,
+    the groups in order of Dice: where a model fails, subject by subject."""
+    fig, axes = pyplot().subplots(2, len(names), figsize=(5.5 * len(names), 6), squeeze=False)
+    for s, name in enumerate(names):
+        mine = [r for r in rows if r["structure"] == name and r["truth_present"]]
+        groups = sorted({str(r["group"]) for r in mine})
+        dice = {g: np.mean([r["dice"] for r in mine if str(r["group"]) == g]) for g in groups}
+        order = sorted(groups, key=dice.get)
+        far = {g: [r[distance] for r in mine if str(r["group"]) == g and r["shown"]] for g in order}
+        far = {g: np.mean(v) if v else np.nan for g, v in far.items()}
+        for ax, values, label in ((axes[0, s], dice, "Dice"), (axes[1, s], far, distance.replace("_", " in "))):
+            ax.plot(range(len(order)), [values[g] for g in order], "o", color=np.array(structure_colour(s)) / 255)
+            ax.set(ylabel=label, xticks=range(len(order)))
+            ax.set_xticklabels(order, rotation=90, fontsize=7)
+        axes[0, s].set(title=f"{name}: per group, images that show it", ylim=(0, 1))
+        axes[1, s].set(xlabel="group (in order of Dice)")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(rows, names, summary):
+    """Per structure, the ROC curve of the presence against the truth with its AUC, and the operating point the
+    gate gives (its sensitivity and specificity)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, axes = pyplot().subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for s, (ax, name) in enumerate(zip(axes[0], names)):
+        mine = [r for r in rows if r["structure"] == name]
+        truth = np.array([r["truth_present"] for r in mine], bool)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1)
+        ax.set(title=f"{name} presence", xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
+        if truth.all() or not truth.any():
+            ax.text(0.5, 0.5, "no ROC curve: every image\n" + ("shows it" if truth.all() else "lacks it"), ha="center")
+            continue
+        presence = [r["presence"] for r in mine]
+        fpr, tpr, _ = roc_curve(truth, presence)
+        ax.plot(fpr, tpr, color=np.array(structure_colour(s)) / 255, label=f"AUC {roc_auc_score(truth, presence):.3f}")
+        figures = summary[name]["figures"]
+        ax.plot(1 - figures["specificity"]["value"], figures["sensitivity"]["value"], "ko", label="at the gate")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

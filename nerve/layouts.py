@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nerve.common import UserError, listing
+from nerve.common import UserError, listing, parse_spacing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LAYOUTS = ("kaggle", "nnunet", "folders")
@@ -35,6 +35,7 @@ class Case:
     image: Path
     mask: Path | None = None
     group: object = None
+    spacing: tuple | None = None  # (row, column) mm per pixel, where known
 
 
 @dataclass
@@ -222,16 +223,21 @@ def _folders(root, problems, classes):
     return Dataset("folder pairs", train, test, classes, ANY, "", folders)
 
 
-def _assign_groups(dataset, groups_csv, pattern):
-    """Set each training case's group from a CSV or a pattern over its id (these win over the layout's own)."""
+def _assign_groups(dataset, groups_csv, pattern, spacing):
+    """Set each training case's group from a CSV or a pattern over its id (these win over the layout's own), and
+    its pixel spacing from the CSV's spacing column or one value for all."""
     if groups_csv:
         table = _read_groups(Path(groups_csv))
         missing = [c.id for c in dataset.train if c.id not in table]
         if missing:
             raise UserError(f"{groups_csv} has no group for {len(missing)} case(s):{listing(missing)}")
+        given = any(table[c.id][1] for c in dataset.train)
+        if given and spacing:
+            raise UserError(f"{groups_csv} has a spacing column and --spacing is given too: give one of them")
         for case in dataset.train:
-            case.group = table[case.id]
+            case.group, case.spacing = table[case.id][0], table[case.id][1] or spacing
         dataset.grouping = f"groups from {groups_csv}"
+        return
     elif pattern:
         try:
             regex = re.compile(pattern)
@@ -250,24 +256,33 @@ def _assign_groups(dataset, groups_csv, pattern):
     elif not dataset.grouping:
         for case in dataset.train:
             case.group = case.id
+    for case in dataset.train:
+        case.spacing = spacing
 
 
 def _read_groups(path):
-    """case -> group from a CSV of (case, group) rows; a header row is skipped."""
+    """case -> (group, spacing or None) from a CSV of case,group rows; a header row case,group is skipped, and
+    with a header case,group,spacing the third column is each case's mm per pixel (see parse_spacing)."""
     try:
         with open(path, newline="") as f:
             rows = [r for r in csv.reader(f) if r]
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e})") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["case", "group"]:
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    with_spacing = header[:3] == ["case", "group", "spacing"]
+    if header[:2] == ["case", "group"]:
         rows = rows[1:]
-    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 + with_spacing]
     if bad or not rows:
-        raise UserError(f"{path}: expected rows of case,group (a header row case,group is allowed); bad rows {bad}")
-    return {r[0].strip(): r[1].strip() for r in rows}
+        raise UserError(
+            f"{path}: expected rows of case,group (a header row case,group is allowed, or case,group,spacing "
+            f"to give each case's mm per pixel); bad rows {bad}"
+        )
+    spacing = [parse_spacing(r[2], f"{path}, case {r[0].strip()}") if with_spacing else None for r in rows]
+    return {r[0].strip(): (r[1].strip(), s) for r, s in zip(rows, spacing)}
 
 
-def find(root, layout="auto", classes=None, groups_csv=None, group_pattern=None):
+def find(root, layout="auto", classes=None, groups_csv=None, group_pattern=None, spacing=None):
     """The dataset under root, or a UserError listing every problem found in its files' names and pairing."""
     root = Path(root)
     if not root.is_dir():
@@ -286,5 +301,5 @@ def find(root, layout="auto", classes=None, groups_csv=None, group_pattern=None)
         dataset = _folders(root, problems, names)
     if problems:
         raise UserError(f"fix these input files (nothing was written):{listing(problems)}")
-    _assign_groups(dataset, groups_csv, group_pattern)
+    _assign_groups(dataset, groups_csv, group_pattern, spacing)
     return dataset

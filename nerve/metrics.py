@@ -1,8 +1,10 @@
 """Scores of hard masks against the truth, all from per-image pixel counts: the leaderboard Dice (1 where truth
 and prediction are both empty), IoU, pixel precision and recall, presence accuracy, detection sensitivity and
-specificity (a mask drawn or not, image by image), ROC AUC and calibration."""
+specificity (a mask drawn or not, image by image), ROC AUC and calibration; and boundary distances (HD95,
+ASSD, normalised surface Dice) of one pair of masks."""
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 
@@ -103,4 +105,38 @@ def scores(tp, fp, fn, present):
         "recall": float(tp.sum() / max(tp.sum() + fn.sum(), 1)),
         "false_positive_pixels": int(fp.sum()),
         "false_negative_pixels": int(fn.sum()),
+    }
+
+
+# Boundary distances, with the conventions written once (docs/metrics.md): a mask's border is its pixels with a
+# 4-neighbour outside it; distances are from each border pixel of one mask to the nearest border pixel of the
+# other, in the unit of `spacing` (mm per row and per column, or (1, 1): pixels).
+def _border(mask):
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), border_value=0)
+
+
+def border_distances(truth, mask, spacing=(1.0, 1.0)):
+    """(distances from truth's border to mask's, from mask's border to truth's) of two non-empty 2-D masks; only
+    their joint bounding box is searched (the nearest border pixel of either lies inside it)."""
+    both = truth | mask
+    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    a, b = _border(truth[box]), _border(mask[box])
+    to_b = ndimage.distance_transform_edt(~b, sampling=spacing)
+    to_a = ndimage.distance_transform_edt(~a, sampling=spacing)
+    return to_b[a], to_a[b]
+
+
+def boundary_scores(truth, mask, spacing=(1.0, 1.0), tolerance=1.0):
+    """HD95 and ASSD (the 95th percentile and the mean of both directions' distances, pooled) and NSD (the share
+    of both borders within `tolerance` of the other) of two 2-D masks. Both empty: HD95 and ASSD undefined (nan),
+    NSD 1; one empty: nan, nan and NSD 0."""
+    truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
+    if not truth.any() or not mask.any():
+        return {"hd95": np.nan, "assd": np.nan, "nsd": float(not truth.any() and not mask.any())}
+    distances = np.concatenate(border_distances(truth, mask, spacing))
+    return {
+        "hd95": float(np.percentile(distances, 95)),
+        "assd": float(distances.mean()),
+        "nsd": float(np.mean(distances <= tolerance)),
     }

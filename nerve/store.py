@@ -28,13 +28,15 @@ from nerve import layouts
 from nerve.images import image_shape, read_image, read_labels
 
 # The arrays data.py writes into the input folder, by name. train_subjects holds each image's validation group
-# (a subject, a patient: what is held out together), under the name the Kaggle frames gave it.
+# (a subject, a patient: what is held out together), under the name the Kaggle frames gave it; train_spacing its
+# (row, column) mm per pixel, nan where not known (arrays of earlier releases lack it: see spacing()).
 ARRAYS = (
     "train_images",
     "train_masks",
     "train_ids",
     "train_subjects",
     "train_sizes",
+    "train_spacing",
     "test_images",
     "test_ids",
     "test_sizes",
@@ -174,12 +176,13 @@ def convert(
     classes=None,
     groups=None,
     group_pattern=None,
+    spacing=None,
 ):
     """Validate the dataset in input_dir and write its arrays to output_dir (unset: input_dir itself); return
-    a summary of what was found and done."""
+    a summary of what was found and done. `spacing`: (row, column) mm per pixel of every image."""
     input_dir = Path(input_dir)
     output_dir = Path(output_dir or input_dir)
-    dataset = layouts.find(input_dir, layout, classes, groups, group_pattern)
+    dataset = layouts.find(input_dir, layout, classes, groups, group_pattern, spacing)
     found = [dataset.describe()]
     if not dataset.grouping:
         found.append(
@@ -190,6 +193,7 @@ def convert(
         found.append(f"validation groups: {dataset.grouping}")
     source = {"input": str(input_dir.resolve()), "layout": dataset.layout, "classes": classes}
     source.update(groups=groups and str(Path(groups).resolve()), group_pattern=group_pattern)
+    source.update(spacing=spacing and list(spacing))
     manifest = {
         "train": len(dataset.train),
         "test": len(dataset.test),
@@ -253,6 +257,7 @@ def _write_arrays(dataset, input_dir, output_dir, workers):
             "train_ids": np.array([c.id for c in dataset.train]),
             "train_subjects": np.array(groups_found, np.int32 if numeric else str),
             "train_sizes": shapes["train_images"],
+            "train_spacing": np.array([c.spacing or (np.nan,) * 2 for c in dataset.train], np.float32).reshape(-1, 2),
             "test_ids": np.array([int(c.id) for c in dataset.test], np.int32)
             if dataset.layout == "Kaggle"
             else np.array([c.id for c in dataset.test], str),
@@ -289,12 +294,19 @@ def _array_problem(name, array, size):
     if name.endswith(("_images", "_masks")):
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[1:] != tuple(size):
             return f"{name}.npy is {array.shape} {array.dtype}, expected (n, {size[0]}, {size[1]}) uint8"
-    elif name.endswith("_sizes"):
+    elif name.endswith(("_sizes", "_spacing")):
         if array.ndim != 2 or array.shape[1:] != (2,):
             return f"{name}.npy has shape {array.shape}, expected (n, 2)"
     elif array.ndim != 1:
         return f"{name}.npy has shape {array.shape}, expected one value per image"
     return None
+
+
+def spacing(input_dir, n):
+    """Each training image's (row, column) mm per pixel, nan where not known (also for every image of arrays an
+    earlier release wrote, which lack the array)."""
+    path = Path(input_dir) / "train_spacing.npy"
+    return np.load(path).astype(np.float64) if path.exists() else np.full((n, 2), np.nan)
 
 
 def load_arrays(input_dir, names):

@@ -68,3 +68,66 @@ def test_presence_of_each_structure_in_label_maps():
     labels = np.zeros((3, 4, 4), np.uint8)
     labels[0, 0, 0], labels[1, 1, 1], labels[1, 2, 2] = 1, 1, 2
     assert metrics.structure_presence(labels, 2).tolist() == [[True, False], [True, True], [False, False]]
+
+
+def disc(shape, centre, radius):
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def brute_force_boundary(truth, mask, spacing, tolerance):
+    """HD95, ASSD and NSD by another route: border pixels found by shifting, every pairwise distance computed."""
+    from scipy.spatial.distance import cdist
+
+    def border(m):
+        padded = np.pad(m, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return np.argwhere(m & ~inner) * np.asarray(spacing)
+
+    pairwise = cdist(border(truth), border(mask))
+    distances = np.r_[pairwise.min(axis=1), pairwise.min(axis=0)]
+    return np.percentile(distances, 95), distances.mean(), np.mean(distances <= tolerance)
+
+
+def test_boundary_distances_of_shapes_with_known_answers():
+    square = np.zeros((40, 50), bool)
+    square[10:30, 10:30] = True
+    same = metrics.boundary_scores(square, square)
+    assert (same["hd95"], same["assd"], same["nsd"]) == (0.0, 0.0, 1.0)
+    shifted = np.roll(square, 3, axis=1)  # the left and right sides 3 pixels apart, the rest overlapping
+    assert 0 < metrics.boundary_scores(square, shifted)["hd95"] <= 3.0
+    assert metrics.boundary_scores(square, shifted, tolerance=3.0)["nsd"] == 1.0
+    assert metrics.boundary_scores(square, shifted, tolerance=2.9)["nsd"] < 1.0
+    # concentric discs k pixels apart: every border pixel about k from the other border
+    for k in (2, 5):
+        inner, outer = disc((80, 80), (40, 40), 15), disc((80, 80), (40, 40), 15 + k)
+        scores = metrics.boundary_scores(inner, outer)
+        assert scores["hd95"] == pytest.approx(k, abs=0.75) and scores["assd"] == pytest.approx(k, abs=0.75)
+    # a mm is a mm: rows 0.2 mm apart, so 3 rows of shift are 0.6 mm whatever the columns' spacing
+    down = np.roll(square, 3, axis=0)
+    assert metrics.boundary_scores(square, down, spacing=(0.2, 1.0), tolerance=0.61)["nsd"] == 1.0
+    assert max(np.concatenate(metrics.border_distances(square, down, (0.2, 1.0)))) == pytest.approx(0.6)
+
+
+def test_boundary_conventions_when_a_mask_is_empty():
+    empty, square = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    square[5:10, 5:10] = True
+    both = metrics.boundary_scores(empty, empty)
+    assert np.isnan(both["hd95"]) and np.isnan(both["assd"]) and both["nsd"] == 1.0
+    for truth, mask in ((square, empty), (empty, square)):
+        one = metrics.boundary_scores(truth, mask)
+        assert np.isnan(one["hd95"]) and np.isnan(one["assd"]) and one["nsd"] == 0.0
+
+
+def test_boundary_distances_agree_with_independent_implementations_on_random_masks():
+    binary = pytest.importorskip("medpy.metric.binary", reason="medpy is in requirements-dev.txt")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = disc((60, 70), rng.integers(15, 45, 2), rng.integers(4, 14)) | (rng.random((60, 70)) < 0.01)
+        mask = disc((60, 70), rng.integers(15, 45, 2), rng.integers(4, 14))
+        spacing, tolerance = tuple(rng.uniform(0.05, 0.5, 2)), rng.uniform(0.2, 2.0)
+        ours = metrics.boundary_scores(truth, mask, spacing, tolerance)
+        assert ours["hd95"] == pytest.approx(binary.hd95(mask, truth, spacing), rel=1e-9)
+        assert ours["assd"] == pytest.approx(binary.assd(mask, truth, spacing), rel=1e-9)
+        hd95, assd, nsd = brute_force_boundary(truth, mask, spacing, tolerance)
+        assert (ours["hd95"], ours["assd"], ours["nsd"]) == pytest.approx((hd95, assd, nsd), rel=1e-9)
