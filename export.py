@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from nerve import deploy, inference, model, postprocess
+from nerve.report import model_card, write_card
 
 FORMATS = {
     "savedmodel": ("tf_saved_model", "model"),
@@ -45,8 +46,8 @@ CHECK_IMAGES = 4
 
 
 def export(results, kind, output, fast=False):
-    """Export results/'s models as `kind` into `output`, with deploy.py and deploy.json; check the artefact
-    against Keras and return the largest probability difference."""
+    """Export results/'s models as `kind` into `output`, with deploy.py, deploy.json and MODEL_CARD.md (its
+    fields in deploy.json too); check the artefact against Keras and return the largest probability difference."""
     model.set_precision("fp32")  # an artefact computes in float32 whatever the models were trained in
     nets, size, settings = inference.load_models(results)
     nets, tta = (nets[:1], "none") if fast else (nets, settings["tta"])
@@ -74,6 +75,8 @@ def export(results, kind, output, fast=False):
         artefact.replace(final)
     with atomic_path(output / "deploy.py") as tmp:
         shutil.copyfile(Path(deploy.__file__), tmp)
+    card = {**model_card(results), "artefact": f"{name} ({kind}): {len(nets)} model(s), views {tta}"}
+    write_card(output, card)
     write_state(
         output / DEPLOY_FILE,
         {
@@ -87,6 +90,7 @@ def export(results, kind, output, fast=False):
             "ood_threshold": deploy.OOD_THRESHOLD,
             "input": "raw gray pixels 0-255 as float32, (n, height, width, 1); litert: n = 1",
             "max_difference_from_keras": difference,
+            "model_card": card,
         },
     )
     return difference

@@ -92,7 +92,8 @@ def device():
 
 
 def cross_validate(work, real, name, folds, train_flags):
-    """Train K folds and evaluate them; return (cross-validated metrics per structure, minutes spent training)."""
+    """Train K folds and evaluate them; return (evaluation.json: the cross-validated metrics per structure and
+    their summary with intervals, minutes spent training)."""
     results = work / name
     started = time.time()
     run(
@@ -111,7 +112,7 @@ def cross_validate(work, real, name, folds, train_flags):
     )
     minutes = (time.time() - started) / 60
     run(ROOT / "evaluate.py", "--arrays", real, "--results", results)
-    return json.loads((results / EVALUATION_FILE).read_text())["metrics"], minutes
+    return json.loads((results / EVALUATION_FILE).read_text()), minutes
 
 
 def other_anatomy(shared):
@@ -190,6 +191,20 @@ def as_lines(figures, prefix=""):
     return {f"{prefix}{k}": f"{v}" if isinstance(v, int) else f"{v:.4f}" for k, v in figures.items()}
 
 
+HEADLINE = ("dice_nonempty", "hd95_", "nsd_", "sensitivity", "specificity")  # with their intervals
+
+
+def interval_lines(summary, prefix=""):
+    """The headline figures of evaluation.json's summary with their 95% intervals over groups, one line each."""
+    lines = {}
+    for name, s in summary.items():
+        for key, f in s["figures"].items():
+            if key.startswith(HEADLINE):
+                shown = "n/a" if f["value"] is None else f"{f['value']:.4f} ({f['low']:.4f}-{f['high']:.4f})"
+                lines[f"{prefix}ci_{name}_{key}"] = shown
+    return lines
+
+
 def kaggle(args, folds, flags):
     """The competition images: cross-validated figures and the labels' self-agreement."""
     tool = args.shared / "tools" / "make_real_input.py"
@@ -202,7 +217,8 @@ def kaggle(args, folds, flags):
     agreement, duplicate = nearest_frame_agreement(
         arrays["train_images"], arrays["train_masks"], arrays["train_subjects"]
     )
-    rows, minutes = cross_validate(args.work, real, "default", folds, flags)
+    evaluation, minutes = cross_validate(args.work, real, "default", folds, flags)
+    rows = evaluation["metrics"]
     nerve = rows["nerve"]["all folds"]
     auc = nerve["presence_auc"]  # null without empty images
     lines = {
@@ -211,9 +227,11 @@ def kaggle(args, folds, flags):
         "presence_auc": f"{float('nan') if auc is None else auc:.4f}",
         "train_minutes": f"{minutes:.1f}",
         **as_lines(presence_figures(args.work / "default", args.other, args.work, rows["nerve"])),
+        **interval_lines(evaluation["summary"]),
     }
     if args.baseline:
         baseline, baseline_minutes = cross_validate(args.work, real, "baseline", folds, [*flags, "--baseline"])
+        baseline = baseline["metrics"]
         lines["baseline_cv_dice_nonempty"] = f"{baseline['nerve']['all folds']['dice_nonempty']:.4f}"
         lines["baseline_cv_leaderboard"] = f"{baseline['nerve']['all folds']['leaderboard']:.4f}"
         lines["baseline_train_minutes"] = f"{baseline_minutes:.1f}"
@@ -237,13 +255,15 @@ def usgra(args, folds, flags):
         "--group-pattern",
         USGRA_GROUPS,
     )
-    rows, minutes = cross_validate(args.work, arrays, "usgra", folds, flags)
+    evaluation, minutes = cross_validate(args.work, arrays, "usgra", folds, flags)
+    rows = evaluation["metrics"]
     lines = {f"usgra_dice_{name}": f"{sets['all folds']['dice_nonempty']:.4f}" for name, sets in rows.items()}
     lines.update(
         {f"usgra_leaderboard_{name}": f"{sets['all folds']['leaderboard']:.4f}" for name, sets in rows.items()}
     )
     lines["usgra_train_minutes"] = f"{minutes:.1f}"
     lines.update(as_lines(presence_figures(args.work / "usgra", args.other, args.work, rows["nerve"]), "usgra_"))
+    lines.update(interval_lines(evaluation["summary"], "usgra_"))
     return lines
 
 

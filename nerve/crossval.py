@@ -89,7 +89,7 @@ def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=Tru
     views = is_view(oof)
     report = {"rows": {}, "fold_postprocess": {}, "postprocess": {}, "present": present, "probs": probs, "scores": ood}
     report["ood"] = flagged(ood[~views])
-    report["default_gate"] = []
+    report["default_gate"], report["tuned_on"] = [], {}
     dice = np.zeros(present.shape)
     for s, name in enumerate(structures):
         stats = postprocess.mask_stats(probs[..., s], (labels == s + 1 for labels in row_labels(masks, oof)))
@@ -105,6 +105,8 @@ def cross_validate(oof, masks, structures, tta="hflip", prior=DEFAULT, tuned=Tru
         report["fold_postprocess"][name] = fold_specs
         if tuned and not postprocess.can_gate(stats, np.arange(len(probs))):
             report["default_gate"].append(name)
+        without = int(np.count_nonzero(stats["truth_area"] == 0))
+        report["tuned_on"][name] = {"rows": len(probs), "crop_views": int(views.sum()), "without": without}
         dice[:, s] = dice_from_counts(tp, fp, fn)
     report["dice"] = np.where(views, np.inf, dice.mean(axis=1))  # the worst cases are frames
     return report
@@ -137,7 +139,7 @@ def table(rows):
     named = len(rows) > 1
     body = [
         [f"{structure} {name}" if named else name]
-        + [fmt.format(r[c]) if r[c] is not None else "nan" for c, fmt in COLUMNS]  # None: a NaN read from JSON
+        + [fmt.format(r[c]) if r[c] is not None and r[c] == r[c] else "n/a" for c, fmt in COLUMNS]  # None: JSON's NaN
         for structure, sets in rows.items()
         for name, r in sets.items()
     ]
@@ -247,6 +249,7 @@ def write_report(results, report, evaluated, worst, about):
         "postprocess": report["postprocess"],
         "out_of_distribution": report["ood"],
         "default_gate": report.get("default_gate", []),
+        "tuned_on": report.get("tuned_on", {}),
         "summary": report["summary"],
         "data": about["data"],
     }

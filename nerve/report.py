@@ -183,13 +183,16 @@ def model_card(results):
     lacking = data.get("lacking", {})
     gate = {}
     for name in names:
-        empty = lacking.get(name)
-        if name in evaluation.get("default_gate", []):
-            gate[name] = f"default gate: only {empty} training images lack {name}, too few to tune one on"
-        elif settings.get("postprocess") == "tuned":
-            gate[name] = f"tuned out of fold on the training images, {empty} of which lack {name}"
-        else:
-            gate[name] = "default gate (--postprocess fixed)"
+        on = evaluation.get("tuned_on", {}).get(name)
+        if settings.get("postprocess") != "tuned" or not on:
+            gate[name] = "the default gate (--postprocess fixed, or not evaluated)"
+            continue
+        rows = f"{on['rows']} held-out frames and crop views ({on['crop_views']} views), {on['without']} without {name}"
+        gate[name] = (
+            f"the default gate: {rows}, too few without it to tune one on"
+            if name in evaluation.get("default_gate", [])
+            else f"tuned out of fold on {rows}"
+        )
     return {
         "task": f"segment {', '.join(names)} in grayscale B-mode ultrasound images, and say where none is shown",
         "modality": "ultrasound (B-mode, grayscale)",
@@ -220,8 +223,9 @@ def model_card(results):
 def card_markdown(fields):
     """MODEL_CARD.md's text from model_card()."""
     lines = ["# Model card", "", fields["task"] + ".", ""]
-    for key in ("modality", "network", "inputs", "outputs", "out_of_distribution", "not_validated_on"):
-        lines.append(f"- **{key.replace('_', ' ')}**: {fields[key]}")
+    for key in ("modality", "network", "artefact", "inputs", "outputs", "out_of_distribution", "not_validated_on"):
+        if key in fields:
+            lines.append(f"- **{key.replace('_', ' ')}**: {fields[key]}")
     lines += ["", "## Images and training data", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in {**fields["images"], **fields["training_data"]}.items()]
     lines += ["", f"## Figures ({fields['evaluated_on'] or 'not evaluated'}), 95% intervals over groups", ""]

@@ -20,6 +20,10 @@ def test_an_exported_model_matches_keras_and_reproduces_predicts_masks(trained, 
     assert result.returncode == 0, result.stderr[-3000:]
     settings = json.loads((tmp_path / "deploy.json").read_text())
     assert (tmp_path / "deploy.py").read_text() == (ROOT / "nerve" / "deploy.py").read_text()
+    # the model card beside the artefact, its fields in deploy.json: the run's figures and what the artefact is
+    card = settings["model_card"]
+    assert card["cross_validated"] == json.loads((results / "evaluation.json").read_text())["summary"]
+    assert kind in card["artefact"] and "## The gate" in (tmp_path / "MODEL_CARD.md").read_text()
     images = np.load(tiny_input / "train_images.npy", mmap_mode="r")[:3]
     x = np.concatenate([deploy.model_input(image, settings["size"]) for image in images])
     mask, present, ood = inference.runner(kind, tmp_path / settings["artefact"])(x)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from conftest import brute_force_boundary
 from nerve import metrics
 
 
@@ -73,20 +74,6 @@ def test_presence_of_each_structure_in_label_maps():
 def disc(shape, centre, radius):
     rows, cols = np.ogrid[: shape[0], : shape[1]]
     return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
-
-
-def brute_force_boundary(truth, mask, spacing, tolerance):
-    """HD95, ASSD and NSD by another route: border pixels found by shifting, every pairwise distance computed."""
-    from scipy.spatial.distance import cdist
-
-    def border(m):
-        padded = np.pad(m, 1)
-        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        return np.argwhere(m & ~inner) * np.asarray(spacing)
-
-    pairwise = cdist(border(truth), border(mask))
-    distances = np.r_[pairwise.min(axis=1), pairwise.min(axis=0)]
-    return np.percentile(distances, 95), distances.mean(), np.mean(distances <= tolerance)
 
 
 def test_boundary_distances_of_shapes_with_known_answers():
