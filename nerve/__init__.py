@@ -7,8 +7,9 @@ splits      subject-grouped folds; planning: training size and length; neardup: 
 model       the two-headed U-Net and its losses; augment: resizing, augmented batches, crop views
 checkpoint  best model and --resume state; monitor: logs, TensorBoard, pictures; distribute: data parallel
 ood         the out-of-distribution score; postprocess: tuned gate and presence temperature
-crossval    the out-of-fold store, cross-validated scores and their tables
+crossval    the out-of-fold store, cross-validated scores and their tables; cases: cases.csv, detection rates,
+            intervals over groups; report: report.html and MODEL_CARD.md
 inference   loading a run's models, mirror views, chunked prediction; deploy: to and from the model's size,
             the gate, smoothing (NumPy and OpenCV only: copied beside an export); sources: scans, videos, DICOM
-metrics     Dice, IoU, AUC, calibration; rle: Kaggle's run-length codes; figures: overlays and curves
+metrics     Dice, IoU, AUC, calibration, boundary distances; rle: Kaggle's run-length codes; figures: pictures
 """

@@ -202,3 +202,8 @@ def test_arrays_must_match_the_manifest_and_be_readable(tmp_path):
     (tmp_path / "train_images.npy").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(common.UserError, match="train_images.npy cannot be read"):
         store.load_arrays(tmp_path, names)
+
+
+def test_each_images_spacing_is_stored_and_arrays_without_it_read_as_unknown(tiny_input, tmp_path):
+    np.testing.assert_array_equal(store.spacing(tiny_input, 48), np.full((48, 2), np.nan))  # no --spacing given
+    assert np.isnan(store.spacing(tmp_path, 3)).all() and store.spacing(tmp_path, 3).shape == (3, 2)  # none there

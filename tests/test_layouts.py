@@ -143,3 +143,23 @@ def test_the_usgra_set_reads_as_it_is(shared_usgra, tmp_path):
     assert {tuple(s) for s in a["train_sizes"].tolist()} == {(512, 534), (512, 512), (632, 761)}
     assert (a["train_masks"] == 1).any(axis=(1, 2)).all()  # every image shows a nerve
     assert len(set(a["train_subjects"].tolist())) == 25
+
+
+def test_spacing_comes_from_one_value_or_the_groups_csv_and_is_checked(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("a", "b"):
+        cv2.imwrite(str(root / "images" / f"{name}.png"), np.zeros((8, 8), np.uint8))
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), np.zeros((8, 8), np.uint8))
+    assert {c.spacing for c in layouts.find(root, spacing=(0.1, 0.2)).train} == {(0.1, 0.2)}
+    assert {c.spacing for c in layouts.find(root).train} == {None}
+    groups = tmp_path / "groups.csv"
+    groups.write_text("case,group,spacing\na,s1,0.1\nb,s2,0.1x0.2\n")
+    found = {c.id: (c.group, c.spacing) for c in layouts.find(root, groups_csv=groups).train}
+    assert found == {"a": ("s1", (0.1, 0.1)), "b": ("s2", (0.1, 0.2))}
+    with pytest.raises(common.UserError, match="has a spacing column and --spacing is given too"):
+        layouts.find(root, groups_csv=groups, spacing=(0.1, 0.1))
+    groups.write_text("case,group,spacing\na,s1,0,1\nb,s2,0.1\n")
+    with pytest.raises(common.UserError, match=r"case a: spacing '0' is not mm per pixel"):
+        layouts.find(root, groups_csv=groups)
