@@ -20,7 +20,9 @@ decoder plugin for them is installed (pillow covers JPEG baseline); any other is
 """
 
 import csv
+import dataclasses
 import itertools
+import sys
 from pathlib import Path
 
 from nerve.common import (
@@ -31,6 +33,7 @@ from nerve.common import (
     OVERLAY_FILE,
     OVERLAY_VIDEO_FILE,
     PREDICTIONS_DIR,
+    SEG_FILE,
     SUMMARY_FILE,
     NonNegative,
     Positive,
@@ -54,7 +57,8 @@ from nerve import deploy, inference, model, postprocess
 from nerve.figures import annotated
 from nerve.images import read_image
 from nerve.layouts import IMAGE_SUFFIXES
-from nerve.sources import DEFAULT_FPS, VIDEO_SUFFIXES, dicom_frames, input_files, video_frames
+from nerve.seg import write_seg
+from nerve.sources import VIDEO_SUFFIXES, Region, Scan, dicom_scan, input_files, video_scan
 
 RUNTIMES = ("keras", "onnx", "litert", "savedmodel", "openvino")  # openvino runs the onnx export
 
@@ -132,10 +136,14 @@ class Predictor:
         return masks, gated & (share > 0) & (not unknown), unknown, full
 
 
-def structure_row(names, present, masks, ood, unknown):
-    """The out-of-distribution score and flag, and per structure: presence probability, area, centroid and
-    bounding box of its mask."""
-    row = {"ood_score": round(float(ood), 4) if np.isfinite(ood) else "", "unknown_scan": unknown}
+def structure_row(names, present, masks, ood, unknown, region):
+    """One region's row: its place and mm per pixel, the out-of-distribution score and flag, and per structure the
+    presence probability and the area, centroid and bounding box of its mask (masks: at the region's size), in
+    the frame's pixels and, where the region's spacing is known, in mm (depth: below the region's top edge,
+    the skin line of a B-mode image)."""
+    score = round(float(ood), 4) if np.isfinite(ood) else ""
+    row = {"region": region.describe(), "ood_score": score, "unknown_scan": unknown}
+    sy, sx = region.spacing or (np.nan, np.nan)
     for k, name in enumerate(names):
         ys, xs = np.nonzero(masks[..., k])
         found = len(xs) > 0
@@ -143,15 +151,53 @@ def structure_row(names, present, masks, ood, unknown):
             {
                 f"{name}_presence": round(float(present[k]), 4),
                 f"{name}_area": int(len(xs)),
-                f"{name}_cx": round(float(xs.mean()), 1) if found else "",
-                f"{name}_cy": round(float(ys.mean()), 1) if found else "",
-                f"{name}_x": int(xs.min()) if found else "",
-                f"{name}_y": int(ys.min()) if found else "",
+                f"{name}_cx": round(float(xs.mean()) + region.x, 1) if found else "",
+                f"{name}_cy": round(float(ys.mean()) + region.y, 1) if found else "",
+                f"{name}_x": int(xs.min()) + region.x if found else "",
+                f"{name}_y": int(ys.min()) + region.y if found else "",
                 f"{name}_w": int(xs.max() - xs.min() + 1) if found else "",
                 f"{name}_h": int(ys.max() - ys.min() + 1) if found else "",
             }
         )
+        if region.spacing:
+            row.update(
+                {
+                    f"{name}_area_mm2": round(len(xs) * sy * sx, 3),
+                    f"{name}_depth_mm": round(float(ys.mean()) * sy, 2) if found else "",
+                    f"{name}_top_mm": round(float(ys.min()) * sy, 2) if found else "",
+                    f"{name}_w_mm": round(float(xs.max() - xs.min() + 1) * sx, 2) if found else "",
+                    f"{name}_h_mm": round(float(ys.max() - ys.min() + 1) * sy, 2) if found else "",
+                }
+            )
     return row
+
+
+def predict_frames(predictor, images, regions, states=None):
+    """Each image's [label map at its own size, presence per structure (the highest over its regions), whether
+    the model knows none of its regions, one row per region]: every region predicted on its own and its masks put
+    back in their place; nothing outside the regions. `states`: one deploy.Hysteresis per region (a sequence)."""
+    placed = [(i, k, r, r.crop(image)) for i, (image, rs) in enumerate(zip(images, regions)) for k, r in enumerate(rs)]
+    probs, present, ood = predictor.probabilities([crop for *_, crop in placed])
+    out = [[np.zeros(np.shape(image), np.uint8), np.zeros(len(predictor.names)), True, []] for image in images]
+    for j, (i, k, region, crop) in enumerate(placed):
+        masks, kept, unknown, full = predictor.masks(crop, probs[j], present[j], ood[j])
+        masks = masks * (states[k].update(kept) if states else kept).astype(np.uint8)
+        labels = deploy.label_map(masks[None], full[None])[0]
+        out[i][0][region.y : region.y + region.h, region.x : region.x + region.w] = labels
+        out[i][1] = np.maximum(out[i][1], present[j])
+        out[i][2] &= unknown
+        out[i][3].append(structure_row(predictor.names, present[j], masks, ood[j], unknown, region))
+    return out
+
+
+def overlay(image, labels, present, names, unknown, regions):
+    """The overlay picture (BGR): the outlines and presence of figures.annotated, and each region's edge in gray
+    where the regions are not the whole frame."""
+    drawn = annotated(image, labels, present, names, unknown)
+    for r in regions:
+        if (r.w, r.h) != (np.shape(image)[1], np.shape(image)[0]):
+            cv2.rectangle(drawn, (r.x, r.y), (r.x + r.w - 1, r.y + r.h - 1), (128, 128, 128), 1)
+    return cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)
 
 
 def write_png(path, image):
@@ -167,73 +213,133 @@ def mask_png(labels, structures):
 
 def write_csv(path, rows):
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["frame"])
+        columns = list(dict.fromkeys(key for row in rows for key in row)) or ["frame"]  # mm where a region has them
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def predict_stills(predictor, files, out):
-    """Masks and overlays of still images (and single-frame DICOM); return their summary rows."""
+def predict_stills(predictor, stills, out, dicom_seg=True):
+    """Masks and overlays of still images (and single-frame DICOM, with a DICOM SEG unless not `dicom_seg`),
+    given as (path, name, Scan); return their summary rows, one per region."""
     rows = []
-    for start in tqdm(range(0, len(files), inference.CHUNK), desc="images", unit="chunk", leave=False):
-        chunk = files[start : start + inference.CHUNK]
-        images = [read_still(path) for path, _ in chunk]
-        for (path, name), image, *prediction in zip(chunk, images, *predictor.probabilities(images)):
-            masks, kept, unknown, full = predictor.masks(image, *prediction)
-            masks = masks * kept.astype(np.uint8)
-            labels = deploy.label_map(masks[None], full[None])[0]
+    for start in tqdm(range(0, len(stills), inference.CHUNK), desc="images", unit="chunk", leave=False):
+        chunk = stills[start : start + inference.CHUNK]
+        images = [next(iter(scan.frames)) for *_, scan in chunk]
+        regions = [scan.regions_of(image) for (*_, scan), image in zip(chunk, images)]
+        predicted = predict_frames(predictor, images, regions)
+        for (path, name, scan), image, rs, (labels, present, unknown, found) in zip(chunk, images, regions, predicted):
             mask_name = MASK_FILE.format(name=name)
             write_png(out / mask_name, mask_png(labels, len(predictor.names)))
-            overlay = annotated(image, labels, prediction[1], predictor.names, unknown)
-            write_png(out / OVERLAY_FILE.format(name=name), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+            if dicom_seg and scan.dataset is not None:
+                seg_beside(out / SEG_FILE.format(name=name), scan.dataset, [labels], predictor.names)
+            picture = overlay(image, labels, present, predictor.names, unknown, rs)
+            write_png(out / OVERLAY_FILE.format(name=name), picture)
             size = {"height": image.shape[0], "width": image.shape[1]}
-            row = structure_row(predictor.names, prediction[1], masks, prediction[2], unknown)
-            rows.append({"file": str(path), **size, "mask": mask_name, **row})
+            rows += [{"file": str(path), **size, "mask": mask_name, **row} for row in found]
     return rows
 
 
 def read_still(path):
-    if path.suffix.lower() not in IMAGE_SUFFIXES:  # input_files let it in as DICOM
-        return dicom_frames(path)[0][0]
     try:
         return read_image(path)
     except ValueError as e:
         raise UserError(f"{path} {e}") from None
 
 
-def predict_sequence(predictor, frames, fps, count, name, out, smooth):
-    """The overlay video and per-frame CSV of a sequence of gray frames; return its rows."""
-    rows, writer, state = [], None, deploy.Hysteresis(smooth, len(predictor.names))
+def predict_sequence(predictor, scan, name, out, smooth, dicom_seg=True):
+    """The overlay video and per-frame CSV (a row per frame and region) of a Scan of several frames, and for a
+    DICOM file its SEG unless not `dicom_seg`; return the rows."""
+    rows, writer, states, n, drawn = [], None, None, 0, []
     with atomic_path(out / OVERLAY_VIDEO_FILE.format(name=name)) as tmp:
-        bar = tqdm(total=count, desc=name.name, unit="frame", leave=False)
-        batch = []
-        for frame in itertools.chain(frames, [None]):  # None: the end, where the last batch goes
-            if frame is not None:
-                batch.append(frame)
-            if batch and (frame is None or len(batch) == inference.CHUNK):
-                for image, *prediction in zip(batch, *predictor.probabilities(batch)):
-                    masks, kept, unknown, full = predictor.masks(image, *prediction)
-                    masks = masks * state.update(kept).astype(np.uint8)
-                    labels = deploy.label_map(masks[None], full[None])[0]
-                    drawn = annotated(image, labels, prediction[1], predictor.names, unknown)
-                    drawn = cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)
-                    if writer is None:
-                        size = (image.shape[1], image.shape[0])
-                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-                    writer.write(drawn)
-                    timing = {"frame": len(rows), "time_s": round(len(rows) / fps, 4)}
-                    row = structure_row(predictor.names, prediction[1], masks, prediction[2], unknown)
-                    rows.append({**timing, **row})
-                bar.update(len(batch))
-                batch = []
+        bar = tqdm(total=scan.count, desc=name.name, unit="frame", leave=False)
+        frames = iter(scan.frames)
+        while batch := list(itertools.islice(frames, inference.CHUNK)):
+            regions = [scan.regions_of(image) for image in batch]
+            states = states or [deploy.Hysteresis(smooth, len(predictor.names)) for _ in regions[0]]
+            predicted = predict_frames(predictor, batch, regions, states)
+            for image, rs, (labels, present, unknown, found) in zip(batch, regions, predicted):
+                if writer is None:
+                    size = (image.shape[1], image.shape[0])
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), scan.fps, size)
+                writer.write(overlay(image, labels, present, predictor.names, unknown, rs))
+                drawn += [labels] if dicom_seg and scan.dataset is not None else []
+                rows += [{"frame": n, "time_s": round(scan.time(n), 4), **row} for row in found]
+                n += 1
+            bar.update(len(batch))
         bar.close()
         if writer is not None:
             writer.release()
     write_csv(out / FRAMES_FILE.format(name=name), rows)
+    if drawn:
+        seg_beside(out / SEG_FILE.format(name=name), scan.dataset, drawn, predictor.names)
     return rows
 
 
+def seg_beside(path, dataset, labels, names):
+    """The DICOM SEG of a DICOM input's label maps, or one line saying why there is none (the masks are written
+    all the same)."""
+    try:
+        write_seg(path, dataset, np.stack(labels), names)
+    except UserError as e:
+        print(e, file=sys.stderr)
+
+
+def scan_of(path, region=None, spacing=None):
+    """The Scan of one input: a DICOM file with its own tissue regions, mm and frame times; a video or an image
+    in `region` (a Region, or the whole frame) at `spacing` mm per pixel where given."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        scan = video_scan(path)
+    elif suffix in IMAGE_SUFFIXES:
+        scan = Scan(iter([read_still(path)]), 1)
+    else:  # DICOM, by its suffix or its preamble
+        return dicom_scan(path)
+    scan.spacing = spacing
+    scan.regions = [dataclasses.replace(region, spacing=spacing)] if region else []
+    return scan
+
+
 def main(argv=None):
+    args = flag_parser().parse_args(argv)
+    if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0:
+        raise UserError("--smooth and --ood-threshold must not be negative and --batch-size must be at least 1")
+    files = input_files(args.paths)
+    out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
+    model.set_precision(args.precision)
+    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
+    print(predictor.describe())
+    stills, failed = [], []
+    for path, name in files:  # a bad input is reported in one line and skipped: the others are still predicted
+        try:
+            scan = scan_of(path, args.region, args.spacing)
+            if scan.count == 1:
+                stills.append((path, name, scan))
+                continue
+            rows = predict_sequence(predictor, scan, name, out, args.smooth, not args.no_seg)
+        except UserError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed.append(path.name)
+            continue
+        written = f"{OVERLAY_VIDEO_FILE.format(name=name)}, {FRAMES_FILE.format(name=name)}"
+        timing = f"{scan.fps:.3g} frames/s from {scan.timing}"
+        print(f"{path}: {scan.count or len(rows)} frames, {timing}{unknown_note(rows)} -> {out}/{written}")
+    if stills:
+        rows = predict_stills(predictor, stills, out, not args.no_seg)
+        write_csv(out / SUMMARY_FILE.format(ext="csv"), rows)
+        summary = {"models": predictor.describe(), "ood_threshold": predictor.ood_threshold, "images": rows}
+        write_json(out / SUMMARY_FILE.format(ext="json"), summary)
+        print(
+            f"{len(stills)} image(s){unknown_note(rows)} -> {out}/ (masks, overlays, "
+            f"{SUMMARY_FILE.format(ext='csv')} and .json)"
+        )
+    if failed:
+        raise UserError(
+            f"{len(files) - len(failed)} of {len(files)} inputs written; {len(failed)} failed: {', '.join(failed)}"
+        )
+
+
+def flag_parser():
     ap = arg_parser(__doc__)
     ap.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos, DICOM files")
     ap.add_argument("--output", type=Path, help=f"where the outputs go; unset: results/{PREDICTIONS_DIR}")
@@ -253,40 +359,28 @@ def main(argv=None):
         help="out-of-distribution score above which an image is not a scan the model knows and gets no mask; "
         f"unset: {deploy.OOD_THRESHOLD:g} (the threshold set on held-out subjects' frames), or deploy.json's",
     )
+    ap.add_argument(
+        "--region",
+        type=parse_region,
+        default=None,
+        help="images and videos: predict only in the rectangle x,y,w,h (pixels; DICOM files give their own)",
+    )
+    where = "images and videos: mm per pixel, 0.1 or 0.1x0.12 (rows x columns), for areas, depths and boxes in mm"
+    add_flags(ap, "spacing", spacing=dict(help=f"{where} (DICOM files give their own)"))
+    ap.add_argument("--no-seg", action="store_true", help=f"no DICOM SEG ({SEG_FILE}) beside a DICOM input's masks")
     add_flags(ap, "results", "tta", "precision", "batch-size")
-    args = ap.parse_args(argv)
-    if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0:
-        raise UserError("--smooth and --ood-threshold must not be negative and --batch-size must be at least 1")
-    files = input_files(args.paths)
-    out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
-    model.set_precision(args.precision)
-    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
-    print(predictor.describe())
-    stills, sequences = [], []
-    for path, name in files:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            sequences.append((path, name, *video_frames(path)))
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:  # DICOM, by suffix or by its preamble
-            frames, fps = dicom_frames(path)
-            if len(frames) > 1:
-                sequences.append((path, name, iter(frames), fps or DEFAULT_FPS, len(frames)))
-            else:
-                stills.append((path, name))
-        else:
-            stills.append((path, name))
-    for path, name, frames, fps, count in sequences:
-        rows = predict_sequence(predictor, frames, fps, count, name, out, args.smooth)
-        written = f"{OVERLAY_VIDEO_FILE.format(name=name)}, {FRAMES_FILE.format(name=name)}"
-        print(f"{path}: {len(rows)} frames{unknown_note(rows)} -> {out}/{written}")
-    if stills:
-        rows = predict_stills(predictor, stills, out)
-        write_csv(out / SUMMARY_FILE.format(ext="csv"), rows)
-        summary = {"models": predictor.describe(), "ood_threshold": predictor.ood_threshold, "images": rows}
-        write_json(out / SUMMARY_FILE.format(ext="json"), summary)
-        print(
-            f"{len(rows)} image(s){unknown_note(rows)} -> {out}/ (masks, overlays, "
-            f"{SUMMARY_FILE.format(ext='csv')} and .json)"
-        )
+    return ap
+
+
+def parse_region(text):
+    """'x,y,w,h' -> a Region."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--region {text!r} is not x,y,w,h in pixels, e.g. 120,60,680,458") from None
+    if min(x, y) < 0 or min(w, h) < 1:
+        raise UserError(f"--region {text!r}: x and y must not be negative, w and h at least 1")
+    return Region(x, y, w, h)
 
 
 def unknown_note(rows):

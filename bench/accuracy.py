@@ -55,7 +55,7 @@ from nerve.images import read_image
 from nerve.layouts import IMAGE_SUFFIXES
 from nerve.metrics import roc_auc
 from nerve.neardup import nearest_frame_agreement
-from nerve.sources import dicom_frames
+from nerve.sources import read_dicom
 from nerve.store import load_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ def other_anatomy(shared):
     skipped = []
     for path in sorted((shared / "data" / "dicom").glob("*.dcm")):
         try:
-            frames += list(dicom_frames(path)[0])
+            frames += list(read_dicom(path)[1])
             files.append(path)
         except UserError:  # a compressed syntax without its decoder
             skipped.append(path.name)

@@ -56,6 +56,7 @@ PREDICTIONS_DIR = "predictions"  # results/: predict.py's outputs, unless --outp
 MASK_FILE = "{name}_mask.png"  # there: an image's mask (0/255, or labels 1..K for several structures)
 OVERLAY_FILE = "{name}_overlay.png"  # there: the image with each structure outlined and its presence
 OVERLAY_VIDEO_FILE = "{name}_overlay.mp4"  # there: a video or cine loop drawn likewise, frame by frame
+SEG_FILE = "{name}_seg.dcm"  # there: a DICOM input's masks as a DICOM Segmentation object
 FRAMES_FILE = "{name}_frames.csv"  # there: per frame, each structure's presence, area, centroid, box
 SUMMARY_FILE = "predictions.{ext}"  # there: per still image the same, as csv and json
 EXPORT_DIR = "export"  # results/: export.py's artefacts, a folder per format

@@ -1,6 +1,7 @@
 """What predict.py reads: image files, folders of them, videos through OpenCV and DICOM through pydicom, as
 uint8 gray frames with their frame rate."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nerve.common import UserError
@@ -47,8 +48,93 @@ def _is_dicom(path):
         return f.read(132)[128:] == b"DICM"
 
 
-def dicom_frames(path):
-    """(frames (n, h, w) uint8 gray, frames per second or None) of a DICOM file."""
+@dataclass(frozen=True)
+class Region:
+    """A part of a frame predicted on its own (a B-mode image on the scanner's screen): x, y, width and height
+    in pixels, and (row, column) mm per pixel where known."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    spacing: tuple | None = None
+
+    def crop(self, image):
+        return np.asarray(image)[self.y : self.y + self.h, self.x : self.x + self.w]
+
+    def describe(self):
+        mm = f", {self.spacing[0]:.4g}x{self.spacing[1]:.4g} mm per pixel" if self.spacing else ""
+        return f"{self.w}x{self.h} at ({self.x}, {self.y}){mm}"
+
+
+def whole_frame(image, spacing=None):
+    return Region(0, 0, np.shape(image)[1], np.shape(image)[0], spacing)
+
+
+@dataclass
+class Scan:
+    """What predict.py predicts on: gray uint8 frames (an iterable), how many, each frame's time in seconds and
+    where those times came from, and the regions each frame is predicted in (empty: the whole frame)."""
+
+    frames: object
+    count: int | None
+    times: list | None = None  # None: frame i at i / fps
+    fps: float = DEFAULT_FPS
+    timing: str = "the default rate"
+    regions: list = field(default_factory=list)
+    spacing: tuple | None = None  # mm per pixel of the whole frame, where it has no regions
+    dataset: object = None  # a DICOM file's dataset, which a SEG of the masks references
+
+    def time(self, i):
+        return self.times[i] if self.times is not None else i / self.fps
+
+    def regions_of(self, image):
+        """The regions a frame is predicted in: the scan's, or the whole frame."""
+        return self.regions or [whole_frame(image, self.spacing)]
+
+
+# RegionDataType 1: tissue (B-mode); PhysicalUnits 3: cm
+TISSUE, CENTIMETRES = 1, 3
+
+
+def dicom_regions(ds, shape):
+    """The tissue regions of a DICOM file's Sequence of Ultrasound Regions, clipped to the frame, each with its
+    pixel size in mm where the file gives it in cm."""
+    regions = []
+    for r in ds.get("SequenceOfUltrasoundRegions", []):
+        if r.get("RegionDataType") != TISSUE:
+            continue
+        x0, y0 = max(0, int(r.RegionLocationMinX0)), max(0, int(r.RegionLocationMinY0))
+        x1, y1 = min(shape[1] - 1, int(r.RegionLocationMaxX1)), min(shape[0] - 1, int(r.RegionLocationMaxY1))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        in_cm = r.get("PhysicalUnitsXDirection") == CENTIMETRES == r.get("PhysicalUnitsYDirection")
+        dx, dy = float(r.get("PhysicalDeltaX") or 0), float(r.get("PhysicalDeltaY") or 0)
+        spacing = (10 * dy, 10 * dx) if in_cm and dx > 0 and dy > 0 else None
+        regions.append(Region(x0, y0, x1 - x0 + 1, y1 - y0 + 1, spacing))
+    return regions
+
+
+def dicom_timing(ds, frames):
+    """(each frame's time in seconds or None, frames per second, where they came from), in the standard's order
+    of preference: FrameTime, FrameTimeVector, CineRate, RecommendedDisplayFrameRate, else the default rate."""
+    if float(ds.get("FrameTime") or 0) > 0:  # milliseconds per frame
+        return None, 1000.0 / float(ds.FrameTime), "FrameTime"
+    vector = ds.get("FrameTimeVector")
+    if vector is not None and len(vector) == frames:  # milliseconds since the previous frame
+        times = list(np.cumsum([float(v) for v in vector]) / 1000.0)
+        span = times[-1] - times[0]
+        return times, (frames - 1) / span if span > 0 else DEFAULT_FPS, "FrameTimeVector"
+    for key in ("CineRate", "RecommendedDisplayFrameRate"):
+        if float(ds.get(key) or 0) > 0:
+            return None, float(ds.get(key)), key
+    return None, DEFAULT_FPS, f"the default {DEFAULT_FPS:g} frames/s (the file gives no frame time)"
+
+
+def read_dicom(path):
+    """(the dataset, its frames (n, h, w) uint8 gray) of a DICOM file. Colour becomes gray one way: palette
+    colour through the file's colour table, YBR as RGB (pydicom converts it), then OpenCV's RGB to gray (ITU-R
+    BT.601 luma); MONOCHROME1 is inverted."""
     import pydicom
     from pydicom.pixels import pixel_array
 
@@ -63,17 +149,14 @@ def dicom_frames(path):
         pixels = pixel_array(ds)
     except Exception as e:  # a transfer syntax without an installed decoder, or damaged pixel data
         name = getattr(syntax, "name", syntax)
-        raise UserError(
-            f"{path}: cannot decode its pixel data, transfer syntax {name} ({syntax}): {e}. Uncompressed and RLE "
-            "lossless always work; for JPEG syntaxes install a pydicom decoder plugin (e.g. pylibjpeg)"
-        ) from None
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, per decoder
+        raise UserError(f"{path}: cannot decode its pixel data, transfer syntax {name} ({syntax}): {why}") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     palette = ds.get("PhotometricInterpretation") == "PALETTE COLOR"
     if palette:  # indices into the file's colour table
         from pydicom.pixels import apply_color_lut
 
         pixels = apply_color_lut(pixels, ds)
-    # pixel_array gives YBR colour as RGB already
     colour = palette or ds.get("SamplesPerPixel", 1) == 3
     pixels = pixels.reshape(frames, *pixels.shape[-3 if colour else -2 :])
     if colour:
@@ -84,22 +167,24 @@ def dicom_frames(path):
         raise UserError(f"{path}: {e}") from None
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # 0 is white
         pixels = 255 - pixels
-    fps = None
-    if "FrameTime" in ds and float(ds.FrameTime) > 0:  # milliseconds per frame
-        fps = 1000.0 / float(ds.FrameTime)
-    elif "CineRate" in ds:
-        fps = float(ds.CineRate)
-    return pixels, fps
+    return ds, pixels
 
 
-def video_frames(path):
-    """(a generator of gray uint8 frames, frames per second, frame count) of a video, through OpenCV."""
+def dicom_scan(path):
+    """A DICOM file as a Scan: its frames, their times, its tissue regions (with their mm per pixel)."""
+    ds, pixels = read_dicom(path)
+    times, fps, timing = dicom_timing(ds, len(pixels))
+    return Scan(iter(pixels), len(pixels), times, fps, timing, dicom_regions(ds, pixels.shape[1:]), dataset=ds)
+
+
+def video_scan(path):
+    """A video as a Scan, through OpenCV: its frames read as they are predicted, at the rate it gives."""
     capture = cv2.VideoCapture(str(path))
     ok, first = capture.read() if capture.isOpened() else (False, None)
     if not ok:
         capture.release()
         raise UserError(f"{path}: OpenCV cannot decode this video (unsupported codec or a damaged file)")
-    fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
+    fps = capture.get(cv2.CAP_PROP_FPS)
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
 
     def frames():
@@ -112,4 +197,5 @@ def video_frames(path):
         finally:
             capture.release()
 
-    return frames(), fps, count
+    timing = "the video's frame rate" if fps else f"the default {DEFAULT_FPS:g} frames/s (the video gives none)"
+    return Scan(frames(), count, None, fps or DEFAULT_FPS, timing)

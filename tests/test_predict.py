@@ -28,24 +28,39 @@ def write_video(path, frames, fps=20):
     writer.release()
 
 
-def write_dicom(path, frames, syntax=None):
-    """An ultrasound DICOM file of 8-bit gray frames (multi-frame when there are several)."""
+def write_dicom(path, frames, syntax=None, regions=(), timing=None):
+    """An ultrasound DICOM file of 8-bit gray frames (multi-frame when there are several), with tissue regions
+    (x, y, w, h, mm per pixel) and timing attributes (FrameTime 50 ms where not given)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        UltrasoundImageStorage,
+        UltrasoundMultiFrameImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if len(frames) > 1 else UltrasoundImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "US"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "Test^Patient", "P1", "S1", 1, 1
+    ds.PatientBirthDate = ds.PatientSex = ds.StudyDate = ds.StudyTime = ds.ReferringPhysicianName = ""
+    ds.AccessionNumber, ds.Manufacturer = "", "test"
     pixels = np.stack(frames)
-    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
+    n, ds.Rows, ds.Columns = pixels.shape
+    if n > 1:
+        ds.NumberOfFrames = n
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.FrameTime = 50  # ms: 20 frames a second
+    for key, value in (timing or {"FrameTime": 50}).items():  # 50 ms: 20 frames a second
+        setattr(ds, key, value)
+    if regions:
+        ds.SequenceOfUltrasoundRegions = [_region(*region) for region in regions]
     if syntax:  # a compressed syntax: frames encapsulated (here raw bytes that no decoder accepts)
         from pydicom.encaps import encapsulate
 
@@ -53,6 +68,62 @@ def write_dicom(path, frames, syntax=None):
     else:
         ds.PixelData = pixels.tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def _region(x, y, w, h, mm):
+    from pydicom.dataset import Dataset
+
+    region = Dataset()
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = x, y
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = x + w - 1, y + h - 1
+    region.RegionDataType, region.RegionSpatialFormat = 1, 1  # tissue, 2-D
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+    region.PhysicalDeltaX = region.PhysicalDeltaY = mm / 10
+    return region
+
+
+def test_a_scanners_screen_is_predicted_region_by_region_in_mm_and_a_bad_file_sinks_no_batch(trained, tmp_path):
+    frame = _cine()[FRAMES // 2]  # the nerve in view
+    screen = np.full((frame.shape[0] + 40, 2 * frame.shape[1] + 30), 40, np.uint8)  # two views side by side
+    screen[20 : 20 + frame.shape[0], 10 : 10 + frame.shape[1]] = frame
+    screen[20 : 20 + frame.shape[0], 20 + frame.shape[1] : 20 + 2 * frame.shape[1]] = frame
+    h, w = frame.shape
+    write_dicom(tmp_path / "two.dcm", [screen], regions=[(10, 20, w, h, 0.2), (20 + w, 20, w, h, 0.2)])
+    write_dicom(tmp_path / "cine.dcm", [frame] * 3, timing={"FrameTimeVector": [0, 40, 60]})
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"damaged")
+    out = tmp_path / "out"
+    args = [tmp_path / "two.dcm", tmp_path / "cine.dcm", tmp_path / "broken.dcm", "--results", trained[0]]
+    result = run_main("predict", *args, "--output", out, "--precision", "fp32", "--ood-threshold", 1e9)
+    assert result.returncode == 1 and "2 of 3 inputs written; 1 failed: broken.dcm" in result.stderr
+    assert sum("broken.dcm" in line for line in result.stderr.splitlines()) == 2  # its line, and the summary
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["region"] for r in rows] == [f"{w}x{h} at ({x}, 20), 0.2x0.2 mm per pixel" for x in (10, 20 + w)]
+    mask = cv2.imread(str(out / "two_mask.png"), cv2.IMREAD_UNCHANGED)
+    outside = np.ones(mask.shape, bool)
+    outside[20 : 20 + h, 10 : 10 + w] = outside[20 : 20 + h, 20 + w : 20 + 2 * w] = False
+    assert not mask[outside].any()  # nothing predicted outside the regions
+    for row, x in zip(rows, (10, 20 + w)):  # each view's own mask, in mm from the region's spacing
+        area = np.count_nonzero(mask[20 : 20 + h, x : x + w])
+        assert int(row["nerve_area"]) == area and float(row["nerve_area_mm2"]) == pytest.approx(area * 0.04, abs=1e-3)
+        if area:
+            assert float(row["nerve_depth_mm"]) == pytest.approx((float(row["nerve_cy"]) - 20) * 0.2, abs=0.02)
+    assert sum(int(r["nerve_area"]) for r in rows) > 0  # not vacuous: the nerve is drawn in a view
+    times = [float(r["time_s"]) for r in csv.DictReader(open(out / "cine_frames.csv"))]
+    assert times == [0.0, 0.04, 0.1] and "from FrameTimeVector" in result.stdout
+    # the SEG beside the masks: one segment per structure, the PNG's pixels, referencing its source instance
+    import highdicom
+    import pydicom
+
+    seg = highdicom.seg.segread(out / "two_seg.dcm")
+    source = pydicom.dcmread(tmp_path / "two.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["nerve"]
+    assert (
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
+    np.testing.assert_array_equal(seg.pixel_array > 0, mask > 0)
+    assert (
+        not {"PatientName", "PatientID"} & set(rows[0]) and "PatientName" not in (out / "predictions.json").read_text()
+    )
 
 
 @pytest.mark.slow
@@ -100,11 +171,24 @@ def test_a_scan_over_the_out_of_distribution_threshold_gets_no_mask_and_says_so(
     unknown = run_main("predict", *args, "--ood-threshold", 0)
     assert unknown.returncode == 0, unknown.stderr
     assert "1 image(s), 1 not scans this model knows" in unknown.stdout
-    assert "4 frames, 4 not scans this model knows" in unknown.stdout
+    assert "loop.dcm: 4 frames" in unknown.stdout and ", 4 not scans this model knows" in unknown.stdout
     row = list(csv.DictReader(open(out / "predictions.csv")))[0]
     assert row["unknown_scan"] == "True" and row["nerve_area"] == "0"
     assert not cv2.imread(str(out / "scan_mask.png"), cv2.IMREAD_UNCHANGED).any()
     assert all(r["unknown_scan"] == "True" for r in csv.DictReader(open(out / "loop_frames.csv")))
+
+
+def test_every_real_ultrasound_dicom_file_decodes_with_the_default_install():
+    folder = ROOT.parent / "shared" / "data" / "dicom"
+    files = sorted(folder.glob("*.dcm"))
+    if len(files) < 7:
+        pytest.skip(f"the real DICOM files are not at {folder} (the ../shared folder beside the repo)")
+    for path in files:  # uncompressed, RLE, JPEG 2000, JPEG Lossless, JPEG-LS; gray, RGB, YBR, palette
+        ds, frames = sources.read_dicom(path)
+        assert frames.dtype == np.uint8 and frames.shape[1:] == (ds.Rows, ds.Columns) and frames.std() > 0, path.name
+    aloka = sources.dicom_scan(folder / "gdcm-US-ALOKA-16.dcm").regions  # two B-mode views side by side
+    assert [(r.x, r.y, r.w, r.h) for r in aloka] == [(32, 24, 304, 392), (336, 24, 304, 392)]
+    assert aloka[0].spacing == pytest.approx((0.3827, 0.3827), abs=1e-4)  # cm in the file, mm here
 
 
 def test_palette_colour_dicom_becomes_gray_through_its_colour_table():
@@ -113,12 +197,12 @@ def test_palette_colour_dicom_becomes_gray_through_its_colour_table():
         pytest.skip(f"the real DICOM files are not at {folder} (the ../shared folder beside the repo)")
     import pydicom
 
-    frames, _ = sources.dicom_frames(folder / "OBXXXX1A_rle_2frame.dcm")  # 8-bit palette, RLE, two frames
+    _, frames = sources.read_dicom(folder / "OBXXXX1A_rle_2frame.dcm")  # 8-bit palette, RLE, two frames
     indices = pydicom.dcmread(folder / "OBXXXX1A_rle_2frame.dcm").pixel_array
     assert frames.shape == (2, 600, 800) and frames.dtype == np.uint8
     assert not np.array_equal(frames, indices)  # the table's colours, not its indices
-    ybr, _ = sources.dicom_frames(folder / "US1_J2KR.dcm")  # JPEG 2000 in YBR_RCT: pydicom gives RGB already
-    rgb, _ = sources.dicom_frames(folder / "US1_UNCR.dcm")  # the same image uncompressed, in RGB
+    _, ybr = sources.read_dicom(folder / "US1_J2KR.dcm")  # JPEG 2000 in YBR_RCT: pydicom gives RGB already
+    _, rgb = sources.read_dicom(folder / "US1_UNCR.dcm")  # the same image uncompressed, in RGB
     np.testing.assert_array_equal(ybr, rgb)
 
 
@@ -131,13 +215,21 @@ def test_bad_inputs_are_one_line_each(trained, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     write_dicom(tmp_path / "j2k.dcm", _cine(2), syntax=JPEG2000)  # raw bytes labelled as JPEG 2000
     (tmp_path / "empty").mkdir()
-    cases = [
-        ([tmp_path / "broken.mp4"], "OpenCV cannot decode this video"),
-        ([tmp_path / "j2k.dcm"], "transfer syntax JPEG 2000"),
+    for path, message in (
+        (tmp_path / "broken.mp4", "OpenCV cannot decode this video"),
+        (tmp_path / "j2k.dcm", "transfer syntax JPEG 2000"),
+    ):
+        result = run_main("predict", path, "--results", results, "--output", tmp_path / "out", "--precision", "fp32")
+        lines = result.stderr.strip().splitlines()
+        assert (
+            result.returncode == 1
+            and message in lines[-2]
+            and lines[-1].endswith(f"0 of 1 inputs written; 1 failed: {path.name}")
+        )
+    for paths, message in (
         ([tmp_path / "empty"], "holds no images, videos or DICOM files"),
         ([tmp_path / "missing.png"], "missing.png not found"),
-    ]
-    for paths, message in cases:
+    ):
         with pytest.raises(common.UserError, match=message):
             # fp32, the test process's own policy: the flag's auto would set bf16 here for the tests after
             predict.main(
@@ -183,9 +275,8 @@ def test_smooth_shows_a_structure_only_after_as_many_frames_in_a_row_pass_its_ga
     frames = [np.zeros((42, 58), np.uint8)] * len(presence)
     shown = {}
     for smooth in (1, 2):
-        rows = predict.predict_sequence(
-            ScriptedPresence(presence), iter(frames), 20.0, len(frames), Path(f"s{smooth}"), tmp_path, smooth
-        )
+        scan = sources.Scan(iter(frames), len(frames), fps=20.0)
+        rows = predict.predict_sequence(ScriptedPresence(presence), scan, Path(f"s{smooth}"), tmp_path, smooth)
         shown[smooth] = [int(int(r["nerve_area"]) > 0) for r in rows]
     assert shown[1] == [1, 0, 1, 1, 0, 1, 1, 1]  # each frame's own gate
     assert shown[2] == [0, 0, 0, 1, 1, 1, 1, 1]  # on after two passing frames in a row, and one failing keeps it on
