@@ -14,9 +14,9 @@ bounding box). For all still images: predictions.csv and predictions.json. Every
 out-of-distribution score (ood_score; 1 is the threshold set on frames of subjects held out in training, nerve/ood.py):
 above --ood-threshold it is not a scan this model knows, and it gets no mask and says so.
 
-DICOM goes through pydicom: uncompressed pixel data (implicit or explicit VR little endian, explicit VR big
-endian, deflated) and RLE lossless decode everywhere; JPEG and JPEG 2000 syntaxes only where a pydicom
-decoder plugin for them is installed (pillow covers JPEG baseline); any other is refused, naming it.
+DICOM goes through pydicom (with python-gdcm for the JPEG syntaxes): each tissue region of its Sequence of
+Ultrasound Regions is predicted on its own, in mm where the region gives its pixel size, and a DICOM SEG of the
+masks goes beside them (README.md, "DICOM"). A bad input is reported in one line and skipped.
 """
 
 import csv
