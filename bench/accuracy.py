@@ -51,6 +51,7 @@ from nerve.common import CALIBRATION_FILE, EVALUATION_FILE, OOF_FILE, UserError,
 import numpy as np
 
 from nerve import crossval, deploy, inference
+from nerve.cases import span
 from nerve.images import read_image
 from nerve.layouts import IMAGE_SUFFIXES
 from nerve.metrics import roc_auc
@@ -200,7 +201,7 @@ def interval_lines(summary, prefix=""):
     for name, s in summary.items():
         for key, f in s["figures"].items():
             if key.startswith(HEADLINE):
-                shown = "n/a" if f["value"] is None else f"{f['value']:.4f} ({f['low']:.4f}-{f['high']:.4f})"
+                shown = "n/a" if f["value"] is None else f"{f['value']:.4f} ({span(f, 4)})"
                 lines[f"{prefix}ci_{name}_{key}"] = shown
     return lines
 

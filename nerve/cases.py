@@ -84,7 +84,8 @@ def write_csv(results, rows):
 
 def interval(values, included, groups, rng):
     """The mean of values[included] with its bootstrap interval over groups: {value, low, high, images}, value
-    None where nothing is included. Each resample draws the groups with replacement and takes the mean over
+    None where nothing is included, low and high None where one group holds them all (no spread to resample).
+    Each resample draws the groups with replacement and takes the mean over
     the included images of the groups drawn (scipy's bootstrap resamples observations, not clusters)."""
     values, included = np.asarray(values, np.float64), np.asarray(included, bool)
     n = int(included.sum())
@@ -93,12 +94,22 @@ def interval(values, included, groups, rng):
     _, group = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     sums = np.bincount(group, np.where(included, values, 0.0))
     counts = np.bincount(group, included.astype(float))
+    value = float(sums.sum() / counts.sum())
+    if np.count_nonzero(counts) < 2:
+        return {"value": value, "low": None, "high": None, "images": n}
     draws = rng.integers(0, len(sums), (RESAMPLES, len(sums)))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # nan: a resample without such images
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.nanpercentile(means, [tail, 100 - tail])
-    return {"value": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high), "images": n}
+    return {"value": value, "low": float(low), "high": float(high), "images": n}
+
+
+def span(figure, digits=3):
+    """A figure's interval as text: 'low - high', or why there is none."""
+    if figure["low"] is None:
+        return "one group: none"
+    return f"{figure['low']:.{digits}f} - {figure['high']:.{digits}f}"
 
 
 def summary(rows, names):
@@ -149,8 +160,7 @@ def headline_table(summary):
                 why = CANNOT.get(key, "no image to score")
                 lines.append(f"{name:>10}  {key:>14}  {'n/a':>8}  {'(' + why + ')':>17}  {0:>6}  {s['groups']}")
                 continue
-            span = f"{f['low']:.3f} - {f['high']:.3f}"
-            lines.append(f"{name:>10}  {key:>14}  {f['value']:>8.3f}  {span:>17}  {f['images']:>6}  {s['groups']}")
+            lines.append(f"{name:>10}  {key:>14}  {f['value']:>8.3f}  {span(f):>17}  {f['images']:>6}  {s['groups']}")
     return "\n".join(lines)
 
 

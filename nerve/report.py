@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from nerve import store
-from nerve.cases import CANNOT
+from nerve.cases import CANNOT, span
 from nerve.config import RunConfig
 from nerve.figures import per_group_figure, png_bytes, roc_figure
 from nerve.inference import model_dirs
@@ -70,7 +70,7 @@ def _figure_rows(summary):
             if f["value"] is None:
                 yield [name, key, "n/a", f"cannot be measured: {CANNOT.get(key, 'no image to score')}", 0]
             else:
-                yield [name, key, f"{f['value']:.3f}", f"{f['low']:.3f} - {f['high']:.3f}", f["images"]]
+                yield [name, key, f"{f['value']:.3f}", span(f), f["images"]]
 
 
 def _unit_note(rows):
@@ -231,7 +231,7 @@ def card_markdown(fields):
     lines += ["", f"## Figures ({fields['evaluated_on'] or 'not evaluated'}), 95% intervals over groups", ""]
     for name, s in fields["cross_validated"].items():
         for key, f in s["figures"].items():
-            value = "n/a" if f["value"] is None else f"{f['value']:.3f} ({f['low']:.3f} - {f['high']:.3f})"
+            value = "n/a" if f["value"] is None else f"{f['value']:.3f} ({span(f)})"
             lines.append(f"- {name} {key}: {value}, {f['images']} images")
     lines += ["", "## The gate", ""] + [f"- {name}: {text}" for name, text in fields["gate"].items()]
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in fields["versions"].items()]

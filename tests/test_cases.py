@@ -77,6 +77,8 @@ def test_intervals_resample_groups_not_frames():
     assert two["value"] == 0.5 and (two["low"], two["high"]) == (0.0, 1.0)
     frames = cases.interval(values, np.ones(200, bool), np.arange(200), rng)  # frames as their own groups
     assert 0.4 < frames["low"] < 0.5 < frames["high"] < 0.6
+    one = cases.interval(values, np.ones(200, bool), ["a"] * 200, rng)  # a single subject: no spread to resample
+    assert one["value"] == 0.5 and one["low"] is None and cases.span(one) == "one group: none"
     nothing = cases.interval(values, np.zeros(200, bool), np.arange(200), rng)
     assert nothing["value"] is None and nothing["images"] == 0
 
