@@ -172,21 +172,30 @@ def structure_row(names, present, masks, ood, unknown, region):
     return row
 
 
+@dataclasses.dataclass
+class Predicted:
+    """One frame's prediction over its regions: the label map at its own size, the presence of each structure
+    (the highest over the regions), whether the model knows none of the regions, one row per region."""
+
+    labels: np.ndarray
+    present: np.ndarray
+    unknown: bool = True
+    rows: list = dataclasses.field(default_factory=list)
+
+
 def predict_frames(predictor, images, regions, states=None):
-    """Each image's [label map at its own size, presence per structure (the highest over its regions), whether
-    the model knows none of its regions, one row per region]: every region predicted on its own and its masks put
-    back in their place; nothing outside the regions. `states`: one deploy.Hysteresis per region (a sequence)."""
+    """Each image's Predicted: every region predicted on its own and its masks put back in their place; nothing
+    outside the regions. `states`: one deploy.Hysteresis per region (a sequence)."""
     placed = [(i, k, r, r.crop(image)) for i, (image, rs) in enumerate(zip(images, regions)) for k, r in enumerate(rs)]
     probs, present, ood = predictor.probabilities([crop for *_, crop in placed])
-    out = [[np.zeros(np.shape(image), np.uint8), np.zeros(len(predictor.names)), True, []] for image in images]
+    out = [Predicted(np.zeros(np.shape(image), np.uint8), np.zeros(len(predictor.names))) for image in images]
     for j, (i, k, region, crop) in enumerate(placed):
         masks, kept, unknown, full = predictor.masks(crop, probs[j], present[j], ood[j])
         masks = masks * (states[k].update(kept) if states else kept).astype(np.uint8)
-        labels = deploy.label_map(masks[None], full[None])[0]
-        out[i][0][region.y : region.y + region.h, region.x : region.x + region.w] = labels
-        out[i][1] = np.maximum(out[i][1], present[j])
-        out[i][2] &= unknown
-        out[i][3].append(structure_row(predictor.names, present[j], masks, ood[j], unknown, region))
+        out[i].labels[region.box] = deploy.label_map(masks[None], full[None])[0]
+        out[i].present = np.maximum(out[i].present, present[j])
+        out[i].unknown &= unknown
+        out[i].rows.append(structure_row(predictor.names, present[j], masks, ood[j], unknown, region))
     return out
 
 
@@ -219,25 +228,39 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-def predict_stills(predictor, stills, out, dicom_seg=True):
+def predict_stills(predictor, stills, out, failed, dicom_seg=True):
     """Masks and overlays of still images (and single-frame DICOM, with a DICOM SEG unless not `dicom_seg`),
-    given as (path, name, Scan); return their summary rows, one per region."""
+    given as (path, name, Scan), each read when its chunk comes (a bad one is added to `failed`); return their
+    summary rows, one per region."""
     rows = []
     for start in tqdm(range(0, len(stills), inference.CHUNK), desc="images", unit="chunk", leave=False):
-        chunk = stills[start : start + inference.CHUNK]
-        images = [next(iter(scan.frames)) for *_, scan in chunk]
+        chunk, images = [], []
+        for path, name, scan in stills[start : start + inference.CHUNK]:
+            try:
+                images.append(next(iter(scan.frames)))
+            except UserError as e:
+                skip(e, path, failed)
+                continue
+            chunk.append((path, name, scan))
+        if not chunk:
+            continue
         regions = [scan.regions_of(image) for (*_, scan), image in zip(chunk, images)]
-        predicted = predict_frames(predictor, images, regions)
-        for (path, name, scan), image, rs, (labels, present, unknown, found) in zip(chunk, images, regions, predicted):
+        for (path, name, scan), image, rs, p in zip(chunk, images, regions, predict_frames(predictor, images, regions)):
             mask_name = MASK_FILE.format(name=name)
-            write_png(out / mask_name, mask_png(labels, len(predictor.names)))
+            write_png(out / mask_name, mask_png(p.labels, len(predictor.names)))
             if dicom_seg and scan.dataset is not None:
-                seg_beside(out / SEG_FILE.format(name=name), scan.dataset, [labels], predictor.names)
-            picture = overlay(image, labels, present, predictor.names, unknown, rs)
+                seg_beside(out / SEG_FILE.format(name=name), scan.dataset, [p.labels], predictor.names)
+            picture = overlay(image, p.labels, p.present, predictor.names, p.unknown, rs)
             write_png(out / OVERLAY_FILE.format(name=name), picture)
             size = {"height": image.shape[0], "width": image.shape[1]}
-            rows += [{"file": str(path), **size, "mask": mask_name, **row} for row in found]
+            rows += [{"file": str(path), **size, "mask": mask_name, **row} for row in p.rows]
     return rows
+
+
+def skip(error, path, failed):
+    """Report a bad input in one line and add it to `failed`: the others are still predicted."""
+    print(f"skipped: {error}", file=sys.stderr)
+    failed.append(path.name)
 
 
 def read_still(path):
@@ -258,13 +281,13 @@ def predict_sequence(predictor, scan, name, out, smooth, dicom_seg=True):
             regions = [scan.regions_of(image) for image in batch]
             states = states or [deploy.Hysteresis(smooth, len(predictor.names)) for _ in regions[0]]
             predicted = predict_frames(predictor, batch, regions, states)
-            for image, rs, (labels, present, unknown, found) in zip(batch, regions, predicted):
+            for image, rs, p in zip(batch, regions, predicted):
                 if writer is None:
                     size = (image.shape[1], image.shape[0])
                     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), scan.fps, size)
-                writer.write(overlay(image, labels, present, predictor.names, unknown, rs))
-                drawn += [labels] if dicom_seg and scan.dataset is not None else []
-                rows += [{"frame": n, "time_s": round(scan.time(n), 4), **row} for row in found]
+                writer.write(overlay(image, p.labels, p.present, predictor.names, p.unknown, rs))
+                drawn += [p.labels] if dicom_seg and scan.dataset is not None else []
+                rows += [{"frame": n, "time_s": round(scan.time(n), 4), **row} for row in p.rows]
                 n += 1
             bar.update(len(batch))
         bar.close()
@@ -292,7 +315,7 @@ def scan_of(path, region=None, spacing=None):
     if suffix in VIDEO_SUFFIXES:
         scan = video_scan(path)
     elif suffix in IMAGE_SUFFIXES:
-        scan = Scan(iter([read_still(path)]), 1)
+        scan = Scan((read_still(p) for p in [path]), 1)  # read when its chunk is predicted
     else:  # DICOM, by its suffix or its preamble
         return dicom_scan(path)
     scan.spacing = spacing
@@ -310,7 +333,7 @@ def main(argv=None):
     predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
     print(predictor.describe())
     stills, failed = [], []
-    for path, name in files:  # a bad input is reported in one line and skipped: the others are still predicted
+    for path, name in files:
         try:
             scan = scan_of(path, args.region, args.spacing)
             if scan.count == 1:
@@ -318,19 +341,18 @@ def main(argv=None):
                 continue
             rows = predict_sequence(predictor, scan, name, out, args.smooth, not args.no_seg)
         except UserError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            failed.append(path.name)
+            skip(e, path, failed)
             continue
         written = f"{OVERLAY_VIDEO_FILE.format(name=name)}, {FRAMES_FILE.format(name=name)}"
         timing = f"{scan.fps:.3g} frames/s from {scan.timing}"
         print(f"{path}: {scan.count or len(rows)} frames, {timing}{unknown_note(rows)} -> {out}/{written}")
     if stills:
-        rows = predict_stills(predictor, stills, out, not args.no_seg)
+        rows = predict_stills(predictor, stills, out, failed, not args.no_seg)
         write_csv(out / SUMMARY_FILE.format(ext="csv"), rows)
         summary = {"models": predictor.describe(), "ood_threshold": predictor.ood_threshold, "images": rows}
         write_json(out / SUMMARY_FILE.format(ext="json"), summary)
         print(
-            f"{len(stills)} image(s){unknown_note(rows)} -> {out}/ (masks, overlays, "
+            f"{len({row['file'] for row in rows})} image(s){unknown_note(rows)} -> {out}/ (masks, overlays, "
             f"{SUMMARY_FILE.format(ext='csv')} and .json)"
         )
     if failed:

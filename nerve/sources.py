@@ -59,8 +59,13 @@ class Region:
     h: int
     spacing: tuple | None = None
 
+    @property
+    def box(self):
+        """The region's rows and columns, to index a frame with."""
+        return np.s_[self.y : self.y + self.h, self.x : self.x + self.w]
+
     def crop(self, image):
-        return np.asarray(image)[self.y : self.y + self.h, self.x : self.x + self.w]
+        return np.asarray(image)[self.box]
 
     def describe(self):
         mm = f", {self.spacing[0]:.4g}x{self.spacing[1]:.4g} mm per pixel" if self.spacing else ""
