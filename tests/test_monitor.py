@@ -25,7 +25,9 @@ def test_one_prediction_gives_the_validation_figures_of_keras_own_pass():
     validation.on_epoch_end(0, logs)
     assert {f"val_{name}" for name in expected} | {"val_leaderboard"} == set(logs)
     for name, value in expected.items():
-        assert logs[f"val_{name}"] == pytest.approx(value, rel=1e-5), name
+        # float32 sums taken in another order (one pass over the images against Keras' per-batch means) differ
+        # by about 1e-5 relative on some CPUs
+        assert logs[f"val_{name}"] == pytest.approx(value, rel=1e-4), name
     assert 0 <= logs["val_leaderboard"] <= 1
 
 
