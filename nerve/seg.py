@@ -1,13 +1,39 @@
-"""DICOM Segmentation objects (SEG) of predict.py's masks, written with highdicom, so that a viewer or an archive
-(3D Slicer, OHIF, a PACS) shows them over the study: one SEG per DICOM input, one segment per structure,
-referencing the source instance. highdicom writes a SEG of a multi-frame source only where the source has a
-frame of reference, which ultrasound cine loops rarely have."""
+"""DICOM Segmentation objects (SEG) of predict.py's masks, so that a viewer or an archive (3D Slicer, OHIF, a PACS)
+shows them over the study: one SEG per DICOM input, one segment per structure, a SEG frame per source frame and
+segment, referencing the source instance (and its frame).
 
+highdicom writes them, except for a multi-frame source without a frame of reference (most ultrasound cine
+loops: the Frame of Reference module is optional in their IOD), which highdicom refuses; cine_seg builds that
+SEG with pydicom, in the layout highdicom gives a single frame, the cine's frame as a second dimension
+(TemporalPositionIndex) and each SEG frame's source frame named by ReferencedFrameNumber."""
+
+import datetime
 import warnings
 
 from nerve.common import UserError, atomic_path
 
 import numpy as np
+
+SOFTWARE = {
+    "Manufacturer": "ultrasound-nerve-segmentation",
+    "ManufacturerModelName": "two-headed U-Net",
+    "SoftwareVersions": "1",
+    "DeviceSerialNumber": "none",
+}
+SERIES_NUMBER = 900
+# what a SEG copies from its source to belong to the same patient and study (the standard requires them)
+PATIENT_AND_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 # SNOMED CT codes of the structures this project's datasets label; other names are tissue
 STRUCTURE_CODES = {"nerve": "Nerve", "vessel": "BloodVessel", "artery": "Artery", "vein": "Vein"}
@@ -35,30 +61,119 @@ def segment_descriptions(names):
 
 def write_seg(path, source, labels, names):
     """A binary SEG at `path` of label maps (frames, rows, cols) predicted on the DICOM dataset `source`, one
-    segment per structure of `names`; a UserError where highdicom cannot reference the source that way."""
+    segment per structure of `names`; a UserError where the source lacks what a SEG must reference."""
     import highdicom as hd
 
     masks = np.stack([np.asarray(labels) == k + 1 for k in range(len(names))], axis=-1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # highdicom's advice on the source's attributes (a person name's form)
-            seg = hd.seg.Segmentation(
-                source_images=[source],
-                pixel_array=masks,
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=segment_descriptions(names),
-                series_instance_uid=hd.UID(),
-                series_number=900,
-                sop_instance_uid=hd.UID(),
-                instance_number=1,
-                manufacturer="ultrasound-nerve-segmentation",
-                manufacturer_model_name="two-headed U-Net",
-                software_versions="1",
-                device_serial_number="none",
-                omit_empty_frames=False,
-            )
-    except (ValueError, AttributeError) as e:  # a source highdicom cannot reference, or without what a SEG needs
+        if len(masks) > 1 and "FrameOfReferenceUID" not in source:
+            seg = cine_seg(source, masks, names)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # highdicom's advice on the source's attributes (a name's form)
+                seg = hd.seg.Segmentation(
+                    source_images=[source],
+                    pixel_array=masks,
+                    segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                    segment_descriptions=segment_descriptions(names),
+                    series_instance_uid=hd.UID(),
+                    series_number=SERIES_NUMBER,
+                    sop_instance_uid=hd.UID(),
+                    instance_number=1,
+                    manufacturer=SOFTWARE["Manufacturer"],
+                    manufacturer_model_name=SOFTWARE["ManufacturerModelName"],
+                    software_versions=SOFTWARE["SoftwareVersions"],
+                    device_serial_number=SOFTWARE["DeviceSerialNumber"],
+                    omit_empty_frames=False,
+                )
+    except (ValueError, AttributeError) as e:  # a source without what a SEG needs to reference it
         raise UserError(f"no DICOM SEG for {path.name}: {e}") from None
     with atomic_path(path) as tmp:
-        seg.save_as(tmp)
+        seg.save_as(tmp, enforce_file_format=True)
     return path
+
+
+def _item(**attributes):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value, meaning):
+    return _item(CodeValue=value, CodingSchemeDesignator="DCM", CodeMeaning=meaning)
+
+
+def cine_seg(source, masks, names):
+    """The binary SEG dataset of masks (frames, rows, cols, segments) on a multi-frame source without a frame of
+    reference: a SEG frame per segment and source frame, segment by segment."""
+    import highdicom as hd
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+
+    frames, rows, cols, segments = masks.shape
+    if (rows, cols) != (source.Rows, source.Columns) or frames != int(source.NumberOfFrames):
+        raise ValueError(f"masks of {frames} {cols}x{rows} frames for a source of {source.NumberOfFrames}")
+    now = datetime.datetime.now()
+    seg = _item(**{k: source.get(k, "") for k in PATIENT_AND_STUDY}, **SOFTWARE)
+    seg.file_meta = FileMetaDataset()
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = hd.UID()
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg.Modality, seg.SeriesInstanceUID, seg.SeriesNumber, seg.InstanceNumber = "SEG", hd.UID(), SERIES_NUMBER, 1
+    seg.ImageType = ["DERIVED", "PRIMARY"]
+    seg.ContentDate, seg.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    seg.InstanceCreationDate, seg.InstanceCreationTime = seg.ContentDate, seg.ContentTime
+    seg.ContentLabel, seg.ContentDescription, seg.ContentCreatorName = "US_SEG", "", ""
+    seg.SegmentationType, seg.SegmentsOverlap, seg.LossyImageCompression = "BINARY", "NO", "00"
+    seg.SegmentSequence = segment_descriptions(names)
+    reference = {"ReferencedSOPClassUID": source.SOPClassUID, "ReferencedSOPInstanceUID": source.SOPInstanceUID}
+    seg.ReferencedSeriesSequence = [
+        _item(SeriesInstanceUID=source.SeriesInstanceUID, ReferencedInstanceSequence=[_item(**reference)])
+    ]
+    seg.SourceImageSequence = [_item(**reference)]
+    organization = hd.UID()
+    seg.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
+    seg.DimensionIndexSequence = [
+        _item(
+            DimensionOrganizationUID=organization,
+            DimensionIndexPointer=index,
+            FunctionalGroupPointer=group,
+            DimensionDescriptionLabel=label,
+        )
+        for index, group, label in (
+            (0x0062000B, 0x0062000A, "Referenced Segment Number"),
+            (0x00209128, 0x00209111, "Temporal Position Index"),
+        )
+    ]
+    purpose = _code("121322", "Source image for image processing operation")
+    seg.SharedFunctionalGroupsSequence = [_item()]
+    seg.PerFrameFunctionalGroupsSequence = [
+        _item(
+            DerivationImageSequence=[
+                _item(
+                    SourceImageSequence=[
+                        _item(
+                            **reference,
+                            ReferencedFrameNumber=f + 1,
+                            SpatialLocationsPreserved="YES",
+                            PurposeOfReferenceCodeSequence=[purpose],
+                        )
+                    ],
+                    DerivationCodeSequence=[_code("113076", "Segmentation")],
+                )
+            ],
+            FrameContentSequence=[_item(DimensionIndexValues=[s + 1, f + 1], TemporalPositionIndex=f + 1)],
+            SegmentIdentificationSequence=[_item(ReferencedSegmentNumber=s + 1)],
+        )
+        for s in range(segments)
+        for f in range(frames)
+    ]
+    seg.SamplesPerPixel, seg.PhotometricInterpretation, seg.PresentationLUTShape = 1, "MONOCHROME2", "IDENTITY"
+    seg.NumberOfFrames, seg.Rows, seg.Columns = frames * segments, rows, cols
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = 1, 1, 0, 0
+    seg.PixelData = pack_bits(np.moveaxis(masks, -1, 0).astype(np.uint8))  # segment by segment, frame by frame
+    return seg

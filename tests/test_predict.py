@@ -121,6 +121,13 @@ def test_a_scanners_screen_is_predicted_region_by_region_in_mm_and_a_bad_file_si
         seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     )
     np.testing.assert_array_equal(seg.pixel_array > 0, mask > 0)
+    # a cine loop without a frame of reference (highdicom refuses it): a SEG frame per source frame, in order
+    cine = highdicom.seg.segread(out / "cine_seg.dcm")
+    source = pydicom.dcmread(tmp_path / "cine.dcm")
+    assert "FrameOfReferenceUID" not in source and cine.NumberOfFrames == 3
+    labels = cine.get_pixels_by_source_frame(source.SOPInstanceUID, [1, 2, 3], combine_segments=True)
+    areas = [int(r["nerve_area"]) for r in csv.DictReader(open(out / "cine_frames.csv"))]
+    assert [np.count_nonzero(frame == 1) for frame in labels] == areas and sum(areas) > 0
     assert (
         not {"PatientName", "PatientID"} & set(rows[0]) and "PatientName" not in (out / "predictions.json").read_text()
     )
