@@ -4,6 +4,7 @@
     python predict.py scans/ loop.mp4 --output out   # a folder (recursively) and a video, frame by frame
     python predict.py cine.dcm --smooth 3            # presence hysteresis over frames against flicker
     python predict.py scans/ --fast                  # one model, no mirror view
+    python predict.py --live 0 --runtime onnx        # a capture device live: igtl://host:port for OpenIGTLink
 
 Each input is predicted at its own size with the ensemble, mirror view and tuned post-processing that
 evaluate.py and submission.py use (deploy.py's functions, which an exported model's application calls too).
@@ -17,18 +18,27 @@ above --ood-threshold it is not a scan this model knows, and it gets no mask and
 DICOM goes through pydicom (with python-gdcm for the JPEG syntaxes): each tissue region of its Sequence of
 Ultrasound Regions is predicted on its own, in mm where the region gives its pixel size, and a DICOM SEG of the
 masks goes beside them (README.md, "DICOM"). A bad input is reported in one line and skipped.
+
+--live SOURCE segments the newest frame of a stream (nerve/live.py: a frame grabber, a URL or pipeline OpenCV
+opens, a video played at its own rate, or an OpenIGTLink server's images) until it ends, q or Esc in its window,
+or Ctrl-C; a slow model drops frames rather than fall behind. It shows the overlay where a display exists and
+writes live_overlay.mp4, live_frames.csv (with each frame's capture-to-drawn latency, as the stream runs) and
+live_latency.json (p50, p95 and max latency, frames/s, frames dropped).
 """
 
 import csv
 import dataclasses
 import itertools
 import sys
+import time
 from pathlib import Path
 
 from nerve.common import (
     DEPLOY_FILE,
     EXPORT_DIR,
     FRAMES_FILE,
+    LATENCY_FILE,
+    LIVE_NAME,
     MASK_FILE,
     OVERLAY_FILE,
     OVERLAY_VIDEO_FILE,
@@ -53,12 +63,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from nerve import deploy, inference, model, postprocess
+from nerve import deploy, inference, live, model, postprocess
 from nerve.figures import annotated
 from nerve.images import read_image
 from nerve.layouts import IMAGE_SUFFIXES
 from nerve.seg import write_seg
-from nerve.sources import VIDEO_SUFFIXES, Region, Scan, dicom_scan, input_files, video_scan
+from nerve.sources import DEFAULT_FPS, VIDEO_SUFFIXES, Region, Scan, dicom_scan, input_files, video_scan, whole_frame
 
 RUNTIMES = ("keras", "onnx", "litert", "savedmodel", "openvino")  # openvino runs the onnx export
 
@@ -308,6 +318,59 @@ def seg_beside(path, dataset, labels, names):
         print(e, file=sys.stderr)
 
 
+def predict_live(predictor, source, out, smooth, region, spacing, timeout, show=True, send=False):
+    """Segment the newest frame of a started live.Source until it ends (or sends nothing for `timeout` s), the
+    window is closed, or Ctrl-C: the overlay in a window where a display exists (and `show`), live_overlay.mp4 and
+    live_frames.csv as the stream runs, the labels sent back (`send`, OpenIGTLink); return the latency figures."""
+    view = live.window(f"{source.name}: q or Esc stops") if show else None
+    latency, states, writer, columns = live.Latency(), None, None, None
+    report = time.perf_counter() + live.REPORT_EVERY_S
+    video = out / OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)
+    # the CSV grows row by row, flushed, so that it can be followed while the stream runs and survives a crash
+    with atomic_path(video) as tmp, open(out / FRAMES_FILE.format(name=LIVE_NAME), "w", newline="") as table:
+        try:
+            while not (view and view.closed) and (taken := source.latest.take(timeout)) is not None:
+                frame, arrived, index, sent_spacing = taken
+                image = live.gray(frame)
+                mm = spacing or sent_spacing  # the user's flag before the stream's own
+                regions = [dataclasses.replace(region, spacing=mm) if region else whole_frame(image, mm)]
+                states = states or [deploy.Hysteresis(smooth, len(predictor.names))]
+                p = predict_frames(predictor, [image], [regions], states)[0]
+                picture = overlay(image, p.labels, p.present, predictor.names, p.unknown, regions)
+                if writer is None:
+                    size = (image.shape[1], image.shape[0])
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), source.fps or DEFAULT_FPS, size)
+                writer.write(picture)
+                if view:
+                    view.show(picture)
+                if send:
+                    source.send(p.labels, mm)
+                drawn = time.perf_counter()
+                latency.add(arrived, drawn)
+                timing = {"frame": index, "time_s": round(arrived - latency.arrivals[0], 4)}
+                rows = [{**timing, "latency_ms": round(1e3 * (drawn - arrived), 2), **row} for row in p.rows]
+                if columns is None:
+                    columns = csv.DictWriter(table, fieldnames=list(rows[0]), restval="", extrasaction="ignore")
+                    columns.writeheader()
+                columns.writerows(rows)
+                table.flush()
+                if drawn > report and sys.stdout.isatty():
+                    print(live.summary_line(latency.summary(source.latest, source.fps)), flush=True)
+                    report = drawn + live.REPORT_EVERY_S
+        except KeyboardInterrupt:  # the usual way to stop a stream: the outputs are closed as at its end
+            pass
+        finally:
+            source.stop()
+            if view:
+                view.destroy()
+        if writer is None:
+            raise UserError(f"--live {source.name}: no frame came within {timeout:g} s; is the source sending?")
+        writer.release()
+    figures = {"source": source.name, "models": predictor.describe(), **latency.summary(source.latest, source.fps)}
+    write_json(out / LATENCY_FILE, figures)
+    return figures
+
+
 def scan_of(path, region=None, spacing=None):
     """The Scan of one input: a DICOM file with its own tissue regions, mm and frame times; a video or an image
     in `region` (a Region, or the whole frame) at `spacing` mm per pixel where given."""
@@ -325,13 +388,37 @@ def scan_of(path, region=None, spacing=None):
 
 def main(argv=None):
     args = flag_parser().parse_args(argv)
-    if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0:
-        raise UserError("--smooth and --ood-threshold must not be negative and --batch-size must be at least 1")
-    files = input_files(args.paths)
+    if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0 or args.live_timeout <= 0:
+        raise UserError(
+            "--smooth and --ood-threshold must not be negative, --batch-size must be at least 1 and --live-timeout "
+            "more than 0"
+        )
+    if bool(args.paths) == bool(args.live):
+        raise UserError("give the inputs to predict, or --live SOURCE for a stream, not both")
+    if args.send_labels and not (args.live or "").startswith(live.IGTL_PREFIX):
+        raise UserError(f"--send-labels sends over OpenIGTLink: give --live {live.IGTL_PREFIX}host:port")
+    files = input_files(args.paths) if args.paths else []
     out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
     model.set_precision(args.precision)
     predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
     print(predictor.describe())
+    if args.live:
+        predictor.probabilities([np.zeros(predictor.size, np.uint8)])  # the first call compiles: not on a frame
+        source = live.open_source(args.live)
+        figures = predict_live(
+            predictor,
+            source,
+            out,
+            args.smooth,
+            args.region,
+            args.spacing,
+            args.live_timeout,
+            not args.no_window,
+            args.send_labels,
+        )
+        written = f"{OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)}, {FRAMES_FILE.format(name=LIVE_NAME)}, {LATENCY_FILE}"
+        print(f"{args.live}: {live.summary_line(figures)} -> {out}/{written}")
+        return
     stills, failed = [], []
     for path, name in files:
         try:
@@ -363,7 +450,20 @@ def main(argv=None):
 
 def flag_parser():
     ap = arg_parser(__doc__)
-    ap.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos, DICOM files")
+    ap.add_argument("paths", nargs="*", type=Path, help="image files, folders, videos, DICOM files")
+    ap.add_argument(
+        "--live",
+        metavar="SOURCE",
+        help=f"a stream instead: a capture device index (0), a URL, pipeline or video OpenCV opens, or "
+        f"{live.IGTL_PREFIX}host:port (OpenIGTLink)",
+    )
+    ap.add_argument(
+        "--live-timeout", type=float, default=10.0, help="--live: seconds without a frame that end the stream"
+    )
+    ap.add_argument("--no-window", action="store_true", help="--live: no window even where a display exists")
+    ap.add_argument(
+        "--send-labels", action="store_true", help="--live igtl://: send each label map back as an image message"
+    )
     ap.add_argument("--output", type=Path, help=f"where the outputs go; unset: results/{PREDICTIONS_DIR}")
     ap.add_argument("--fast", action="store_true", help="the first model alone, without the mirror view")
     smooth = "video: a structure is shown after this many frames that show it and hidden after as many that do not"

@@ -59,6 +59,8 @@ OVERLAY_VIDEO_FILE = "{name}_overlay.mp4"  # there: a video or cine loop drawn l
 SEG_FILE = "{name}_seg.dcm"  # there: a DICOM input's masks as a DICOM Segmentation object
 FRAMES_FILE = "{name}_frames.csv"  # there: per frame, each structure's presence, area, centroid, box
 SUMMARY_FILE = "predictions.{ext}"  # there: per still image the same, as csv and json
+LIVE_NAME = "live"  # there: predict.py --live's {name}_overlay.mp4 and {name}_frames.csv
+LATENCY_FILE = "live_latency.json"  # there: its latency, frames/s and frames dropped
 EXPORT_DIR = "export"  # results/: export.py's artefacts, a folder per format
 DEPLOY_FILE = "deploy.json"  # beside them: input size, structures, tuned post-processing, views
 

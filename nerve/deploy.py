@@ -90,6 +90,8 @@ def apply_each(probs, present, specs):
 def label_map(masks, probs):
     """(n, h, w) labels of per-structure masks (n, h, w, K): 0 background, else 1 + the most probable
     structure whose mask holds the pixel."""
+    if masks.shape[-1] == 1:  # one structure: the mask is its label map (and the argmax a live frame's slowest step)
+        return (masks[..., 0] > 0).astype(np.uint8)
     best = np.where(masks > 0, probs, -1.0).argmax(axis=-1)
     return np.where(masks.any(axis=-1), best + 1, 0).astype(np.uint8)
 

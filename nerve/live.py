@@ -1,0 +1,237 @@
+"""Live input for predict.py --live: a source read on its own thread into a slot that holds only the newest frame,
+so that a slow model drops frames instead of falling behind; the latency of each drawn frame; a window.
+
+A source is a capture device index ("0"), anything else OpenCV's VideoCapture opens (a URL, a GStreamer
+pipeline, a video file, which is played at its own frame rate as a scanner would send it), or
+igtl://host:port, an OpenIGTLink server's image stream (PLUS, 3D Slicer) through pyigtl. A frame's latency runs
+from the moment the reader thread has it to the moment its overlay is drawn.
+"""
+
+import os
+import threading
+import time
+from urllib.parse import urlparse
+
+from nerve.common import UserError
+
+import cv2
+import numpy as np
+
+IGTL_PREFIX = "igtl://"
+IGTL_PORT = 18944  # OpenIGTLink's registered port
+LABELS_DEVICE = "nerve_labels"  # the device name of the label maps sent back over OpenIGTLink
+LATE_FRAMES = 2  # a frame drawn more than this many frame times after it came is late
+REPORT_EVERY_S = 5.0  # seconds between the latency lines on a terminal
+
+
+class Latest:
+    """A slot for the newest frame: put() replaces a frame nobody took (counted as dropped), take() waits for one."""
+
+    def __init__(self):
+        self._ready = threading.Condition()
+        self._frame, self.offered, self.dropped, self.ended = None, 0, 0, False
+
+    def put(self, frame, spacing=None):
+        with self._ready:
+            self.dropped += self._frame is not None
+            self._frame = (frame, time.perf_counter(), self.offered, spacing)
+            self.offered += 1
+            self._ready.notify()
+
+    def end(self):
+        with self._ready:
+            self.ended = True
+            self._ready.notify()
+
+    def take(self, timeout):
+        """(frame, arrival time (perf_counter), its index among the frames offered, mm per pixel or None), or None
+        once the source has ended (or sent nothing for `timeout` seconds) and no frame waits."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._frame is not None or self.ended, timeout)
+            frame, self._frame = self._frame, None
+            return frame
+
+
+class Source:
+    """A live source filling a Latest on a daemon thread; stop() ends it; send() is for OpenIGTLink only."""
+
+    fps = None  # the source's own frame rate where it says, else estimated from the arrivals
+
+    def __init__(self, name):
+        self.name, self.latest, self._stop = name, Latest(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self):
+        try:
+            self.read()
+        finally:
+            self.latest.end()
+
+    def send(self, labels, spacing):
+        pass
+
+
+class CaptureSource(Source):
+    """A capture device, URL, pipeline or video file through OpenCV; a file is paced to its own frame rate."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.capture = cv2.VideoCapture(int(text) if text.isdigit() else text)
+        if not self.capture.isOpened():
+            what = "a capture device index, a URL, a pipeline or a video"
+            raise UserError(f"--live {text}: OpenCV cannot open it ({what})")
+        rate = self.capture.get(cv2.CAP_PROP_FPS)
+        self.fps = rate if 0 < rate < 1000 else None
+        # a file is read faster than it plays: pace it as a scanner would send it
+        self.paced = self.capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0 and self.fps is not None
+
+    def read(self):
+        start, n = time.perf_counter(), 0
+        while not self._stop.is_set():
+            ok, frame = self.capture.read()
+            if not ok:
+                break
+            if self.paced:
+                time.sleep(max(0.0, start + n / self.fps - time.perf_counter()))
+            self.latest.put(frame)
+            n += 1
+        self.capture.release()
+
+
+class IgtlSource(Source):
+    """The image messages of an OpenIGTLink server (any device), with the spacing its matrix gives."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        import pyigtl
+
+        where = urlparse(text)
+        self.client = pyigtl.OpenIGTLinkClient(host=where.hostname or "127.0.0.1", port=where.port or IGTL_PORT)
+
+    def read(self):
+        while not self._stop.is_set():
+            for message in self.client.get_latest_messages():
+                if message.message_type == "IMAGE" and message.device_name != LABELS_DEVICE:
+                    self.latest.put(np.asarray(message.image), igtl_spacing(message))
+            time.sleep(0.001)
+        self.client.stop()
+
+    def send(self, labels, spacing):
+        import pyigtl
+
+        matrix = np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
+        message = pyigtl.ImageMessage(labels[None], ijk_to_world_matrix=matrix, device_name=LABELS_DEVICE)
+        self.client.send_message(message, wait=False)
+
+
+def igtl_spacing(message):
+    """(rows, columns) mm per pixel from an image message's ijk-to-world matrix, or None where it gives none."""
+    matrix = getattr(message, "ijk_to_world_matrix", None)
+    if matrix is None:
+        return None
+    sx, sy = np.linalg.norm(np.asarray(matrix, float)[:3, :2], axis=0)
+    return (float(sy), float(sx)) if sx > 0 and sy > 0 and (sx, sy) != (1.0, 1.0) else None
+
+
+def open_source(text):
+    """The started Source that --live SOURCE names."""
+    return (IgtlSource(text) if text.startswith(IGTL_PREFIX) else CaptureSource(text)).start()
+
+
+def gray(frame):
+    """A frame as the gray uint8 image the model expects: colour by OpenCV's weights, a volume's first slice."""
+    frame = np.asarray(frame)
+    if frame.ndim == 4 or (frame.ndim == 3 and frame.shape[-1] not in (3, 4)):
+        frame = frame[0]  # OpenIGTLink's (slices, rows, columns[, components])
+    if frame.ndim == 3:
+        frame = cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
+    if frame.dtype != np.uint8:
+        frame = cv2.normalize(frame.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return frame
+
+
+class Latency:
+    """Capture-to-drawn times of the drawn frames, and the pace of the stream."""
+
+    def __init__(self):
+        self.ms, self.arrivals = [], []
+
+    def add(self, arrived, drawn):
+        self.ms.append(1e3 * (drawn - arrived))
+        self.arrivals.append(arrived)
+
+    def summary(self, latest, fps=None):
+        """The figures: p50, p95 and max latency (ms), frames drawn, offered and dropped, frames/s drawn, the
+        source's frame time and how many frames were drawn later than LATE_FRAMES of them."""
+        gaps = np.diff(self.arrivals)
+        frame_ms = 1e3 / fps if fps else (1e3 * float(np.median(gaps)) if len(gaps) else float("nan"))
+        ms = np.asarray(self.ms) if self.ms else np.full(1, np.nan)
+        elapsed = (self.arrivals[-1] - self.arrivals[0]) if len(self.arrivals) > 1 else float("nan")
+        return {
+            "latency_p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "latency_p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "latency_max_ms": round(float(ms.max()), 2),
+            "frames_drawn": len(self.ms),
+            "frames_offered": latest.offered,
+            "frames_dropped": latest.dropped,
+            "fps_drawn": round((len(self.ms) - 1) / elapsed, 2) if elapsed > 0 else float("nan"),
+            "frame_time_ms": round(frame_ms, 2),
+            "frames_late": int(np.count_nonzero(ms > LATE_FRAMES * frame_ms)),
+        }
+
+
+def summary_line(figures):
+    return (
+        f"latency p50 {figures['latency_p50_ms']:.1f} ms, p95 {figures['latency_p95_ms']:.1f} ms, max "
+        f"{figures['latency_max_ms']:.1f} ms; {figures['fps_drawn']:.1f} frames/s drawn, {figures['frames_drawn']} "
+        f"of {figures['frames_offered']} ({figures['frames_dropped']} dropped, {figures['frames_late']} later than "
+        f"{LATE_FRAMES} frame times of {figures['frame_time_ms']:.1f} ms)"
+    )
+
+
+class Window:
+    """A Tk window showing BGR pictures; closed, or q or Esc pressed, it says so through `closed`."""
+
+    def __init__(self, title):
+        import tkinter
+
+        self.root = tkinter.Tk()
+        self.root.title(title)
+        self.label = tkinter.Label(self.root)
+        self.label.pack()
+        self.closed = False
+        for key in ("q", "<Escape>"):
+            self.root.bind(key, self.close)
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+
+    def close(self, *_):
+        self.closed = True
+
+    def show(self, picture):
+        import tkinter
+
+        ok, ppm = cv2.imencode(".ppm", picture)
+        self.image = tkinter.PhotoImage(data=ppm.tobytes(), format="PPM")  # kept: Tk shows it while referenced
+        self.label.configure(image=self.image)
+        self.root.update()
+
+    def destroy(self):
+        self.root.destroy()
+
+
+def window(title):
+    """A Window where a display exists, else None."""
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    try:
+        return Window(title)
+    except Exception:  # no usable display or no Tk: the outputs are written instead
+        return None
