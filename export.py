@@ -1,8 +1,9 @@
-"""Export the trained models for deployment: TensorFlow SavedModel, ONNX or LiteRT (TFLite).
+"""Export the trained models for deployment: TensorFlow SavedModel, ONNX or LiteRT (TFLite), or an int8 ONNX model.
 
     python export.py --format onnx            # results/export/onnx/: model.onnx, deploy.json, deploy.py
     python export.py --format litert --fast   # the first model alone, without the mirror view
     python export.py --format savedmodel
+    python export.py --quantize int8 --fast   # results/export/onnx-int8/: for CPUs with int8 dot products
 
 The artefact takes raw 0-255 gray pixels at the models' input size, (n, h, w, 1) float32 (n = 1 for LiteRT),
 and returns {mask: (n, h, w, K), present: (n, K), ood: (n,)}: the input normalisation, the fold ensemble, the
@@ -12,6 +13,11 @@ copied beside the artefact with deploy.json (input size, structures, tuned specs
 threshold): an application that calls deploy.labels() gets predict.py's masks, and none for a scan the model
 does not know. Each export is checked before it is kept: its own runtime's outputs against Keras' on
 CHECK_IMAGES images.
+
+--quantize int8 quantises the ONNX model's convolutions (nerve/quantize.py), calibrated on the run's training
+frames, and keeps it only where this CPU has int8 dot-product instructions, its validation Dice is within
+quantize.MAX_DICE_LOSS of the float32 model's and it runs faster; deploy.json gets the check's figures (the Dice
+of each against the truth and between the two, the flags that differ, the latency of each).
 """
 
 import shutil
@@ -33,7 +39,7 @@ from nerve.common import (
 import keras
 import numpy as np
 
-from nerve import deploy, inference, model, postprocess
+from nerve import deploy, inference, model, postprocess, quantize
 from nerve.report import model_card, write_card
 
 FORMATS = {
@@ -45,11 +51,13 @@ TOLERANCE = 1e-4  # largest difference of a probability between the artefact's r
 CHECK_IMAGES = 4
 
 
-def export(results, kind, output, fast=False):
+def export(results, kind, output, fast=False, int8=False):
     """Export results/'s models as `kind` into `output`, with deploy.py, deploy.json and MODEL_CARD.md (its
-    fields in deploy.json too); check the artefact against Keras and return the largest probability difference."""
+    fields in deploy.json too); check the artefact against Keras (and, `int8`, quantise it and check that against
+    the float32 one) and return what deploy.json says of the checks."""
     model.set_precision("fp32")  # an artefact computes in float32 whatever the models were trained in
     nets, size, settings = inference.load_models(results)
+    specs = postprocess.load(results, settings["structures"])
     nets, tta = (nets[:1], "none") if fast else (nets, settings["tta"])
     serving = inference.Serving(nets, tta)
     sample = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *size, 1)).astype(np.float32)
@@ -69,13 +77,17 @@ def export(results, kind, output, fast=False):
             raise UserError(
                 f"the {kind} artefact differs from Keras by {difference:.2g} (over {TOLERANCE:g}): not kept"
             )
+        checks = {"max_difference_from_keras": difference}
+        if int8:
+            checks["int8"] = quantize.int8_artefact(results, artefact, size, specs, settings["structures"])
         final = output / name
         if final.is_dir():
             shutil.rmtree(final)
         artefact.replace(final)
     with atomic_path(output / "deploy.py") as tmp:
         shutil.copyfile(Path(deploy.__file__), tmp)
-    card = {**model_card(results), "artefact": f"{name} ({kind}): {len(nets)} model(s), views {tta}"}
+    precision = "int8" if int8 else "float32"
+    card = {**model_card(results), "artefact": f"{name} ({kind}, {precision}): {len(nets)} model(s), views {tta}"}
     write_card(output, card)
     write_state(
         output / DEPLOY_FILE,
@@ -84,31 +96,38 @@ def export(results, kind, output, fast=False):
             "runtime": kind,
             "size": list(size),
             "structures": settings["structures"],
-            "postprocess": postprocess.load(results, settings["structures"]),
+            "postprocess": specs,
             "models": len(nets),
             "tta": tta,
             "ood_threshold": deploy.OOD_THRESHOLD,
+            "precision": precision,
             "input": "raw gray pixels 0-255 as float32, (n, height, width, 1); litert: n = 1",
-            "max_difference_from_keras": difference,
+            **checks,
             "model_card": card,
         },
     )
-    return difference
+    return checks
 
 
 def main(argv=None):
     ap = arg_parser(__doc__)
     ap.add_argument("--format", choices=tuple(FORMATS), default="onnx", help="the artefact's format")
+    ap.add_argument("--quantize", choices=("int8",), help="an int8 ONNX model, calibrated on the run's training frames")
     ap.add_argument("--fast", action="store_true", help="the first model alone, without the mirror view")
     ap.add_argument("--output", type=Path, help=f"unset: results/{EXPORT_DIR}/FORMAT")
     add_flags(ap, "results")
     args = ap.parse_args(argv)
-    output = args.output or args.results / EXPORT_DIR / args.format
-    difference = export(args.results, args.format, output, args.fast)
+    if args.quantize and args.format != "onnx":
+        raise UserError("--quantize int8 writes an ONNX model: drop --format or give --format onnx")
+    folder = f"{args.format}-{args.quantize}" if args.quantize else args.format
+    output = args.output or args.results / EXPORT_DIR / folder
+    checks = export(args.results, args.format, output, args.fast, bool(args.quantize))
     print(
         f"wrote {output / FORMATS[args.format][1]} with {DEPLOY_FILE} and deploy.py beside it; its runtime's "
-        f"probabilities are within {difference:.1g} of Keras'"
+        f"probabilities are within {checks['max_difference_from_keras']:.1g} of Keras'"
     )
+    if args.quantize:
+        print(quantize.summary(checks["int8"]))
 
 
 if __name__ == "__main__":

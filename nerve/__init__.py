@@ -11,5 +11,6 @@ crossval    the out-of-fold store, cross-validated scores and their tables; case
             intervals over groups; report: report.html and MODEL_CARD.md
 inference   loading a run's models, mirror views, chunked prediction; deploy: to and from the model's size,
             the gate, smoothing (NumPy and OpenCV only: copied beside an export); sources: scans, videos, DICOM
+predictor   a frame's regions predicted, post-processed, measured and drawn; seg: DICOM SEG out; live: streams
 metrics     Dice, IoU, AUC, calibration, boundary distances; rle: Kaggle's run-length codes; figures: pictures
 """

@@ -227,6 +227,19 @@ def read_state(path, model, remedy, upgrade=None):
     return obj
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux names them (x86's "flags", Arm's "Features"), or None where it cannot be
+    told."""
+    try:
+        with open(CPUINFO) as f:
+            return {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return None
+
+
 def parse_spacing(text, where="--spacing"):
     """'0.1' -> (0.1, 0.1), '0.1x0.12' -> (0.1, 0.12): mm per pixel down the rows and across the columns; '' ->
     None (not known)."""

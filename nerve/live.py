@@ -7,15 +7,22 @@ igtl://host:port, an OpenIGTLink server's image stream (PLUS, 3D Slicer) through
 from the moment the reader thread has it to the moment its overlay is drawn.
 """
 
+import csv
+import dataclasses
 import os
+import sys
 import threading
 import time
 from urllib.parse import urlparse
 
-from nerve.common import UserError
+from nerve.common import FRAMES_FILE, LATENCY_FILE, LIVE_NAME, OVERLAY_VIDEO_FILE, UserError, atomic_path, write_json
 
 import cv2
 import numpy as np
+
+from nerve import deploy
+from nerve.predictor import overlay, predict_frames
+from nerve.sources import DEFAULT_FPS, whole_frame
 
 IGTL_PREFIX = "igtl://"
 IGTL_PORT = 18944  # OpenIGTLink's registered port
@@ -235,3 +242,73 @@ def window(title):
         return Window(title)
     except Exception:  # no usable display or no Tk: the outputs are written instead
         return None
+
+
+class Recording:
+    """The overlay video (at `video`, a temporary path) and the per-frame CSV (at `table`), written as the stream
+    runs: the CSV row by row, flushed, so that it can be followed and survives a crash."""
+
+    def __init__(self, video, table, fps):
+        self.paths, self.fps, self.video, self.table, self.columns = (video, table), fps, None, None, None
+
+    def add(self, picture, rows):
+        if self.video is None:
+            size = (picture.shape[1], picture.shape[0])
+            self.video = cv2.VideoWriter(str(self.paths[0]), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+            self.table = open(self.paths[1], "w", newline="")
+            self.columns = csv.DictWriter(self.table, fieldnames=list(rows[0]), restval="", extrasaction="ignore")
+            self.columns.writeheader()
+        self.video.write(picture)
+        self.columns.writerows(rows)
+        self.table.flush()
+
+    def close(self):
+        if self.video is not None:
+            self.video.release()
+            self.table.close()
+
+
+def stream(predictor, source, out, smooth=0, region=None, spacing=None, timeout=10.0, show=True, send=False):
+    """Segment the newest frame of a started Source until it ends (or sends nothing for `timeout` s), its window is
+    closed, or Ctrl-C; return the latency figures (also in live_latency.json). Each frame: predicted in `region`
+    (else the whole frame) at `spacing` mm per pixel (else the stream's own), post-processed, smoothed over
+    `smooth` frames, drawn (in a window where a display exists and `show`), its labels sent back (`send`,
+    OpenIGTLink), recorded. A frame's latency ends when its overlay is on screen and sent, before it is recorded."""
+    view = window(f"{source.name}: q or Esc stops") if show else None
+    latency, states = Latency(), [deploy.Hysteresis(smooth, len(predictor.names))]
+    report = time.perf_counter() + REPORT_EVERY_S
+    with atomic_path(out / OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)) as tmp:
+        recording = Recording(tmp, out / FRAMES_FILE.format(name=LIVE_NAME), source.fps or DEFAULT_FPS)
+        try:
+            while not (view and view.closed) and (taken := source.latest.take(timeout)) is not None:
+                frame, arrived, index, sent_spacing = taken
+                image = gray(frame)
+                mm = spacing or sent_spacing  # the user's flag before the stream's own
+                regions = [dataclasses.replace(region, spacing=mm) if region else whole_frame(image, mm)]
+                p = predict_frames(predictor, [image], [regions], states)[0]
+                picture = overlay(image, p.labels, p.present, predictor.names, p.unknown, regions)
+                if view:
+                    view.show(picture)
+                if send:
+                    source.send(p.labels, mm)
+                drawn = time.perf_counter()
+                latency.add(arrived, drawn)
+                timing = {"frame": index, "time_s": round(arrived - latency.arrivals[0], 4)}
+                recording.add(
+                    picture, [{**timing, "latency_ms": round(1e3 * (drawn - arrived), 2), **r} for r in p.rows]
+                )
+                if drawn > report and sys.stdout.isatty():
+                    print(summary_line(latency.summary(source.latest, source.fps)), flush=True)
+                    report = drawn + REPORT_EVERY_S
+        except KeyboardInterrupt:  # the usual way to stop a stream: the outputs are closed as at its end
+            pass
+        finally:
+            source.stop()
+            if view:
+                view.destroy()
+            recording.close()
+        if not latency.ms:
+            raise UserError(f"--live {source.name}: no frame came within {timeout:g} s; is the source sending?")
+    figures = {"source": source.name, "models": predictor.describe(), **latency.summary(source.latest, source.fps)}
+    write_json(out / LATENCY_FILE, figures)
+    return figures

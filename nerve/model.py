@@ -9,6 +9,8 @@ After training the network gets a third output, `ood`: how far the image's featu
 frames it was trained on (with_ood), and its presence is calibrated by a temperature (calibrated).
 """
 
+from nerve.common import cpu_flags
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -37,11 +39,7 @@ def has_accelerator():
 
 def cpu_has_bf16():
     """Whether the CPU does bfloat16 arithmetic natively (AVX512_BF16 or AMX); elsewhere it is emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool((cpu_flags() or set()) & {"avx512_bf16", "amx_bf16"})
 
 
 def set_precision(choice="auto"):

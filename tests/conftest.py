@@ -60,12 +60,20 @@ def run_script(*args, cwd=ROOT, env=None):
     )
 
 
+@pytest.fixture(autouse=True)
+def keep_dtype_policy():
+    """The Keras dtype policy a test or a script's main() sets (predict.py's "auto" is bf16 on some CPUs) is put
+    back after it, so that the next test in the process computes as it expects."""
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
 def run_main(script, *args):
     """Run a script's main() in this process, through run_cli as its command line does: a CompletedProcess like
     run_script's, without the seconds a new process spends importing TensorFlow. Each script still runs as a
-    process in some test; the Keras dtype policy a script sets is put back."""
+    process in some test."""
     module, argv = importlib.import_module(script), [str(a) for a in args]
-    policy = keras.config.dtype_policy()
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -75,8 +83,6 @@ def run_main(script, *args):
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if isinstance(e.code, str):
             err.write(e.code + "\n")
-    finally:
-        keras.config.set_dtype_policy(policy)
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 

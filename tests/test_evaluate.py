@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import export
-import predict
 from conftest import (
     ROOT,
     TINY,
@@ -20,6 +19,7 @@ from conftest import (
     two_fold_case,
 )
 from nerve import common, crossval, deploy, inference, postprocess
+from nerve.predictor import Predictor
 
 
 def out_of_fold(index):
@@ -182,7 +182,7 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     assert "3 model(s)" in sub.stdout
 
     # predict.py averages the three fold models and the mirror view; --fast is the first model alone
-    ensemble, fast = predict.Predictor(results), predict.Predictor(results, fast=True)
+    ensemble, fast = Predictor(results), Predictor(results, fast=True)
     assert (len(ensemble.nets), ensemble.tta, len(fast.nets), fast.tta) == (3, "hflip", 1, "none")
     images = list(np.load(tiny_input / "test_images.npy")[:2])
     x = np.stack([deploy.resize(image, ensemble.size) for image in images])
@@ -191,10 +191,10 @@ def test_kfold_training_evaluation_and_ensemble_submission(tiny_input, tmp_path)
     np.testing.assert_allclose(fast.probabilities(images)[0], inference.predict(fast.nets, x, "none")[0], atol=1e-5)
     assert not np.allclose(each[0], each[1], atol=1e-3)  # the folds' models differ: the average is not vacuous
     with pytest.raises(common.UserError, match="--runtime onnx runs the views exported with it: drop --fast"):
-        predict.Predictor(results, fast=True, runtime="onnx")
+        Predictor(results, fast=True, runtime="onnx")
     # and so does the ONNX export of the run: the three models and their mirror views in one artefact
     export.export(results, "onnx", results / "export" / "onnx")
-    exported = predict.Predictor(results, runtime="onnx")
+    exported = Predictor(results, runtime="onnx")
     assert json.loads((results / "export" / "onnx" / "deploy.json").read_text())["models"] == 3
     np.testing.assert_allclose(exported.probabilities(images)[0], ensemble.probabilities(images)[0], atol=1e-4)
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import export
-import predict
 from conftest import ROOT, run_script
 from nerve import common, deploy, inference
+from nerve.predictor import Predictor
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_an_exported_model_matches_keras_and_reproduces_predicts_masks(trained, 
     x = np.concatenate([deploy.model_input(image, settings["size"]) for image in images])
     mask, present, ood = inference.runner(kind, tmp_path / settings["artefact"])(x)
 
-    predictor = predict.Predictor(results)
+    predictor = Predictor(results)
     probs, expected_present, expected_ood = predictor.probabilities(list(images))
     np.testing.assert_allclose(mask, probs, atol=1e-4)
     np.testing.assert_allclose(present, expected_present, atol=1e-4)

@@ -12,6 +12,7 @@ import pytest
 import predict
 from conftest import ROOT, assert_picture, run_main, run_script
 from nerve import common, deploy, sources, synthetic
+from nerve.predictor import Predictor
 
 FRAMES = 12
 
@@ -250,7 +251,7 @@ def test_bad_inputs_are_one_line_each(trained, tmp_path):
 
 
 def test_predict_gates_a_mask_by_its_share_of_the_image_as_deploy_does():
-    predictor = object.__new__(predict.Predictor)  # the post-processing alone: no model needed
+    predictor = object.__new__(Predictor)  # the post-processing alone: no model needed
     predictor.ood_threshold = deploy.OOD_THRESHOLD
     probs = np.zeros((42, 58, 1), np.float32)
     probs[10:20, 10:25] = 0.9  # 6.2% of the image, at any size
@@ -263,7 +264,7 @@ def test_predict_gates_a_mask_by_its_share_of_the_image_as_deploy_does():
         np.testing.assert_array_equal(deploy.label_map((masks * kept)[None], full[None])[0], drawn)
 
 
-class ScriptedPresence(predict.Predictor):
+class ScriptedPresence(Predictor):
     """A predictor without a model: one blob in every frame, at the presence of a script, frame by frame."""
 
     def __init__(self, presence):
