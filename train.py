@@ -303,7 +303,10 @@ def fit_ood(config, out_dir, train_images, val_images, val_groups):
     checkpoint.update_model(out_dir, net, ood=report)
     flagged = report["held_out_flagged"]
     estimate = "" if flagged is None else f"; a threshold set on half the subjects flags {flagged:.1%} of the others"
-    print(f"out-of-distribution score: threshold at distance {report['threshold_distance']:.1f}{estimate}")
+    print(
+        f"out-of-distribution score: threshold at distance {report['threshold_distance']:.1f} ({report['margin']:g} x "
+        f"the validation frames' 99th percentile){estimate}"
+    )
 
 
 def out_of_fold(config, out_dir, images, frames, labels, val):

@@ -206,14 +206,28 @@ def interval_lines(summary, prefix=""):
     return lines
 
 
+def kaggle_arrays(shared, work, quick):
+    """The competition images in the Kaggle layout and their arrays, in `work` (made once): the folder."""
+    real = work / ("real-quick" if quick else "real")
+    if not (real / "train_images.npy").exists():
+        subset = ["--subjects", "1,2,3,5", "--limit", "30"] if quick else []
+        run(shared / "tools" / "make_real_input.py", real, *subset)
+        run(ROOT / "data.py", "--dataset", real)
+    return real
+
+
+def usgra_arrays(shared, work):
+    """usgra's arrays, read as it is with USGRA_GROUPS, in `work`: the folder."""
+    arrays = work / "usgra-input"  # beside the results folder usgra/
+    source = shared / "data" / "usgra"
+    run(ROOT / "data.py", "--dataset", source, "--arrays", arrays, "--classes", USGRA_CLASSES, "--group-pattern",
+        USGRA_GROUPS)  # fmt: skip
+    return arrays
+
+
 def kaggle(args, folds, flags):
     """The competition images: cross-validated figures and the labels' self-agreement."""
-    tool = args.shared / "tools" / "make_real_input.py"
-    real = args.work / ("real-quick" if args.quick else "real")
-    if not (real / "train_images.npy").exists():
-        subset = ["--subjects", "1,2,3,5", "--limit", "30"] if args.quick else []
-        run(tool, real, *subset)
-        run(ROOT / "data.py", "--dataset", real)
+    real = kaggle_arrays(args.shared, args.work, args.quick)
     arrays = load_arrays(real, ("train_images", "train_masks", "train_subjects"))
     agreement, duplicate = nearest_frame_agreement(
         arrays["train_images"], arrays["train_masks"], arrays["train_subjects"]
@@ -243,19 +257,7 @@ def kaggle(args, folds, flags):
 
 def usgra(args, folds, flags):
     """The second dataset, read as it is: cross-validated Dice per structure."""
-    arrays = args.work / "usgra-input"  # beside the results folder usgra/
-    source = args.shared / "data" / "usgra"
-    run(
-        ROOT / "data.py",
-        "--dataset",
-        source,
-        "--arrays",
-        arrays,
-        "--classes",
-        USGRA_CLASSES,
-        "--group-pattern",
-        USGRA_GROUPS,
-    )
+    arrays = usgra_arrays(args.shared, args.work)
     evaluation, minutes = cross_validate(args.work, arrays, "usgra", folds, flags)
     rows = evaluation["metrics"]
     lines = {f"usgra_dice_{name}": f"{sets['all folds']['dice_nonempty']:.4f}" for name, sets in rows.items()}

@@ -13,23 +13,38 @@ same run; end-to-end video frames per second on the fastest runtime (decode an M
 without the mirror view, post-process, draw: what predict.py does per frame); and the default model with the
 mirror view per test image (submission.py's work) under Keras and the fastest runtime, scaled to Kaggle's
 5508 test images.
+
+Live (`--only live` alone): predict.py --live as a user runs it, in its own process, on a run trained for one
+epoch on synthetic frames (the speed is a trained model's) and exported with --fast to the fastest runtime that
+reproduces Keras' masks: 580x420 frames from a loopback OpenIGTLink server (live.Replay, as PLUS sends a probe's
+images) at 30 frames/s to the default model at 96x128 (live_*) and at 90 frames/s to the small one at 64x80
+(live_small_*), and a video file played as a live source at its own 30 frames/s to the default model
+(live_video_*): capture-to-drawn latency p50 and p95, frames/s drawn, frames dropped, and frames drawn later than
+two frame times (late). The server shares the machine's cores with predict.py.
 """
 
 import importlib.util
+import itertools
+import json
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from nerve.common import arg_parser
+from nerve.common import LATENCY_FILE, arg_parser
 
 import cv2
 import keras
 import numpy as np
 
 from bench.throughput import forward_flops, matmul_gflops
-from nerve import deploy, inference, model, synthetic
+from nerve import deploy, inference, live, model, synthetic
 from nerve.figures import annotated
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = {"default": 32, "small": 16}
 SIZES = ((64, 80), (96, 128))
@@ -37,6 +52,13 @@ KAGGLE_TEST = 5508
 BATCH = 32
 TOLERANCE = 1e-4  # a runtime whose probabilities differ more from Keras' does not count as the fastest
 EXPORTS = {"onnx": ("onnx", "model.onnx"), "litert": ("litert", "model.tflite")}
+# live runs: line prefix -> (base filters, input size, frames/s offered, source)
+LIVE = {
+    "live_": (32, (96, 128), 30, "igtl"),
+    "live_video_": (32, (96, 128), 30, "video"),
+    "live_small_": (16, (64, 80), 90, "igtl"),
+}
+LIVE_SECONDS = 20  # of stream per run (--quick: 5)
 
 
 def median_ms(repeats, run, *args):
@@ -102,23 +124,29 @@ def video_fps(run, size, frames):
 
 def main():
     ap = arg_parser(__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and video frames")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, video frames and seconds of stream")
+    ap.add_argument("--only", choices=("runtimes", "live"), help="one part of the benchmark (unset: both)")
     args = ap.parse_args()
     repeats, n_frames = (10, 60) if args.quick else (50, 300)
     model.set_precision("fp32")
     frames = [f[1] for f in synthetic._subject_frames(0, 1, n_frames)]
-    peak = matmul_gflops()
-    print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
-    lines, fastest = {"matmul_gflops": f"{peak:.0f}"}, {}
+    lines, fastest = {}, {}
     with tempfile.TemporaryDirectory() as work:
-        for name, filters in MODELS.items():
-            for size in SIZES:
-                tag = f"{name}_{size[0]}x{size[1]}"
-                net = model.build_model((*size, 1), base_filters=filters, mean=100.0, std=50.0)
-                figures, best = one_model(net, tag, work, repeats, frames, peak)
-                lines.update(figures)
-                fastest[tag] = (net, best)
-        lines.update(submission_figures(*fastest["default_96x128"], frames[: min(64, n_frames)], work))
+        if args.only != "live":
+            peak = matmul_gflops()
+            print(f"matmul: {peak:.0f} GFLOP/s (float32, 2048x2048)")
+            lines["matmul_gflops"] = f"{peak:.0f}"
+            for name, filters in MODELS.items():
+                for size in SIZES:
+                    tag = f"{name}_{size[0]}x{size[1]}"
+                    net = model.build_model((*size, 1), base_filters=filters, mean=100.0, std=50.0)
+                    figures, best = one_model(net, tag, work, repeats, frames, peak)
+                    lines.update(figures)
+                    fastest[(filters, size)] = (net, best)
+            lines.update(submission_figures(*fastest[(32, (96, 128))], frames[: min(64, n_frames)], work))
+        if args.only != "runtimes":
+            seconds = 5 if args.quick else LIVE_SECONDS
+            lines.update(live_figures(Path(work), frames, seconds, {k: best for k, (_, best) in fastest.items()}))
     print()
     for key, value in lines.items():
         print(f"{key}: {value}")
@@ -186,6 +214,88 @@ def _per_image(run, images):
         mask, present, _ = run(x)
         for image, m, p in zip(chunk, np.asarray(mask), np.asarray(present)):
             deploy.labels(m.reshape(*m.shape[:2], -1), np.reshape(p, -1), [deploy.DEFAULT], image.shape)
+
+
+def script(*args):
+    """Run one of the project's commands; stop the benchmark if it fails."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"benchmark stopped: {Path(args[0]).name} failed: {result.stderr[-2000:]}")
+    return result
+
+
+def live_run(work, filters, size, runtime):
+    """A run of `filters` base filters at `size`, trained one epoch on a small synthetic set and exported with --fast
+    for `runtime` (OpenVINO runs the ONNX export)."""
+    arrays, results = work / "live-input", work / f"live-{filters}-{size[0]}x{size[1]}"
+    if not (arrays / "train_images.npy").exists():
+        script(ROOT / "data.py", "--synthetic", "--dataset", arrays, "--subjects", 3, "--frames", 12)
+    if not (results / "ensemble.json").exists():
+        shape = f"{size[0]}x{size[1]}"
+        flags = [
+            "--epochs",
+            1,
+            "--size",
+            shape,
+            "--base-filters",
+            filters,
+            "--precision",
+            "fp32",
+            "--val-fraction",
+            0.34,
+        ]
+        script(ROOT / "train.py", "--arrays", arrays, "--results", results, "--logs", work / "logs", *flags)
+        script(
+            ROOT / "export.py", "--fast", "--format", "onnx" if runtime == "openvino" else runtime, "--results", results
+        )
+    return results
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def live_stream(results, runtime, source, out):
+    """predict.py --live SOURCE on `results`' export in its own process: its live_latency.json."""
+    script(ROOT / "predict.py", "--live", source, "--results", results, "--runtime", runtime, "--output", out,
+           "--no-window", "--live-timeout", 5)  # fmt: skip
+    return json.loads((out / LATENCY_FILE).read_text())
+
+
+def live_figures(work, frames, seconds, fastest):
+    """The live lines: each of LIVE streamed to predict.py --live (fastest: (filters, size) -> the runtime that
+    reproduces Keras' masks, where the runtime part measured it; else ONNX Runtime)."""
+    lines = {}
+    for prefix, (filters, size, fps, source) in LIVE.items():
+        runtime = fastest.get((filters, size), "onnx")
+        results = live_run(work, filters, size, runtime)
+        played = list(itertools.islice(itertools.cycle(frames), int(fps * seconds)))
+        out = work / f"{prefix}out"
+        if source == "video":
+            path = work / "live.mp4"
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, played[0].shape[::-1])
+            for frame in played:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+            writer.release()
+            figures = live_stream(results, runtime, path, out)
+        else:
+            port = free_port()
+            with live.Replay(played, port, fps):
+                figures = live_stream(results, runtime, f"{live.IGTL_PREFIX}127.0.0.1:{port}", out)
+        what = f"{source}, base {filters} at {size[0]}x{size[1]}, {runtime}, {fps} frames/s offered"
+        print(f"{prefix}: {live.summary_line(figures)} ({what})")
+        lines.update(
+            {
+                f"{prefix}latency_p50_ms": f"{figures['latency_p50_ms']:.1f} ({what})",
+                f"{prefix}latency_p95_ms": f"{figures['latency_p95_ms']:.1f}",
+                f"{prefix}fps": f"{figures['fps_drawn']:.1f}",
+                f"{prefix}dropped": f"{figures['frames_dropped']} of {figures['frames_offered']}",
+                f"{prefix}late": f"{figures['frames_late']}",
+            }
+        )
+    return lines
 
 
 if __name__ == "__main__":

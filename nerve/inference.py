@@ -185,9 +185,9 @@ class Serving(keras.Model):
         return mean
 
 
-def runner(kind, path):
+def runner(kind, path, threads=None):
     """A function (n, h, w, 1) float32 -> (mask probabilities, presence, out-of-distribution score) running an
-    artefact with its own runtime."""
+    artefact with its own runtime (ONNX Runtime on `threads` cores where given, else on all)."""
     if kind == "savedmodel":
         import tensorflow as tf
 
@@ -203,7 +203,9 @@ def runner(kind, path):
     if kind == "onnx":
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's own choice, every core
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         outputs = [o.name for o in session.get_outputs()]
         return lambda x: mask_and_presence(dict(zip(outputs, session.run(None, {name: x}))))

@@ -139,6 +139,49 @@ class IgtlSource(Source):
         self.client.send_message(message, wait=False)
 
 
+class Replay:
+    """Gray frames sent as a scanner's OpenIGTLink server sends them (PLUS, 3D Slicer): on `port`, at `fps`, in
+    `spacing` (rows, columns) mm per pixel, starting once a client connects; the label maps the client sends back
+    are kept in `labels`. For trying a set-up without a scanner, and for the tests and benchmarks. A context
+    manager: the frames go out while inside it, on a thread."""
+
+    def __init__(self, frames, port, fps, spacing=None):
+        import pyigtl
+
+        self.server = pyigtl.OpenIGTLinkServer(port=port, local_server=True)
+        self.labels, self.sent, self._stop = [], 0, threading.Event()
+        self._thread = threading.Thread(target=self._send, args=(frames, fps, spacing), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.server.stop()
+
+    def _send(self, frames, fps, spacing):
+        import pyigtl
+
+        while not self.server.is_connected():
+            if self._stop.wait(0.01):
+                return
+        matrix = np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
+        start = time.perf_counter()
+        for i, frame in enumerate(frames):
+            time.sleep(max(0.0, start + i / fps - time.perf_counter()))  # on the clock: no drift
+            message = pyigtl.ImageMessage(np.asarray(frame)[None], ijk_to_world_matrix=matrix, device_name="Image")
+            self.server.send_message(message, wait=False)
+            self.sent += 1
+            self._collect()
+        while not self._stop.wait(0.01):  # the label maps of the last frames are still on their way
+            self._collect()
+
+    def _collect(self):
+        self.labels += [m for m in self.server.get_latest_messages() if m.device_name == LABELS_DEVICE]
+
+
 def igtl_spacing(message):
     """(rows, columns) mm per pixel from an image message's ijk-to-world matrix, or None where it gives none."""
     matrix = getattr(message, "ijk_to_world_matrix", None)

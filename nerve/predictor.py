@@ -39,9 +39,9 @@ class Deployed(StateFile):
 
 class Predictor:
     """The run's models (through Keras, or an artefact export.py wrote, through its own runtime), views and
-    tuned specs, predicting label maps at each image's own size."""
+    tuned specs, predicting label maps at each image's own size (ONNX Runtime on `threads` cores where given)."""
 
-    def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras", ood_threshold=None):
+    def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras", ood_threshold=None, threads=None):
         self.batch_size, self.runtime = batch_size, runtime
         self.ood_threshold = deploy.OOD_THRESHOLD if ood_threshold is None else ood_threshold
         if runtime == "keras":
@@ -68,7 +68,7 @@ class Predictor:
         )
         self.ood_threshold = exported["ood_threshold"] if ood_threshold is None else ood_threshold
         self.views = f"{exported['models']} model(s), tta {exported['tta']}, {runtime}"
-        self.run = inference.runner(runtime.removesuffix("-int8"), folder / exported["artefact"])
+        self.run = inference.runner(runtime.removesuffix("-int8"), folder / exported["artefact"], threads)
 
     def describe(self):
         return f"{self.views}, at {self.size[0]}x{self.size[1]}: {', '.join(self.names)}"

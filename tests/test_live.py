@@ -4,7 +4,6 @@ stream from a loopback server with the labels sent back, and the latency figures
 import csv
 import json
 import socket
-import threading
 import time
 
 from nerve.common import FRAMES_FILE, LATENCY_FILE, LIVE_NAME, OVERLAY_VIDEO_FILE
@@ -73,9 +72,8 @@ def test_a_video_played_live_is_drawn_frame_by_frame_with_its_latency(trained, t
     assert 0 < figures["latency_p50_ms"] <= figures["latency_p95_ms"] <= figures["latency_max_ms"]
     rows = read_rows(out / FRAMES_FILE.format(name=LIVE_NAME))
     assert len(rows) == figures["frames_drawn"] and all(float(row["latency_ms"]) > 0 for row in rows)
-    assert [int(row["frame"]) for row in rows] == sorted(
-        {int(row["frame"]) for row in rows}
-    )  # newest first: none twice
+    frames = [int(row["frame"]) for row in rows]
+    assert frames == sorted(set(frames))  # the newest frame each time: none twice, none out of order
     capture = cv2.VideoCapture(str(out / OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == len(rows)
     assert "latency p50" in result.stdout and "dropped" in result.stdout
@@ -83,38 +81,20 @@ def test_a_video_played_live_is_drawn_frame_by_frame_with_its_latency(trained, t
 
 def test_an_openigtlink_stream_is_segmented_and_its_label_maps_come_back(trained, tmp_path):
     results, _, _ = trained
-    port, frames, labels = free_port(), 20, []
-    server = pyigtl.OpenIGTLinkServer(port=port, local_server=True)
-
-    def serve():  # a scanner at 30 frames/s, in 0.25 mm pixels, as PLUS sends them
-        while not server.is_connected():
-            time.sleep(0.01)
-        for i in range(frames):
-            image = np.full((1, 48, 64), 30 + 10 * i, np.uint8)
-            matrix = np.diag([0.25, 0.25, 1.0, 1.0])
-            server.send_message(pyigtl.ImageMessage(image, ijk_to_world_matrix=matrix, device_name="Image"), wait=False)
-            labels.extend(m for m in server.get_latest_messages() if m.device_name == live.LABELS_DEVICE)
-            time.sleep(1 / 30)
-        deadline = time.time() + 2
-        while time.time() < deadline:
-            labels.extend(m for m in server.get_latest_messages() if m.device_name == live.LABELS_DEVICE)
-            time.sleep(0.01)
-
-    sender = threading.Thread(target=serve, daemon=True)
-    sender.start()
-    out = tmp_path / "out"
-    try:
+    frames = [np.full((48, 64), 30 + 10 * i, np.uint8) for i in range(20)]
+    out, port = tmp_path / "out", free_port()
+    with live.Replay(frames, port, fps=30, spacing=(0.25, 0.25)) as scanner:  # as PLUS sends a probe's images
         result = run_main(
             "predict", "--live", f"igtl://127.0.0.1:{port}", "--results", results, "--output", out,
             "--send-labels", "--no-window", "--live-timeout", 1.5,
         )  # fmt: skip
-        sender.join(timeout=10)
-    finally:
-        server.stop()
     assert result.returncode == 0, result.stderr
+    assert scanner.sent == len(frames)
     rows = read_rows(out / FRAMES_FILE.format(name=LIVE_NAME))
-    assert 0 < len(rows) <= frames and "0.25x0.25 mm per pixel" in rows[0]["region"] and rows[0]["nerve_area_mm2"]
-    assert labels and all(np.shape(m.image)[-2:] == (48, 64) for m in labels)
+    assert 0 < len(rows) <= len(frames) and "0.25x0.25 mm per pixel" in rows[0]["region"]
+    assert rows[0]["nerve_area_mm2"]
+    labels = scanner.labels
+    assert len(labels) == len(rows) and all(np.shape(m.image)[-2:] == (48, 64) for m in labels)
     assert set(np.unique(np.concatenate([np.ravel(m.image) for m in labels]))) <= {0, 1}
 
 

@@ -49,5 +49,28 @@ def test_the_held_out_estimate_scores_no_frame_its_own_threshold_came_from():
     distance = np.r_[np.ones(50), np.full(50, 5.0)]
     groups = np.r_[np.zeros(50), np.ones(50)]  # group 0 all near, group 1 all far: each half flags all the other
     assert ood.held_out_flagged(distance, groups) == 0.5
-    assert ood.threshold(np.arange(101.0)) == ood.MARGIN * 99
+    assert ood.threshold(np.arange(101.0), np.zeros(101)) == ood.MARGIN * 99  # one group: the default margin
     assert ood.held_out_flagged(distance, np.zeros(100)) is None  # one group: no honest estimate
+
+
+def left_out_flagged(distance, groups, m):
+    """Frames flagged when each group is held to m x the 99th percentile of the others'."""
+    return sum(
+        np.count_nonzero(distance[groups == g] > m * np.quantile(distance[groups != g], 0.99)) for g in set(groups)
+    )
+
+
+def test_the_margin_is_the_smallest_that_keeps_a_left_out_subject_under_the_false_alarm_budget():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(5), 60)
+    alike = rng.gamma(20, 1, 300)  # five subjects from one distribution
+    apart = alike * np.repeat([0.8, 0.9, 1.0, 1.1, 1.4], 60)  # five subjects that differ
+    budget = ood.FALSE_ALARMS * 300
+    for distance in (alike, apart):
+        m = ood.margin(distance, groups)
+        assert m in ood.MARGINS and left_out_flagged(distance, groups, m) <= budget
+        assert m == ood.MARGINS[0] or left_out_flagged(distance, groups, round(m - 0.05, 2)) > budget  # the smallest
+        assert ood.threshold(distance, groups) == m * np.quantile(distance, 0.99)
+    assert ood.margin(alike, groups) < ood.margin(apart, groups)
+    hopeless = alike * np.repeat([1.0, 1.0, 1.0, 1.0, 10.0], 60)
+    assert ood.margin(hopeless, groups) == ood.MARGINS[-1]  # false alarms no candidate avoids: the largest
