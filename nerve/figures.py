@@ -173,7 +173,7 @@ def annotated(image, labels, present, names, unknown=False):
     """RGB uint8 of a gray image with each structure's predicted outline in its colour and, in the corner,
     each structure's name and presence probability, or UNKNOWN_SCAN where the scan is `unknown`: readable at a
     glance, frame by frame (OpenCV only)."""
-    rgb = np.repeat(np.asarray(image)[..., None], 3, axis=2)
+    rgb = cv2.cvtColor(np.asarray(image), cv2.COLOR_GRAY2RGB)
     thickness = max(1, round(max(rgb.shape[:2]) / 250))
     scale = max(0.4, max(rgb.shape[:2]) / 900)
     lines = [(UNKNOWN_SCAN, UNKNOWN_COLOUR)] if unknown else []

@@ -98,6 +98,15 @@ class Predictor:
         return masks, gated & (share > 0) & (not unknown), unknown, full
 
 
+def geometry(mask):
+    """(pixels, centroid (x, y), bounding box (x, y, w, h)) of a 0/1 mask; centroid nan where it is empty."""
+    mask = np.ascontiguousarray(mask, np.uint8)
+    moments = cv2.moments(mask, binaryImage=True)
+    area = int(moments["m00"])
+    centroid = (moments["m10"] / area, moments["m01"] / area) if area else (np.nan, np.nan)
+    return area, centroid, cv2.boundingRect(mask)
+
+
 def structure_row(names, present, masks, ood, unknown, region):
     """One region's row: its place and mm per pixel, the out-of-distribution score and flag, and per structure the
     presence probability and the area, centroid and bounding box of its mask (masks: at the region's size), in
@@ -107,28 +116,28 @@ def structure_row(names, present, masks, ood, unknown, region):
     row = {"region": region.describe(), "ood_score": score, "unknown_scan": unknown}
     sy, sx = region.spacing or (np.nan, np.nan)
     for k, name in enumerate(names):
-        ys, xs = np.nonzero(masks[..., k])
-        found = len(xs) > 0
+        area, (cx, cy), (x, y, w, h) = geometry(masks[..., k])
+        found = area > 0
         row.update(
             {
                 f"{name}_presence": round(float(present[k]), 4),
-                f"{name}_area": int(len(xs)),
-                f"{name}_cx": round(float(xs.mean()) + region.x, 1) if found else "",
-                f"{name}_cy": round(float(ys.mean()) + region.y, 1) if found else "",
-                f"{name}_x": int(xs.min()) + region.x if found else "",
-                f"{name}_y": int(ys.min()) + region.y if found else "",
-                f"{name}_w": int(xs.max() - xs.min() + 1) if found else "",
-                f"{name}_h": int(ys.max() - ys.min() + 1) if found else "",
+                f"{name}_area": area,
+                f"{name}_cx": round(cx + region.x, 1) if found else "",
+                f"{name}_cy": round(cy + region.y, 1) if found else "",
+                f"{name}_x": x + region.x if found else "",
+                f"{name}_y": y + region.y if found else "",
+                f"{name}_w": w if found else "",
+                f"{name}_h": h if found else "",
             }
         )
         if region.spacing:
             row.update(
                 {
-                    f"{name}_area_mm2": round(len(xs) * sy * sx, 3),
-                    f"{name}_depth_mm": round(float(ys.mean()) * sy, 2) if found else "",
-                    f"{name}_top_mm": round(float(ys.min()) * sy, 2) if found else "",
-                    f"{name}_w_mm": round(float(xs.max() - xs.min() + 1) * sx, 2) if found else "",
-                    f"{name}_h_mm": round(float(ys.max() - ys.min() + 1) * sy, 2) if found else "",
+                    f"{name}_area_mm2": round(area * sy * sx, 3),
+                    f"{name}_depth_mm": round(cy * sy, 2) if found else "",
+                    f"{name}_top_mm": round(y * sy, 2) if found else "",
+                    f"{name}_w_mm": round(w * sx, 2) if found else "",
+                    f"{name}_h_mm": round(h * sy, 2) if found else "",
                 }
             )
     return row

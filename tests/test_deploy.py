@@ -66,3 +66,14 @@ def test_one_image_given_at_two_sizes_gets_the_same_gate_decision():
     for fraction, kept in ((0.05, True), (0.08, False)):
         spec = {**DEFAULT, "min_area_fraction": fraction}
         assert [bool(deploy.apply(p, [0.9], spec).any()) for p in (small, large)] == [kept, kept]
+
+
+def test_the_largest_component_is_the_first_of_equals_and_an_empty_mask_stays_empty():
+    mask = np.zeros((40, 60), np.uint8)
+    assert not deploy.largest_component(mask).any()
+    mask[30:34, 5:9] = mask[2:6, 40:44] = 1  # equal areas: the first in raster order (the upper one) is kept
+    mask[20, 20] = 1
+    kept = deploy.largest_component(mask)
+    assert kept[2:6, 40:44].all() and kept.sum() == 16
+    mask[30:35, 5:9] = 1
+    assert deploy.largest_component(mask)[30:35, 5:9].sum() == kept.sum() + 4 == deploy.largest_component(mask).sum()

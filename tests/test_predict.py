@@ -12,7 +12,7 @@ import pytest
 import predict
 from conftest import ROOT, assert_picture, run_main, run_script
 from nerve import common, deploy, sources, synthetic
-from nerve.predictor import Predictor
+from nerve.predictor import Predictor, structure_row
 
 FRAMES = 12
 
@@ -288,3 +288,21 @@ def test_smooth_shows_a_structure_only_after_as_many_frames_in_a_row_pass_its_ga
         shown[smooth] = [int(int(r["nerve_area"]) > 0) for r in rows]
     assert shown[1] == [1, 0, 1, 1, 0, 1, 1, 1]  # each frame's own gate
     assert shown[2] == [0, 0, 0, 1, 1, 1, 1, 1]  # on after two passing frames in a row, and one failing keeps it on
+
+
+def test_a_masks_area_centroid_and_box_in_pixels_and_mm():
+    mask = np.zeros((50, 70, 1), np.uint8)
+    mask[10:20, 30:34, 0] = 1
+    mask[19, 40, 0] = 1
+    row = structure_row(["nerve"], [0.8], mask, 0.5, False, sources.Region(5, 7, 70, 50, (0.1, 0.2)))
+    ys, xs = np.nonzero(mask[..., 0])
+    assert (
+        row["nerve_area"] == 41
+        and row["nerve_cx"] == round(xs.mean() + 5, 1)
+        and row["nerve_cy"] == round(ys.mean() + 7, 1)
+    )
+    assert (row["nerve_x"], row["nerve_y"], row["nerve_w"], row["nerve_h"]) == (35, 17, 11, 10)
+    assert row["nerve_area_mm2"] == pytest.approx(41 * 0.02) and row["nerve_top_mm"] == pytest.approx(1.0)
+    assert row["nerve_w_mm"] == pytest.approx(2.2) and row["nerve_depth_mm"] == pytest.approx(ys.mean() * 0.1, abs=0.01)
+    empty = structure_row(["nerve"], [0.1], np.zeros_like(mask), 0.5, False, sources.Region(0, 0, 70, 50))
+    assert empty["nerve_area"] == 0 and empty["nerve_cx"] == empty["nerve_w"] == "" and "nerve_area_mm2" not in empty
