@@ -156,6 +156,22 @@ def headline(rows):
     return lines
 
 
+def accuracy_row(name, datasets, args):
+    """One configuration trained on each dataset and exported: its held-out Dice per dataset and structure
+    (float32, int8: None where export.py refused the int8 model), and why it was refused."""
+    row, refused = {}, []
+    for dataset, folder in datasets.items():
+        results = args.work / f"{dataset}-{name}"
+        epochs = 1 if args.quick else EPOCHS[dataset]
+        why = train_and_export(folder, results, CONFIGS[name], epochs, args.work / "logs")
+        structures = read_settings(inference.model_dirs(results)[0])["structures"]
+        fp32 = live_dice(results, "onnx", structures)
+        int8 = live_dice(results, "onnx-int8", structures) if why is None else dict.fromkeys(structures)
+        row.update({f"{dataset}_{s}": (fp32[s], int8[s]) for s in structures})
+        refused += [f"{dataset}: {why}"] if why else []
+    return {**row, "refused": "; ".join(refused)}
+
+
 def main():
     ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="two configurations, a Kaggle subset, one epoch")
@@ -172,22 +188,13 @@ def main():
     kaggle_frames = store.frames(arrays, "train_images")
     timed = [kaggle_frames[i] for i in range(min(40 if args.quick else TIMED_FRAMES, len(kaggle_frames)))]
     rows = {}
+    for name in names:  # first every training, export and Dice; then the timings, together, on a quiet machine
+        rows[name] = accuracy_row(name, datasets, args)
+    print(f"timing the live work of {len(names)} configurations on {len(timed)} frames", flush=True)
     for name in names:
-        row, refused = {}, []
-        for dataset, folder in datasets.items():
-            results = args.work / f"{dataset}-{name}"
-            epochs = 1 if args.quick else EPOCHS[dataset]
-            why = train_and_export(folder, results, CONFIGS[name], epochs, args.work / "logs")
-            structures = read_settings(inference.model_dirs(results)[0])["structures"]
-            fp32 = live_dice(results, "onnx", structures)
-            int8 = live_dice(results, "onnx-int8", structures) if why is None else dict.fromkeys(structures)
-            row.update({f"{dataset}_{s}": (fp32[s], int8[s]) for s in structures})
-            refused += [f"{dataset}: {why}"] if why else []
-        kept = not refused  # int8 timed where export.py kept it on every dataset
-        row.update(speeds(args.work / f"kaggle-{name}", timed, ("onnx", "onnx-int8") if kept else ("onnx",)))
-        row["refused"] = "; ".join(refused)
-        rows[name] = row
-        print(f"{name}: {row}", flush=True)
+        kept = not rows[name]["refused"]  # int8 is timed where export.py kept it on every dataset
+        rows[name].update(speeds(args.work / f"kaggle-{name}", timed, ("onnx", "onnx-int8") if kept else ("onnx",)))
+        print(f"{name}: {rows[name]}", flush=True)
     table(rows)
     lines = headline(rows)
     flags = cpu_flags() or set()
