@@ -106,13 +106,25 @@ def data_parallel_devices():
     return int(np.prod(layout.device_mesh.shape)) if layout else 1
 
 
+def replicas(net):
+    """How many devices net's predictions are split over: a tf.distribute strategy's replicas times the devices
+    of a keras.distribution layout."""
+    strategy = getattr(net, "distribute_strategy", None)  # TensorFlow's trainer has one
+    return (strategy.num_replicas_in_sync if strategy else 1) * data_parallel_devices()
+
+
 def network_outputs(net, x, batch_size=32):
     """net.predict on an array, padded so that every batch splits evenly over the devices of a
-    keras.distribution layout (jax shards must be equal); the padding is cut from the outputs."""
+    keras.distribution layout (jax shards must be equal); the padding is cut from the outputs. A single batch on
+    a single device goes through predict_on_batch, which skips the dataset predict() builds on every call (most
+    of a live frame's time through Keras)."""
     pad = -len(x) % data_parallel_devices()
     if pad:
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    out = net.predict(x, batch_size=batch_size, verbose=0)
+    if len(x) <= batch_size and replicas(net) == 1:
+        out = net.predict_on_batch(x)
+    else:
+        out = net.predict(x, batch_size=batch_size, verbose=0)
     return {name: value[: len(value) - pad] for name, value in out.items()}
 
 

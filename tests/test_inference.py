@@ -8,6 +8,9 @@ class Echo:
     left half: the mirror view must come back as the plain view's mask but see the other half."""
 
     def predict(self, x, batch_size, verbose):
+        return self.predict_on_batch(x)
+
+    def predict_on_batch(self, x):
         half = x.shape[2] // 2
         return {"mask": x / 255.0, "present": x[:, :, :half].mean(axis=(1, 2, 3))[:, None] / 255.0}
 
@@ -68,3 +71,13 @@ def test_a_model_trained_in_another_precision_predicts_the_same_in_this_one():
     assert set(got) == {"mask", "present", "ood"}
     for name in got:  # bf16 rounding apart
         np.testing.assert_allclose(got[name], expected[name], atol=0.05, rtol=0.05)
+
+
+def test_one_batch_and_several_give_the_same_outputs():
+    net = model.build_model((16, 32, 1), base_filters=4, depth=2)
+    x = np.random.default_rng(0).uniform(0, 255, (5, 16, 32, 1)).astype(np.float32)
+    one = inference.network_outputs(net, x, batch_size=8)  # predict_on_batch
+    several = inference.network_outputs(net, x, batch_size=2)  # predict, three batches
+    assert inference.replicas(net) == 1 and one.keys() == several.keys()
+    for name in one:
+        np.testing.assert_allclose(one[name], several[name], rtol=1e-5, atol=1e-6)
