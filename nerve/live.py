@@ -4,7 +4,7 @@ so that a slow model drops frames instead of falling behind; the latency of each
 A source is a capture device index ("0"), anything else OpenCV's VideoCapture opens (a URL, a GStreamer
 pipeline, a video file, which is played at its own frame rate as a scanner would send it), or
 igtl://host:port, an OpenIGTLink server's image stream (PLUS, 3D Slicer) through pyigtl. A frame's latency runs
-from the moment the reader thread has it to the moment its overlay is drawn.
+from the moment the reader thread has it to the moment its overlay is on screen and its labels are sent.
 """
 
 import csv
@@ -37,13 +37,20 @@ class Latest:
     def __init__(self):
         self._ready = threading.Condition()
         self._frame, self.offered, self.dropped, self.ended = None, 0, 0, False
+        self.first = self.last = None  # when the first and the latest frame came
 
     def put(self, frame, spacing=None):
         with self._ready:
             self.dropped += self._frame is not None
-            self._frame = (frame, time.perf_counter(), self.offered, spacing)
+            self.last = time.perf_counter()
+            self.first = self.first or self.last
+            self._frame = (frame, self.last, self.offered, spacing)
             self.offered += 1
             self._ready.notify()
+
+    def frame_time(self):
+        """The mean time between the frames offered, in seconds (nan before two)."""
+        return (self.last - self.first) / (self.offered - 1) if self.offered > 1 else float("nan")
 
     def end(self):
         with self._ready:
@@ -62,7 +69,7 @@ class Latest:
 class Source:
     """A live source filling a Latest on a daemon thread; stop() ends it; send() is for OpenIGTLink only."""
 
-    fps = None  # the source's own frame rate where it says, else estimated from the arrivals
+    fps = None  # the source's own frame rate where it says (else the rate its frames come at)
 
     def __init__(self, name):
         self.name, self.latest, self._stop = name, Latest(), threading.Event()
@@ -220,9 +227,9 @@ class Latency:
 
     def summary(self, latest, fps=None):
         """The figures: p50, p95 and max latency (ms), frames drawn, offered and dropped, frames/s drawn, the
-        source's frame time and how many frames were drawn later than LATE_FRAMES of them."""
-        gaps = np.diff(self.arrivals)
-        frame_ms = 1e3 / fps if fps else (1e3 * float(np.median(gaps)) if len(gaps) else float("nan"))
+        source's frame time (its own rate's, else that of the frames it offered) and how many frames were drawn
+        later than LATE_FRAMES of them."""
+        frame_ms = 1e3 / fps if fps else 1e3 * latest.frame_time()
         ms = np.asarray(self.ms) if self.ms else np.full(1, np.nan)
         elapsed = (self.arrivals[-1] - self.arrivals[0]) if len(self.arrivals) > 1 else float("nan")
         return {

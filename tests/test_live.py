@@ -90,6 +90,8 @@ def test_an_openigtlink_stream_is_segmented_and_its_label_maps_come_back(trained
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert scanner.sent == len(frames)
+    figures = json.loads((out / LATENCY_FILE).read_text())
+    assert figures["frame_time_ms"] == pytest.approx(1000 / 30, rel=0.15)  # the stream's own pace: it gives no rate
     rows = read_rows(out / FRAMES_FILE.format(name=LIVE_NAME))
     assert 0 < len(rows) <= len(frames) and "0.25x0.25 mm per pixel" in rows[0]["region"]
     assert rows[0]["nerve_area_mm2"]
