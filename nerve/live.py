@@ -120,6 +120,22 @@ class CaptureSource(Source):
         self.capture.release()
 
 
+class Arrivals(dict):
+    """pyigtl's store of the messages that come in, which keeps the latest of each device (a frame that comes
+    before the last one was fetched would be lost uncounted): here each image message is handed to `receive` as it
+    comes, on pyigtl's own thread, and the others are stored as before (pyigtl 0.3's `incoming_messages`)."""
+
+    def __init__(self, receive):
+        super().__init__()
+        self.receive = receive
+
+    def __setitem__(self, device, message):
+        if message.message_type == "IMAGE":
+            self.receive(message)
+        else:
+            super().__setitem__(device, message)
+
+
 class IgtlSource(Source):
     """The image messages of an OpenIGTLink server (any device), with the spacing its matrix gives."""
 
@@ -128,14 +144,17 @@ class IgtlSource(Source):
         import pyigtl
 
         where = urlparse(text)
-        self.client = pyigtl.OpenIGTLinkClient(host=where.hostname or "127.0.0.1", port=where.port or IGTL_PORT)
+        host, port = where.hostname or "127.0.0.1", where.port or IGTL_PORT
+        self.client = pyigtl.OpenIGTLinkClient(host=host, port=port, start_now=False)
+        self.client.incoming_messages = Arrivals(self.arrived)
+        self.client.start()
+
+    def arrived(self, message):
+        if message.device_name != LABELS_DEVICE:
+            self.latest.put(np.asarray(message.image), igtl_spacing(message))
 
     def read(self):
-        while not self._stop.is_set():
-            for message in self.client.get_latest_messages():
-                if message.message_type == "IMAGE" and message.device_name != LABELS_DEVICE:
-                    self.latest.put(np.asarray(message.image), igtl_spacing(message))
-            time.sleep(0.001)
+        self._stop.wait()  # the frames come on pyigtl's thread
         self.client.stop()
 
     def send(self, labels, spacing):
@@ -157,6 +176,7 @@ class Replay:
 
         self.server = pyigtl.OpenIGTLinkServer(port=port, local_server=True)
         self.labels, self.sent, self._stop = [], 0, threading.Event()
+        self.server.incoming_messages = Arrivals(self.arrived)
         self._thread = threading.Thread(target=self._send, args=(frames, fps, spacing), daemon=True)
 
     def __enter__(self):
@@ -181,12 +201,10 @@ class Replay:
             message = pyigtl.ImageMessage(np.asarray(frame)[None], ijk_to_world_matrix=matrix, device_name="Image")
             self.server.send_message(message, wait=False)
             self.sent += 1
-            self._collect()
-        while not self._stop.wait(0.01):  # the label maps of the last frames are still on their way
-            self._collect()
 
-    def _collect(self):
-        self.labels += [m for m in self.server.get_latest_messages() if m.device_name == LABELS_DEVICE]
+    def arrived(self, message):
+        if message.device_name == LABELS_DEVICE:
+            self.labels.append(message)
 
 
 def igtl_spacing(message):
