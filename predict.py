@@ -179,6 +179,19 @@ def scan_of(path, region=None, spacing=None):
 
 def main(argv=None):
     args = flag_parser().parse_args(argv)
+    check_flags(args)
+    files = input_files(args.paths) if args.paths else []
+    out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
+    model.set_precision(args.precision)
+    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
+    print(predictor.describe())
+    if args.live:
+        predict_live(args, predictor, out)
+    else:
+        predict_files(args, files, predictor, out)
+
+
+def check_flags(args):
     if args.smooth < 0 or args.batch_size < 1 or (args.ood_threshold or 0) < 0 or args.live_timeout <= 0:
         raise UserError(
             "--smooth and --ood-threshold must not be negative, --batch-size must be at least 1 and --live-timeout "
@@ -188,21 +201,24 @@ def main(argv=None):
         raise UserError("give the inputs to predict, or --live SOURCE for a stream, not both")
     if args.send_labels and not (args.live or "").startswith(live.IGTL_PREFIX):
         raise UserError(f"--send-labels sends over OpenIGTLink: give --live {live.IGTL_PREFIX}host:port")
-    files = input_files(args.paths) if args.paths else []
-    out = output_folder(args.output or args.results / PREDICTIONS_DIR, "--output")
-    model.set_precision(args.precision)
-    predictor = Predictor(args.results, args.fast, args.tta, args.batch_size, args.runtime, args.ood_threshold)
-    print(predictor.describe())
-    if args.live:
-        predictor.probabilities([np.zeros(predictor.size, np.uint8)])  # the first call compiles: not on a frame
-        source = live.open_source(args.live)
-        figures = live.stream(
-            predictor, source, out, args.smooth, args.region, args.spacing, args.live_timeout, not args.no_window,
-            args.send_labels,
-        )  # fmt: skip
-        written = f"{OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)}, {FRAMES_FILE.format(name=LIVE_NAME)}, {LATENCY_FILE}"
-        print(f"{args.live}: {live.summary_line(figures)} -> {out}/{written}")
-        return
+
+
+def predict_live(args, predictor, out):
+    """--live: the stream's frames until it ends; its latency figures printed."""
+    if args.runtime == "keras":
+        print("live through Keras, whose calls are slow on a CPU: `python export.py --fast`, then --runtime onnx")
+    predictor.probabilities([np.zeros(predictor.size, np.uint8)])  # the first call compiles: not on a frame
+    source = live.open_source(args.live)
+    figures = live.stream(
+        predictor, source, out, args.smooth, args.region, args.spacing, args.live_timeout, not args.no_window,
+        args.send_labels,
+    )  # fmt: skip
+    written = f"{OVERLAY_VIDEO_FILE.format(name=LIVE_NAME)}, {FRAMES_FILE.format(name=LIVE_NAME)}, {LATENCY_FILE}"
+    print(f"{args.live}: {live.summary_line(figures)} -> {out}/{written}")
+
+
+def predict_files(args, files, predictor, out):
+    """Every input file: videos and cine loops one by one, stills in chunks; a bad one skipped and counted."""
     stills, failed = [], []
     for path, name in files:
         try:

@@ -106,6 +106,50 @@ def _code(value, meaning):
     return _item(CodeValue=value, CodingSchemeDesignator="DCM", CodeMeaning=meaning)
 
 
+def _dimensions(organization):
+    """A SEG of a cine loop's dimensions: its frames indexed by segment, then by time."""
+    index = [
+        _item(
+            DimensionOrganizationUID=organization,
+            DimensionIndexPointer=pointer,
+            FunctionalGroupPointer=group,
+            DimensionDescriptionLabel=label,
+        )
+        for pointer, group, label in (
+            (0x0062000B, 0x0062000A, "Referenced Segment Number"),
+            (0x00209128, 0x00209111, "Temporal Position Index"),
+        )
+    ]
+    return [_item(DimensionOrganizationUID=organization)], index
+
+
+def _per_frame(reference, segments, frames):
+    """A SEG frame per segment and source frame, segment by segment: the source frame each derives from, its
+    place in the dimensions and its segment."""
+    purpose = _code("121322", "Source image for image processing operation")
+    return [
+        _item(
+            DerivationImageSequence=[
+                _item(
+                    SourceImageSequence=[
+                        _item(
+                            **reference,
+                            ReferencedFrameNumber=f + 1,
+                            SpatialLocationsPreserved="YES",
+                            PurposeOfReferenceCodeSequence=[purpose],
+                        )
+                    ],
+                    DerivationCodeSequence=[_code("113076", "Segmentation")],
+                )
+            ],
+            FrameContentSequence=[_item(DimensionIndexValues=[s + 1, f + 1], TemporalPositionIndex=f + 1)],
+            SegmentIdentificationSequence=[_item(ReferencedSegmentNumber=s + 1)],
+        )
+        for s in range(segments)
+        for f in range(frames)
+    ]
+
+
 def cine_seg(source, masks, names):
     """The binary SEG dataset of masks (frames, rows, cols, segments) on a multi-frame source without a frame of
     reference: a SEG frame per segment and source frame, segment by segment."""
@@ -135,43 +179,9 @@ def cine_seg(source, masks, names):
         _item(SeriesInstanceUID=source.SeriesInstanceUID, ReferencedInstanceSequence=[_item(**reference)])
     ]
     seg.SourceImageSequence = [_item(**reference)]
-    organization = hd.UID()
-    seg.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
-    seg.DimensionIndexSequence = [
-        _item(
-            DimensionOrganizationUID=organization,
-            DimensionIndexPointer=index,
-            FunctionalGroupPointer=group,
-            DimensionDescriptionLabel=label,
-        )
-        for index, group, label in (
-            (0x0062000B, 0x0062000A, "Referenced Segment Number"),
-            (0x00209128, 0x00209111, "Temporal Position Index"),
-        )
-    ]
-    purpose = _code("121322", "Source image for image processing operation")
+    seg.DimensionOrganizationSequence, seg.DimensionIndexSequence = _dimensions(hd.UID())
     seg.SharedFunctionalGroupsSequence = [_item()]
-    seg.PerFrameFunctionalGroupsSequence = [
-        _item(
-            DerivationImageSequence=[
-                _item(
-                    SourceImageSequence=[
-                        _item(
-                            **reference,
-                            ReferencedFrameNumber=f + 1,
-                            SpatialLocationsPreserved="YES",
-                            PurposeOfReferenceCodeSequence=[purpose],
-                        )
-                    ],
-                    DerivationCodeSequence=[_code("113076", "Segmentation")],
-                )
-            ],
-            FrameContentSequence=[_item(DimensionIndexValues=[s + 1, f + 1], TemporalPositionIndex=f + 1)],
-            SegmentIdentificationSequence=[_item(ReferencedSegmentNumber=s + 1)],
-        )
-        for s in range(segments)
-        for f in range(frames)
-    ]
+    seg.PerFrameFunctionalGroupsSequence = _per_frame(reference, segments, frames)
     seg.SamplesPerPixel, seg.PhotometricInterpretation, seg.PresentationLUTShape = 1, "MONOCHROME2", "IDENTITY"
     seg.NumberOfFrames, seg.Rows, seg.Columns = frames * segments, rows, cols
     seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = 1, 1, 0, 0
