@@ -14,13 +14,15 @@ without the mirror view, post-process, draw: what predict.py does per frame); an
 mirror view per test image (submission.py's work) under Keras and the fastest runtime, scaled to Kaggle's
 5508 test images.
 
-Live (`--only live` alone): predict.py --live as a user runs it, in its own process, on a run trained for one
-epoch on synthetic frames (the speed is a trained model's) and exported with --fast to the fastest runtime that
-reproduces Keras' masks: 580x420 frames from a loopback OpenIGTLink server (live.Replay, as PLUS sends a probe's
-images) at 30 frames/s to the default model at 96x128 (live_*) and at 90 frames/s to the small one at 64x80
-(live_small_*), and a video file played as a live source at its own 30 frames/s to the default model
-(live_video_*): capture-to-drawn latency p50 and p95, frames/s drawn, frames dropped, and frames drawn later than
-two frame times (late). The server shares the machine's cores with predict.py.
+Live (`--only live` alone): predict.py --live as a user runs it, in its own process, on the fastest runtime
+that reproduces Keras' masks (ONNX Runtime where the runtime part is not run), exported with --fast: 580x420
+frames from a loopback OpenIGTLink server (live.Replay, as PLUS sends a probe's images) at 30 frames/s to the
+default model at 96x128 (live_*) and at 90 frames/s to the small one at 64x80 (live_small_*), and a video file
+played as a live source at its own 30 frames/s to the default model (live_video_*): capture-to-drawn latency
+p50 and p95, frames/s drawn, frames dropped, and frames drawn later than two frame times (late). The runs are
+trained runs given with --default-run and --small-run (their held-out frames are streamed, so that the masks
+and their post-processing are a real model's), else runs trained here for one epoch on synthetic frames. The
+server shares the machine's cores with predict.py.
 """
 
 import importlib.util
@@ -41,7 +43,7 @@ import keras
 import numpy as np
 
 from bench.throughput import forward_flops, matmul_gflops
-from nerve import deploy, inference, live, model, synthetic
+from nerve import deploy, inference, live, model, quantize, synthetic
 from nerve.figures import annotated
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +128,8 @@ def main():
     ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, video frames and seconds of stream")
     ap.add_argument("--only", choices=("runtimes", "live"), help="one part of the benchmark (unset: both)")
+    ap.add_argument("--default-run", type=Path, help="live: a trained run of the default model at 96x128")
+    ap.add_argument("--small-run", type=Path, help="live: a trained run of the small model at 64x80")
     args = ap.parse_args()
     repeats, n_frames = (10, 60) if args.quick else (50, 300)
     model.set_precision("fp32")
@@ -146,7 +150,8 @@ def main():
             lines.update(submission_figures(*fastest[(32, (96, 128))], frames[: min(64, n_frames)], work))
         if args.only != "runtimes":
             seconds = 5 if args.quick else LIVE_SECONDS
-            lines.update(live_figures(Path(work), frames, seconds, {k: best for k, (_, best) in fastest.items()}))
+            given = {32: args.default_run, 16: args.small_run}
+            lines.update(live_figures(Path(work), seconds, {k: best for k, (_, best) in fastest.items()}, given))
     print()
     for key, value in lines.items():
         print(f"{key}: {value}")
@@ -224,11 +229,11 @@ def script(*args):
     return result
 
 
-def live_run(work, filters, size, runtime):
-    """A run of `filters` base filters at `size`, trained one epoch on a small synthetic set and exported with --fast
-    for `runtime` (OpenVINO runs the ONNX export)."""
-    arrays, results = work / "live-input", work / f"live-{filters}-{size[0]}x{size[1]}"
-    if not (arrays / "train_images.npy").exists():
+def live_run(work, filters, size, runtime, given=None):
+    """A run of `filters` base filters at `size` exported with --fast for `runtime` (OpenVINO runs the ONNX export,
+    into the run's export folder): `given`, else one trained here for one epoch on a small synthetic set."""
+    arrays, results = work / "live-input", given or work / f"live-{filters}-{size[0]}x{size[1]}"
+    if given is None and not (arrays / "train_images.npy").exists():
         script(ROOT / "data.py", "--synthetic", "--dataset", arrays, "--subjects", 3, "--frames", 12)
     if not (results / "ensemble.json").exists():
         shape = f"{size[0]}x{size[1]}"
@@ -245,9 +250,8 @@ def live_run(work, filters, size, runtime):
             0.34,
         ]
         script(ROOT / "train.py", "--arrays", arrays, "--results", results, "--logs", work / "logs", *flags)
-        script(
-            ROOT / "export.py", "--fast", "--format", "onnx" if runtime == "openvino" else runtime, "--results", results
-        )
+    # as a user would: the live model is one model without the mirror view, in the run's export folder
+    script(ROOT / "export.py", "--fast", "--format", "onnx" if runtime == "openvino" else runtime, "--results", results)
     return results
 
 
@@ -264,13 +268,14 @@ def live_stream(results, runtime, source, out):
     return json.loads((out / LATENCY_FILE).read_text())
 
 
-def live_figures(work, frames, seconds, fastest):
+def live_figures(work, seconds, fastest, given):
     """The live lines: each of LIVE streamed to predict.py --live (fastest: (filters, size) -> the runtime that
-    reproduces Keras' masks, where the runtime part measured it; else ONNX Runtime)."""
+    reproduces Keras' masks, where the runtime part measured it; given: filters -> a trained run or None)."""
     lines = {}
     for prefix, (filters, size, fps, source) in LIVE.items():
         runtime = fastest.get((filters, size), "onnx")
-        results = live_run(work, filters, size, runtime)
+        results = live_run(work, filters, size, runtime, given[filters])
+        frames = quantize.run_frames(results)[1]  # the run's held-out frames, in order
         played = list(itertools.islice(itertools.cycle(frames), int(fps * seconds)))
         out = work / f"{prefix}out"
         if source == "video":
