@@ -321,11 +321,13 @@ class Recording:
 
     def add(self, picture, rows):
         if self.video is None:
-            size = (picture.shape[1], picture.shape[0])
-            self.video = cv2.VideoWriter(str(self.paths[0]), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+            self.size = (picture.shape[1], picture.shape[0])
+            self.video = cv2.VideoWriter(str(self.paths[0]), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
             self.table = open(self.paths[1], "w", newline="")
             self.columns = csv.DictWriter(self.table, fieldnames=list(rows[0]), restval="", extrasaction="ignore")
             self.columns.writeheader()
+        if picture.shape[1::-1] != self.size:  # the source changed its frame size: a video keeps its first
+            picture = cv2.resize(picture, self.size, interpolation=cv2.INTER_AREA)
         self.video.write(picture)
         self.columns.writerows(rows)
         self.table.flush()

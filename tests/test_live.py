@@ -112,3 +112,13 @@ def test_live_mistakes_are_one_line_each(trained, tmp_path):
     for flags, message in cases:
         result = run_main("predict", *flags, "--results", results, "--output", tmp_path / "out")
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, flags
+
+
+def test_a_recording_keeps_its_first_frame_size_when_the_source_changes_it(tmp_path):
+    recording = live.Recording(tmp_path / "o.mp4", tmp_path / "o.csv", 10)
+    for size in ((60, 80), (60, 80), (90, 120)):  # a scanner's depth changed mid-stream
+        recording.add(np.full((*size, 3), 100, np.uint8), [{"frame": 0, "latency_ms": 1.0}])
+    recording.close()
+    capture = cv2.VideoCapture(str(tmp_path / "o.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3 and capture.get(cv2.CAP_PROP_FRAME_WIDTH) == 80
+    assert len(read_rows(tmp_path / "o.csv")) == 3
