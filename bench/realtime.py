@@ -33,6 +33,7 @@ import numpy as np
 
 from bench.accuracy import ROOT, SHARED, device, kaggle_arrays, run, usgra_arrays
 from nerve import inference, quantize, store
+from nerve.figures import pyplot, save_figure
 from nerve.live import gray
 from nerve.metrics import leaderboard_dice
 from nerve.predictor import Predictor, overlay, predict_frames
@@ -135,6 +136,27 @@ def table(rows):
         print(f"| {name} | {filters}, {depth}, {size[0]}x{size[1]} | " + " | ".join(fps + dice) + " |")
 
 
+def curve(rows, path):
+    """The trade-off as a picture: per dataset and structure, held-out Dice against frames/s on two cores, each
+    configuration in float32 (circles) and int8 (squares, where kept)."""
+    keys = list(dice_cells(next(iter(rows.values()))))
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for precision, marker in (("fp32", "o"), ("int8", "s")):
+            points = [
+                (name, row[f"{precision}_all"], row[key][precision == "int8"])
+                for name, row in rows.items()
+                if f"{precision}_all" in row and row[key][precision == "int8"] is not None
+            ]
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker, label=precision)
+            for name, fps, dice in points:
+                ax.annotate(name, (fps, dice), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=key.replace("_", " "), xlabel="frames/s, whole live frame (2 cores)", ylabel="held-out Dice")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def headline(rows):
     """The benchmark's `name: value` lines."""
     lines = {}
@@ -152,7 +174,7 @@ def headline(rows):
         lines["int8_speedup"] = f"{default['int8_all'] / default['fp32_all']:.2f} (whole live frame, two cores)"
         lines["int8_speedup_one_core"] = f"{default['int8_1'] / default['fp32_1']:.2f}"
         for key, (fp32, int8) in dice_cells(default).items():
-            lines[f"int8_dice_change_{key}"] = f"{int8 - fp32:+.4f}"
+            lines[f"int8_dice_change_{key}"] = "refused" if int8 is None else f"{int8 - fp32:+.4f}"
     return lines
 
 
@@ -196,6 +218,7 @@ def main():
         rows[name].update(speeds(args.work / f"kaggle-{name}", timed, ("onnx", "onnx-int8") if kept else ("onnx",)))
         print(f"{name}: {rows[name]}", flush=True)
     table(rows)
+    print(f"trade-off curve: {curve(rows, args.work / 'realtime.png')}")
     lines = headline(rows)
     flags = cpu_flags() or set()
     print()
