@@ -7,9 +7,12 @@ igtl://host:port, an OpenIGTLink server's image stream (PLUS, 3D Slicer) through
 from the moment the reader thread has it to the moment its overlay is on screen and its labels are sent.
 """
 
+import contextlib
 import csv
 import dataclasses
 import os
+import queue
+import socket
 import sys
 import threading
 import time
@@ -166,18 +169,17 @@ class IgtlSource(Source):
 
 
 class Replay:
-    """Gray frames sent as a scanner's OpenIGTLink server sends them (PLUS, 3D Slicer): on `port`, at `fps`, in
-    `spacing` (rows, columns) mm per pixel, starting once a client connects; the label maps the client sends back
-    are kept in `labels`. For trying a set-up without a scanner, and for the tests and benchmarks. A context
-    manager: the frames go out while inside it, on a thread."""
+    """Gray frames served as a scanner's OpenIGTLink server serves them (PLUS, 3D Slicer): to the first client that
+    connects to `port`, at `fps`, each sent when it is due (on the clock, packed just before), in `spacing` (rows,
+    columns) mm per pixel; the label maps the client sends back are kept in `labels`. For trying a set-up without
+    a scanner, and for the tests and benchmarks. A context manager: the frames go out while inside it, on a
+    thread. (pyigtl's own server sends what is queued only between 10 ms waits for input, which bunches frames.)"""
 
     def __init__(self, frames, port, fps, spacing=None):
-        import pyigtl
-
-        self.server = pyigtl.OpenIGTLinkServer(port=port, local_server=True)
-        self.labels, self.sent, self._stop = [], 0, threading.Event()
-        self.server.incoming_messages = Arrivals(self.arrived)
-        self._thread = threading.Thread(target=self._send, args=(frames, fps, spacing), daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(0.05)
+        self.labels, self.sent, self._stop, self.connection = [], 0, threading.Event(), None
+        self._thread = threading.Thread(target=self._serve, args=(frames, fps, spacing), daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -186,25 +188,54 @@ class Replay:
     def __exit__(self, *_):
         self._stop.set()
         self._thread.join(timeout=5)
-        self.server.stop()
+        self.listener.close()
 
-    def _send(self, frames, fps, spacing):
+    def _serve(self, frames, fps, spacing):
         import pyigtl
 
-        while not self.server.is_connected():
-            if self._stop.wait(0.01):
+        while self.connection is None:
+            if self._stop.is_set():
                 return
+            with contextlib.suppress(TimeoutError):
+                self.connection, _ = self.listener.accept()
+        threading.Thread(target=self._receive, daemon=True).start()
         matrix = np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
+        packed = {}  # a frame's message packed once: pyigtl's checksum is Python, a scanner's server is not
         start = time.perf_counter()
         for i, frame in enumerate(frames):
-            time.sleep(max(0.0, start + i / fps - time.perf_counter()))  # on the clock: no drift
-            message = pyigtl.ImageMessage(np.asarray(frame)[None], ijk_to_world_matrix=matrix, device_name="Image")
-            self.server.send_message(message, wait=False)
+            if id(frame) not in packed:
+                image = np.asarray(frame)[None]
+                packed[id(frame)] = pyigtl.ImageMessage(image, ijk_to_world_matrix=matrix, device_name="Image").pack()
+            time.sleep(max(0.0, start + i / fps - time.perf_counter()))
+            self.connection.sendall(packed[id(frame)])
             self.sent += 1
+        self._stop.wait()  # the client's last label maps are still on their way
+        self.connection.close()
 
-    def arrived(self, message):
-        if message.device_name == LABELS_DEVICE:
-            self.labels.append(message)
+    def _receive(self):
+        from pyigtl.messages import MessageBase
+
+        with contextlib.suppress(OSError):  # the connection closed
+            while header := _received(self.connection, MessageBase.IGTL_HEADER_SIZE):
+                fields = MessageBase.parse_header(header)
+                body = _received(self.connection, fields["body_size"])
+                message = MessageBase.create_message(fields["message_type"])
+                if message is not None and body is not None:
+                    message.unpack(fields, body)
+                    if message.device_name == LABELS_DEVICE:
+                        self.labels.append(message)
+
+
+def _received(connection, size):
+    """Exactly `size` bytes from a socket, or None where it closed first."""
+    chunks, left = [], size
+    while left:
+        chunk = connection.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def igtl_spacing(message):
@@ -314,12 +345,49 @@ def window(title):
 
 class Recording:
     """The overlay video (at `video`, a temporary path) and the per-frame CSV (at `table`), written as the stream
-    runs: the CSV row by row, flushed, so that it can be followed and survives a crash."""
+    runs on a thread of their own, off the path from a frame to its overlay (OpenCV encodes without the GIL): the
+    CSV row by row, flushed, so that it can be followed and survives a crash. A recording that falls QUEUED
+    frames behind holds the stream up rather than lose frames."""
+
+    QUEUED = 8
 
     def __init__(self, video, table, fps):
-        self.paths, self.fps, self.video, self.table, self.columns = (video, table), fps, None, None, None
+        self.paths, self.fps, self.video, self.table, self.columns, self.size = (
+            (video, table),
+            fps,
+            None,
+            None,
+            None,
+            None,
+        )
+        self._queue = queue.Queue(self.QUEUED)
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
 
     def add(self, picture, rows):
+        self._queue.put((picture, rows))
+
+    def close(self):
+        """Write what is queued and close the files; raise what went wrong in writing them (an OSError, which
+        atomic_path turns into one line)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.video is not None:
+            self.video.release()
+            self.table.close()
+        if self.error:
+            raise self.error
+
+    def _write(self):
+        self.error = None
+        while (item := self._queue.get()) is not None:
+            if self.error is None:  # after a failure the frames are taken and dropped, so that add() never blocks
+                try:
+                    self._record(*item)
+                except OSError as e:
+                    self.error = e
+
+    def _record(self, picture, rows):
         if self.video is None:
             self.size = (picture.shape[1], picture.shape[0])
             self.video = cv2.VideoWriter(str(self.paths[0]), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
@@ -331,11 +399,6 @@ class Recording:
         self.video.write(picture)
         self.columns.writerows(rows)
         self.table.flush()
-
-    def close(self):
-        if self.video is not None:
-            self.video.release()
-            self.table.close()
 
 
 def stream(predictor, source, out, smooth=0, region=None, spacing=None, timeout=10.0, show=True, send=False):

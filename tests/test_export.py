@@ -34,6 +34,9 @@ def test_an_exported_model_matches_keras_and_reproduces_predicts_masks(trained, 
     np.testing.assert_allclose(present, expected_present, atol=1e-4)
     np.testing.assert_allclose(ood, expected_ood, rtol=1e-4)
     assert np.isfinite(ood).all() and settings["ood_threshold"] == deploy.OOD_THRESHOLD
+    if kind == "onnx":  # OpenVINO runs the same file (predict.py --runtime openvino), in float32
+        for got, want in zip(inference.runner("openvino", tmp_path / settings["artefact"])(x), (mask, present, ood)):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # the same flags outside the project's code: a threshold halfway between the two lowest scores flags the same
     # images (one equal to a score would flag by rounding)
     predictor.ood_threshold = float(np.sort(expected_ood)[:2].mean())
