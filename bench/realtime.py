@@ -11,13 +11,16 @@ ONNX and quantised (export.py --quantize int8, calibrated on the training frames
 ones). Per configuration:
 - Dice on the held-out frames that show the structure (at most quantize.CHECK_FRAMES of them), as predict.py's
   live loop draws them (the tuned post-processing, the out-of-distribution flag, no mirror view), float32 and
-  int8 (where export.py kept the int8 model: it refuses one that loses more than 0.01 Dice or runs no faster);
+  int8 (where export.py kept the int8 model: it refuses one that loses more than 0.01 Dice, whose
+  out-of-distribution flag moves, or that runs no faster);
 - frames/s of a frame's whole work in predict.py's live loop (resize, the model, the post-processing at
   580x420, the overlay drawn), on the Kaggle frames, in this process on two cores and on one (the process
-  pinned to a core, ONNX Runtime and OpenCV on one thread), float32 and int8.
+  pinned to a core, the runtime and OpenCV on one thread): float32 through ONNX Runtime and OpenVINO, int8
+  through ONNX Runtime.
 
-Headline lines: int8_speedup (the default model's frames/s in int8 over float32, two cores), int8_dice_change
-per dataset and structure, and per configuration fps and Dice. The CPU's instruction sets are printed with them.
+Headline lines: int8_speedup (the default model's frames/s in int8 over float32, both through ONNX Runtime, two
+cores), int8_dice_change per dataset and structure, and per configuration fps and Dice. The CPU's instruction
+sets are printed with them; trade-off curve: the picture (realtime.png in --work).
 """
 
 import os
@@ -50,6 +53,7 @@ CONFIGS = {
 QUICK_CONFIGS = ("default", "small_64x80")
 EPOCHS = {"kaggle": 7, "usgra": 60}
 TIMED_FRAMES = 200  # frames of the Kaggle set whose whole live work is timed (--quick: 40)
+RUNTIMES = {"onnx": "fp32", "openvino": "openvino", "onnx-int8": "int8"}  # timed, by their keys in a row
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
@@ -98,17 +102,16 @@ def frames_per_second(predictor, frames):
 
 
 def speeds(results, frames, runtimes):
-    """Frames/s of each runtime, on every core and on one."""
+    """Frames/s of each runtime (RUNTIMES), on every core and on one."""
     found = {}
     for cores in (None, 1):
-        if cores:  # one core: the process pinned, ONNX Runtime and OpenCV on one thread
+        if cores:  # one core: the process pinned, the runtime and OpenCV on one thread
             everywhere = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {min(everywhere)})
             cv2.setNumThreads(1)
         for runtime in runtimes:
             predictor = Predictor(results, runtime=runtime, threads=cores)
-            precision = "int8" if runtime.endswith("int8") else "fp32"
-            found[f"{precision}_{cores or 'all'}"] = frames_per_second(predictor, frames)
+            found[f"{RUNTIMES[runtime]}_{cores or 'all'}"] = frames_per_second(predictor, frames)
         if cores:
             os.sched_setaffinity(0, everywhere)
             cv2.setNumThreads(-1)
@@ -125,30 +128,31 @@ def shown(value, digits):
 
 
 def table(rows):
-    """The profile as a Markdown table: frames/s on two cores and on one, Dice, each float32 / int8."""
+    """The profile as a Markdown table: frames/s on two cores and on one (ONNX Runtime float32 / OpenVINO float32
+    / ONNX Runtime int8), Dice (float32 / int8)."""
     dice_keys = list(dice_cells(next(iter(rows.values()))))
     print("\n| model | base, depth, input | frames/s | one core | " + " | ".join(dice_keys) + " |")
     print("|---" * (4 + len(dice_keys)) + "|")
     for name, row in rows.items():
         filters, depth, size = CONFIGS[name]
-        fps = [f"{shown(row.get(f'fp32_{c}'), 0)} / {shown(row.get(f'int8_{c}'), 0)}" for c in ("all", 1)]
+        fps = [" / ".join(shown(row.get(f"{k}_{c}"), 0) for k in RUNTIMES.values()) for c in ("all", 1)]
         dice = [f"{shown(row[k][0], 3)} / {shown(row[k][1], 3)}" for k in dice_keys]
         print(f"| {name} | {filters}, {depth}, {size[0]}x{size[1]} | " + " | ".join(fps + dice) + " |")
 
 
 def curve(rows, path):
     """The trade-off as a picture: per dataset and structure, held-out Dice against frames/s on two cores, each
-    configuration in float32 (circles) and int8 (squares, where kept)."""
+    configuration in float32 through OpenVINO (circles) and int8 (squares, where kept)."""
     keys = list(dice_cells(next(iter(rows.values()))))
     fig, axes = pyplot().subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for precision, marker in (("fp32", "o"), ("int8", "s")):
+        for timed, marker, label in (("openvino", "o", "float32 (OpenVINO)"), ("int8", "s", "int8 (ONNX Runtime)")):
             points = [
-                (name, row[f"{precision}_all"], row[key][precision == "int8"])
+                (name, row[f"{timed}_all"], row[key][timed == "int8"])
                 for name, row in rows.items()
-                if f"{precision}_all" in row and row[key][precision == "int8"] is not None
+                if f"{timed}_all" in row and row[key][timed == "int8"] is not None
             ]
-            ax.plot([p[1] for p in points], [p[2] for p in points], marker, label=precision)
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker, label=label)
             for name, fps, dice in points:
                 ax.annotate(name, (fps, dice), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(title=key.replace("_", " "), xlabel="frames/s, whole live frame (2 cores)", ylabel="held-out Dice")
@@ -161,10 +165,9 @@ def headline(rows):
     """The benchmark's `name: value` lines."""
     lines = {}
     for name, row in rows.items():
-        lines[f"{name}_fps"] = (
-            f"{row['fp32_all']:.0f} fp32, {shown(row.get('int8_all'), 0)} int8 (one core: {row['fp32_1']:.0f}, "
-            f"{shown(row.get('int8_1'), 0)})"
-        )
+        for cores in ("all", 1):
+            fps = ", ".join(f"{shown(row.get(f'{k}_{cores}'), 0)} {k}" for k in RUNTIMES.values())
+            lines[f"{name}_fps" + ("_one_core" if cores == 1 else "")] = fps
         for key, (fp32, int8) in dice_cells(row).items():
             lines[f"{name}_dice_{key}"] = f"{fp32:.4f} fp32, {shown(int8, 4)} int8"
         if row["refused"]:
@@ -215,7 +218,8 @@ def main():
     print(f"timing the live work of {len(names)} configurations on {len(timed)} frames", flush=True)
     for name in names:
         kept = not rows[name]["refused"]  # int8 is timed where export.py kept it on every dataset
-        rows[name].update(speeds(args.work / f"kaggle-{name}", timed, ("onnx", "onnx-int8") if kept else ("onnx",)))
+        runtimes = [r for r in RUNTIMES if kept or not r.endswith("int8")]
+        rows[name].update(speeds(args.work / f"kaggle-{name}", timed, runtimes))
         print(f"{name}: {rows[name]}", flush=True)
     table(rows)
     print(f"trade-off curve: {curve(rows, args.work / 'realtime.png')}")

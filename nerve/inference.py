@@ -199,7 +199,7 @@ class Serving(keras.Model):
 
 def runner(kind, path, threads=None):
     """A function (n, h, w, 1) float32 -> (mask probabilities, presence, out-of-distribution score) running an
-    artefact with its own runtime (ONNX Runtime on `threads` cores where given, else on all)."""
+    artefact with its own runtime (ONNX Runtime and OpenVINO on `threads` cores where given, else on all)."""
     if kind == "savedmodel":
         import tensorflow as tf
 
@@ -210,7 +210,8 @@ def runner(kind, path, threads=None):
             import openvino
         except ImportError:
             raise UserError("the openvino runtime is not installed: `pip install openvino`") from None
-        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
         return lambda x: mask_and_presence(dict(compiled(x)))
     if kind == "onnx":
         import onnxruntime

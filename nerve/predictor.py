@@ -39,7 +39,7 @@ class Deployed(StateFile):
 
 class Predictor:
     """The run's models (through Keras, or an artefact export.py wrote, through its own runtime), views and
-    tuned specs, predicting label maps at each image's own size (ONNX Runtime on `threads` cores where given)."""
+    tuned specs, predicting label maps at each image's own size (an export's runtime on `threads` cores where given)."""
 
     def __init__(self, results, fast=False, tta=None, batch_size=32, runtime="keras", ood_threshold=None, threads=None):
         self.batch_size, self.runtime = batch_size, runtime
