@@ -72,8 +72,10 @@ def keep_dtype_policy():
 def run_main(script, *args):
     """Run a script's main() in this process, through run_cli as its command line does: a CompletedProcess like
     run_script's, without the seconds a new process spends importing TensorFlow. Each script still runs as a
-    process in some test."""
+    process in some test. The Keras dtype policy the script sets is put back, so that the test's own models after
+    it compute in float32."""
     module, argv = importlib.import_module(script), [str(a) for a in args]
+    policy = keras.config.dtype_policy()
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -83,6 +85,8 @@ def run_main(script, *args):
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if isinstance(e.code, str):
             err.write(e.code + "\n")
+    finally:
+        keras.config.set_dtype_policy(policy)
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
