@@ -17,9 +17,8 @@ CHECK_IMAGES images.
 --quantize int8 quantises the ONNX model's convolutions (nerve/quantize.py), calibrated on the run's training
 frames, and keeps it only where this CPU has int8 dot-product instructions, its validation Dice is within
 quantize.MAX_DICE_LOSS of the float32 model's, its out-of-distribution flag agrees with float32's on all but
-quantize.MAX_FLAGS_DIFFER of the validation frames (or all but one) and it runs faster; deploy.json gets the
-check's figures (the Dice of each against the truth and between the two, the flags that differ, the latency of
-each).
+quantize.MAX_FLAGS_DIFFER of the validation frames and it runs faster; deploy.json gets the check's figures (the
+Dice of each against the truth and between the two, the flags that differ, the latency of each).
 """
 
 import shutil

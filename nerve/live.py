@@ -163,8 +163,7 @@ class IgtlSource(Source):
     def send(self, labels, spacing):
         import pyigtl
 
-        matrix = np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
-        message = pyigtl.ImageMessage(labels[None], ijk_to_world_matrix=matrix, device_name=LABELS_DEVICE)
+        message = pyigtl.ImageMessage(labels[None], ijk_to_world_matrix=igtl_matrix(spacing), device_name=LABELS_DEVICE)
         self.client.send_message(message, wait=False)
 
 
@@ -199,7 +198,7 @@ class Replay:
             with contextlib.suppress(TimeoutError):
                 self.connection, _ = self.listener.accept()
         threading.Thread(target=self._receive, daemon=True).start()
-        matrix = np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
+        matrix = igtl_matrix(spacing)
         packed = {}  # a frame's message packed once: pyigtl's checksum is Python, a scanner's server is not
         start = time.perf_counter()
         for i, frame in enumerate(frames):
@@ -236,6 +235,11 @@ def _received(connection, size):
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def igtl_matrix(spacing):
+    """An image message's ijk-to-world matrix for (rows, columns) mm per pixel (None: 1 mm)."""
+    return np.diag([*(spacing[::-1] if spacing else (1.0, 1.0)), 1.0, 1.0])
 
 
 def igtl_spacing(message):
@@ -352,14 +356,8 @@ class Recording:
     QUEUED = 8
 
     def __init__(self, video, table, fps):
-        self.paths, self.fps, self.video, self.table, self.columns, self.size = (
-            (video, table),
-            fps,
-            None,
-            None,
-            None,
-            None,
-        )
+        self.paths, self.fps = (video, table), fps
+        self.video = self.table = self.columns = self.size = self.error = None  # opened at the first frame
         self._queue = queue.Queue(self.QUEUED)
         self._thread = threading.Thread(target=self._write, daemon=True)
         self._thread.start()
@@ -379,7 +377,6 @@ class Recording:
             raise self.error
 
     def _write(self):
-        self.error = None
         while (item := self._queue.get()) is not None:
             if self.error is None:  # after a failure the frames are taken and dropped, so that add() never blocks
                 try:

@@ -43,9 +43,8 @@ def test_the_int8_instructions_are_read_from_the_cpus_flags(tmp_path, monkeypatc
     assert quantize.dot_product_instructions() is None
 
 
-def check(fp32, int8, fp32_ms=20.0, int8_ms=10.0, flags_differ=0.0, frames=100):
+def check(fp32, int8, fp32_ms=20.0, int8_ms=10.0, flags_differ=0.0):
     return {
-        "frames": frames,
         "structures": {"nerve": {"dice_fp32": fp32, "dice_int8": int8, "dice_between": 0.95}},
         "ood_flags_differ": flags_differ,
         "latency_ms_fp32": fp32_ms,
@@ -60,8 +59,8 @@ def test_an_int8_model_that_loses_dice_speed_or_its_out_of_distribution_flags_is
     assert quantize.shortfalls(check(0.70, 0.70, int8_ms=20.0)) == ["20.0 ms a frame against float32's 20.0"]
     assert quantize.shortfalls(check(None, None)) == []  # no frame shows it: nothing to lose
     assert quantize.shortfalls(check(0.70, 0.70, flags_differ=0.02)) == []
-    assert quantize.shortfalls(check(0.70, 0.70, flags_differ=1 / 42, frames=42)) == []  # one frame says nothing yet
-    assert quantize.shortfalls(check(0.70, 0.70, flags_differ=2 / 42, frames=42)) != []
+    # one of usgra's 42 held-out frames is 2.4%: on a set that small one frame is enough (its mask is lost live)
+    assert quantize.shortfalls(check(0.70, 0.70, flags_differ=1 / 42)) != []
     assert quantize.shortfalls(check(0.70, 0.70, flags_differ=0.286)) == [
         "its out-of-distribution flag differs from float32's on 28.6% of the frames"
     ]
