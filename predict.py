@@ -206,7 +206,7 @@ def check_flags(args):
 def predict_live(args, predictor, out):
     """--live: the stream's frames until it ends; its latency figures printed."""
     if args.runtime == "keras":
-        print("live through Keras, whose calls are slow on a CPU: `python export.py --fast`, then --runtime onnx")
+        print("live through Keras, whose calls are slow on a CPU: `python export.py --fast`, then --runtime openvino")
     predictor.probabilities([np.zeros(predictor.size, np.uint8)])  # the first call compiles: not on a frame
     source = live.open_source(args.live)
     figures = live.stream(

@@ -15,12 +15,13 @@ ones). Per configuration:
   out-of-distribution flag moves, or that runs no faster);
 - frames/s of a frame's whole work in predict.py's live loop (resize, the model, the post-processing at
   580x420, the overlay drawn), on the Kaggle frames, in this process on two cores and on one (the process
-  pinned to a core, the runtime and OpenCV on one thread): float32 through ONNX Runtime and OpenVINO, int8
-  through ONNX Runtime.
+  pinned to a core, the runtime and OpenCV on one thread): float32 and int8, each through ONNX Runtime and
+  OpenVINO.
 
 Headline lines: int8_speedup (the default model's frames/s in int8 over float32, both through ONNX Runtime, two
-cores), int8_dice_change per dataset and structure, and per configuration fps and Dice. The CPU's instruction
-sets are printed with them; trade-off curve: the picture (realtime.png in --work).
+cores), int8_speedup_openvino (int8 through OpenVINO over the same float32), int8_dice_change per dataset and
+structure, and per configuration fps and Dice. The CPU's instruction sets are printed with them; trade-off curve:
+the picture (realtime.png in --work).
 """
 
 import os
@@ -53,7 +54,8 @@ CONFIGS = {
 QUICK_CONFIGS = ("default", "small_64x80")
 EPOCHS = {"kaggle": 7, "usgra": 60}
 TIMED_FRAMES = 200  # frames of the Kaggle set whose whole live work is timed (--quick: 40)
-RUNTIMES = {"onnx": "fp32", "openvino": "openvino", "onnx-int8": "int8"}  # timed, by their keys in a row
+# timed, by their keys in a row
+RUNTIMES = {"onnx": "fp32", "openvino": "openvino", "onnx-int8": "int8", "openvino-int8": "openvino_int8"}
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
@@ -128,8 +130,8 @@ def shown(value, digits):
 
 
 def table(rows):
-    """The profile as a Markdown table: frames/s on two cores and on one (ONNX Runtime float32 / OpenVINO float32
-    / ONNX Runtime int8), Dice (float32 / int8)."""
+    """The profile as a Markdown table: frames/s on two cores and on one (float32 through ONNX Runtime /
+    OpenVINO, then int8 through the same two), Dice (float32 / int8)."""
     dice_keys = list(dice_cells(next(iter(rows.values()))))
     print("\n| model | base, depth, input | frames/s | one core | " + " | ".join(dice_keys) + " |")
     print("|---" * (4 + len(dice_keys)) + "|")
@@ -142,20 +144,22 @@ def table(rows):
 
 def curve(rows, path):
     """The trade-off as a picture: per dataset and structure, held-out Dice against frames/s on two cores, each
-    configuration in float32 through OpenVINO (circles) and int8 (squares, where kept)."""
+    configuration in float32 (circles) and int8 (squares, where kept), both through OpenVINO."""
     keys = list(dice_cells(next(iter(rows.values()))))
     fig, axes = pyplot().subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for timed, marker, label in (("openvino", "o", "float32 (OpenVINO)"), ("int8", "s", "int8 (ONNX Runtime)")):
+        for timed, marker, label in (("openvino", "o", "float32"), ("openvino_int8", "s", "int8")):
             points = [
-                (name, row[f"{timed}_all"], row[key][timed == "int8"])
+                (name, row[f"{timed}_all"], row[key][timed != "openvino"])
                 for name, row in rows.items()
-                if f"{timed}_all" in row and row[key][timed == "int8"] is not None
+                if f"{timed}_all" in row and row[key][timed != "openvino"] is not None
             ]
             ax.plot([p[1] for p in points], [p[2] for p in points], marker, label=label)
             for name, fps, dice in points if timed == "openvino" else []:  # an int8 point sits by its float32 one
                 ax.annotate(name, (fps, dice), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(title=key.replace("_", " "), xlabel="frames/s, whole live frame (2 cores)", ylabel="held-out Dice")
+        ax.set(
+            title=key.replace("_", " "), xlabel="frames/s, whole live frame (OpenVINO, 2 cores)", ylabel="held-out Dice"
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -176,6 +180,8 @@ def headline(rows):
     if "int8_all" in default:
         lines["int8_speedup"] = f"{default['int8_all'] / default['fp32_all']:.2f} (whole live frame, two cores)"
         lines["int8_speedup_one_core"] = f"{default['int8_1'] / default['fp32_1']:.2f}"
+        lines["int8_speedup_openvino"] = f"{default['openvino_int8_all'] / default['fp32_all']:.2f}"
+        lines["int8_speedup_openvino_one_core"] = f"{default['openvino_int8_1'] / default['fp32_1']:.2f}"
         for key, (fp32, int8) in dice_cells(default).items():
             lines[f"int8_dice_change_{key}"] = "refused" if int8 is None else f"{int8 - fp32:+.4f}"
     return lines

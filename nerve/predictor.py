@@ -21,6 +21,7 @@ EXPORTS = {
     "litert": ("litert", "--format litert"),
     "savedmodel": ("savedmodel", "--format savedmodel"),
     "openvino": ("onnx", "--format onnx"),  # OpenVINO runs the ONNX file
+    "openvino-int8": ("onnx-int8", "--quantize int8"),  # and the int8 one, whose QDQ nodes it runs in int8
 }
 RUNTIMES = ("keras", *EXPORTS)
 

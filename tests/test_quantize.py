@@ -67,7 +67,7 @@ def test_an_int8_model_that_loses_dice_speed_or_its_out_of_distribution_flags_is
 
 
 @pytest.mark.slow
-def test_an_int8_export_is_checked_against_float32_and_predicts_through_onnx_runtime(trained, monkeypatch):
+def test_an_int8_export_is_checked_against_float32_and_predicts_through_onnx_runtime_and_openvino(trained, monkeypatch):
     results = trained[0]
     # the tiny test model is too small for int8 to pay, and CI's CPU may lack the instructions: both are tested
     # above, and the machine's own figures come from bench.realtime
@@ -88,6 +88,10 @@ def test_an_int8_export_is_checked_against_float32_and_predicts_through_onnx_run
     int8 = Predictor(results, runtime="onnx-int8").probabilities(images)
     np.testing.assert_allclose(int8[0], exact[0], atol=0.1)  # the masks' probabilities, quantised
     np.testing.assert_allclose(int8[1], exact[1], atol=0.02)  # the presence head stays float
+    # OpenVINO runs the same quantised graph (its QuantizeLinear/DequantizeLinear pairs) to ONNX Runtime's outputs
+    openvino = Predictor(results, runtime="openvino-int8").probabilities(images)
+    for got, want in zip(openvino, int8):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
 def test_int8_is_refused_without_the_instructions_and_for_other_formats(trained, monkeypatch, tmp_path):
