@@ -148,14 +148,15 @@ def curve(rows, path):
     keys = list(dice_cells(next(iter(rows.values()))))
     fig, axes = pyplot().subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for timed, marker, label in (("openvino", "o", "float32"), ("openvino_int8", "s", "int8")):
+        # (the timing's key, the Dice pair's index: float32, int8)
+        for timed, index, marker, label in (("openvino", 0, "o", "float32"), ("openvino_int8", 1, "s", "int8")):
             points = [
-                (name, row[f"{timed}_all"], row[key][timed != "openvino"])
+                (name, row[f"{timed}_all"], row[key][index])
                 for name, row in rows.items()
-                if f"{timed}_all" in row and row[key][timed != "openvino"] is not None
+                if f"{timed}_all" in row and row[key][index] is not None
             ]
             ax.plot([p[1] for p in points], [p[2] for p in points], marker, label=label)
-            for name, fps, dice in points if timed == "openvino" else []:  # an int8 point sits by its float32 one
+            for name, fps, dice in points if index == 0 else []:  # an int8 point sits by its float32 one
                 ax.annotate(name, (fps, dice), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(
             title=key.replace("_", " "), xlabel="frames/s, whole live frame (OpenVINO, 2 cores)", ylabel="held-out Dice"
